@@ -1,0 +1,112 @@
+"""Shared fixtures: offline data paths, the real SmolLM2-135M model, tiny random models."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = Path(os.environ.get("TOOLKIT_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext2"))
+
+
+def wikitext_file(name: str) -> Path:
+    path = WIKITEXT / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the tests read WikiText-2 from ../shared/data/wikitext2 "
+            "(or TOOLKIT_WIKITEXT)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def wikitext_valid() -> str:
+    """Calibration text: the tokenized WikiText-2 validation split."""
+    return wikitext_file("wiki.valid.tokens").read_text(encoding="utf-8").replace("\r\n", "\n")
+
+
+@pytest.fixture(scope="session")
+def wikitext_test() -> str:
+    """Evaluation text: the raw WikiText-2 test split, line endings normalised."""
+    return wikitext_file("wiki.test.raw").read_text(encoding="utf-8").replace("\r\n", "\n")
+
+
+@pytest.fixture(scope="session")
+def _smollm2():
+    from toolkit.models import load_model
+
+    torch.manual_seed(0)
+    return load_model("smollm2", dtype=torch.float32)
+
+
+@pytest.fixture()
+def smollm2(_smollm2):
+    """A fresh copy of SmolLM2-135M-Instruct (float32, dequantized from Q4_1 GGUF) + tokenizer."""
+    model, tok = _smollm2
+    return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_shared(_smollm2):
+    """The session's SmolLM2 instance: read it, never modify it."""
+    return _smollm2
+
+
+TINY_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "opt", "gpt2",
+                 "gpt_neox", "bloom", "falcon"]
+
+
+def tiny_config(family: str, hidden: int = 64, layers: int = 2, vocab: int = 128):
+    """A 2-block, hidden-64 config of one family."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=4)
+    if family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "qwen3": tf.Qwen3Config, "gemma": tf.GemmaConfig, "phi3": tf.Phi3Config}[family]
+        extra = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_key_value_heads=2,
+                     max_position_embeddings=256)
+        if family in ("gemma", "qwen3"):
+            extra["head_dim"] = hidden // 4
+        if family == "phi3":
+            extra.pop("num_key_value_heads")
+            extra["pad_token_id"] = 0
+        return cls(**common, **extra)
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, ffn_dim=2 * hidden, word_embed_proj_dim=hidden,
+                            max_position_embeddings=256)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
+                             n_positions=256)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=4, intermediate_size=2 * hidden,
+                                max_position_embeddings=256)
+    if family == "bloom":
+        return tf.BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=4)
+    if family == "falcon":
+        return tf.FalconConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                               num_attention_heads=4, new_decoder_architecture=False,
+                               max_position_embeddings=256)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **kw):
+    """A tiny random causal LM of ``family`` (float32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, **kw)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def random_ids(n: int, seqlen: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seqlen), generator=g)

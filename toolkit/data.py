@@ -1,0 +1,168 @@
+"""Calibration and evaluation text: from a source to ``nsamples x seqlen`` token windows.
+
+Sources accepted by :func:`get_calibration` and :func:`load_text`:
+
+* ``"python-docs"`` (the offline default): English prose that every CPython installation
+  carries: the Python Language Reference as shipped in ``pydoc_data.topics`` (about 465 KB,
+  the text behind ``help()``), followed by the docstrings of a fixed list of standard-library
+  modules (about 750 KB). Nothing is downloaded; the text depends only on the Python version.
+* ``"wikitext2"``, ``"c4"``, ``"ptb"``: the usual calibration sets of the SparseGPT/GPTQ
+  papers, through ``datasets`` (needs the hub or a local ``datasets`` cache).
+* a path to a local text file (UTF-8), a list of strings, or a tensor of token ids.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_text", "get_calibration", "tokenize_text", "DEFAULT_CALIBRATION",
+           "HUB_SOURCES", "python_docs_text"]
+
+DEFAULT_CALIBRATION = "python-docs"
+HUB_SOURCES = ("wikitext2", "c4", "ptb")
+
+# Pure-Python standard-library modules whose docstrings extend the offline default text.
+_DOC_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "codecs", "collections",
+    "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime",
+    "decimal", "difflib", "doctest", "email", "enum", "fractions", "ftplib", "functools",
+    "gettext", "hashlib", "heapq", "http.client", "http.server", "imaplib", "inspect",
+    "ipaddress", "itertools", "json", "locale", "logging", "mailbox", "multiprocessing", "optparse",
+    "os", "pathlib", "pickle", "pprint", "pydoc", "random", "re", "sched", "selectors", "shelve",
+    "shutil", "smtplib", "socket", "sqlite3", "ssl", "statistics", "string", "subprocess",
+    "tarfile", "tempfile", "textwrap", "threading", "tokenize", "trace", "traceback", "typing",
+    "unittest", "urllib.parse", "urllib.request", "uuid", "wave", "weakref", "xml.dom.minidom",
+    "zipfile", "zoneinfo",
+)
+
+
+def python_docs_text() -> str:
+    """The offline default calibration text (see the module docstring)."""
+    from pydoc_data.topics import topics
+
+    parts = [topics[k] for k in sorted(topics)]
+    seen: set[int] = set()
+    for name in _DOC_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # a module missing from a trimmed Python: skip it
+            continue
+        doc = inspect.getdoc(mod)
+        if doc:
+            parts.append(doc)
+        for attr, obj in sorted(vars(mod).items()):
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            doc = inspect.getdoc(obj)
+            if doc:
+                parts.append(doc)
+            if inspect.isclass(obj):
+                for mname, meth in sorted(vars(obj).items()):
+                    if not mname.startswith("_") and callable(meth):
+                        d = inspect.getdoc(meth)
+                        if d and len(d) > 40:
+                            parts.append(d)
+    return "\n\n".join(parts)
+
+
+def _hub_text(name: str, split: str) -> str:
+    try:
+        from datasets import load_dataset
+    except ImportError as e:  # pragma: no cover - datasets is a dependency
+        raise ImportError("calibration from the hub needs the 'datasets' package") from e
+    if name == "wikitext2":
+        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        return "\n\n".join(ds["text"])
+    if name == "ptb":
+        ds = load_dataset("ptb_text_only", "penn_treebank", split=split)
+        return " ".join(ds["sentence"])
+    if name == "c4":
+        if split == "train":
+            files = {"train": "en/c4-train.00000-of-01024.json.gz"}
+        else:
+            files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+        ds = load_dataset("allenai/c4", data_files=files, split=split)
+        return "\n\n".join(ds["text"][:20000])
+    raise ValueError(f"unknown hub source {name!r}")
+
+
+def load_text(source, split: str = "train") -> str:
+    """Return the text of a named source or a local file. Lists of strings are joined.
+
+    ``split`` applies to the hub sources ("train", "validation", "test").
+    """
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(s, str) for s in source):
+            raise ValueError("calibration as a list must be a list of strings")
+        return "\n\n".join(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(
+            "calibration must be 'python-docs', 'wikitext2', 'c4', 'ptb', a path to a text file, "
+            f"a list of strings or a tensor of token ids; got {type(source).__name__}"
+        )
+    if source == DEFAULT_CALIBRATION:
+        return python_docs_text()
+    if source in HUB_SOURCES:
+        return _hub_text(source, split)
+    path = Path(source)
+    if path.is_file():
+        return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    raise ValueError(
+        f"calibration {str(source)!r} is neither a known source ('python-docs', 'wikitext2', "
+        "'c4', 'ptb') nor an existing text file"
+    )
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as a 1-D LongTensor (no special tokens added)."""
+    if tokenizer is None:
+        raise ValueError(
+            "a tokenizer is needed to turn calibration text into tokens: pass tokenizer=..., "
+            "or pass calibration as a tensor of token ids"
+        )
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+
+def get_calibration(calibration, tokenizer=None, nsamples: int = 128, seqlen: int = 2048,
+                    seed: int = 0) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens, as a LongTensor (nsamples, seqlen).
+
+    The text is tokenized once and cut into non-overlapping windows; ``nsamples`` of them are
+    drawn at random (seeded), so no calibration token is used twice. A 2-D tensor of token ids
+    with ``seqlen`` columns is used as given (its first ``nsamples`` rows).
+    """
+    if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
+        raise ValueError(f"nsamples must be a positive integer, got {nsamples!r}")
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1:
+        raise ValueError(f"seqlen must be a positive integer, got {seqlen!r}")
+    if isinstance(calibration, torch.Tensor):
+        ids = calibration.long()
+        if ids.ndim == 2 and ids.shape[1] == seqlen:
+            if ids.shape[0] < nsamples:
+                raise ValueError(
+                    f"calibration tensor has {ids.shape[0]} rows, nsamples={nsamples} needs more"
+                )
+            return ids[:nsamples].clone()
+        ids = ids.reshape(-1)
+        what = "the calibration tensor"
+    else:
+        ids = tokenize_text(tokenizer, load_text(calibration, split="train"))
+        what = f"calibration {calibration if isinstance(calibration, str) else 'text'!s}"
+    windows = ids.numel() // seqlen
+    if windows < nsamples:
+        raise ValueError(
+            f"{what} has {ids.numel():,} tokens; nsamples x seqlen = {nsamples} x {seqlen} needs "
+            f"{nsamples * seqlen:,}. Give more text, or lower nsamples or seqlen"
+        )
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(windows, generator=g)[:nsamples]
+    return ids[: windows * seqlen].reshape(windows, seqlen)[pick].clone()

@@ -1,0 +1,106 @@
+"""The layer Hessian ``H = 2/n * sum(x x^T)`` and the inverse Cholesky factor the solver walks.
+
+For a linear layer ``y = W x`` the squared reconstruction error ``||(W - W') X||^2`` is, up to
+the factor ``n/2``, the quadratic form ``tr((W - W') H (W - W')^T)``. Every output row shares the
+same ``H``: that is what lets one factorisation serve all rows (and every layer that reads the
+same input).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["HessianAccumulator", "inverse_cholesky_factor", "reconstruction_error",
+           "SolverError"]
+
+
+class SolverError(ValueError):
+    """Raised when a layer cannot be solved (bad inputs, or a Hessian that will not factorise)."""
+
+
+class HessianAccumulator:
+    """Streaming ``H = 2/n * sum_i x_i x_i^T`` over the rows of calibration inputs.
+
+    ``add(x)`` takes inputs of shape ``(..., cols)``: every leading index is one sample (token).
+    The running mean is kept exactly, so the result does not depend on how the samples are
+    batched. ``name`` is used in error messages.
+    """
+
+    def __init__(self, cols: int, device=None, dtype: torch.dtype = torch.float32, name: str = "layer"):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.cols = cols
+        self.name = name
+        self.dtype = dtype
+        self.H = torch.zeros(cols, cols, dtype=dtype, device=device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``x`` of shape (..., cols)."""
+        if x.shape[-1] != self.cols:
+            raise SolverError(
+                f"{self.name}: input has {x.shape[-1]} features, the layer expects {self.cols}"
+            )
+        x = x.reshape(-1, self.cols).to(device=self.H.device, dtype=self.dtype)
+        if not torch.isfinite(x).all():
+            raise SolverError(
+                f"{self.name}: calibration inputs contain NaN or inf; the model produces "
+                "non-finite activations here (check the dtype, e.g. fp16 overflow, or the inputs)"
+            )
+        m = x.shape[0]
+        if m == 0:
+            return
+        total = self.nsamples + m
+        self.H.mul_(self.nsamples / total)
+        x = x * (2.0 / total) ** 0.5
+        self.H.addmm_(x.T, x)
+        self.nsamples = total
+
+
+def inverse_cholesky_factor(
+    H: torch.Tensor,
+    percdamp: float = 0.01,
+    name: str = "layer",
+    retries: int = 3,
+) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp*I)^-1``, so that ``H^-1 = U^T U``, in float32.
+
+    Dead inputs (``diag H == 0``) get a unit diagonal: their weights are then handled with no
+    error propagation (they never influenced the calibration outputs). The damping is
+    ``percdamp * mean(diag H)``; if a factorisation fails it is retried with 10x more damping,
+    ``retries`` times, before a ``SolverError`` naming the layer is raised.
+    """
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise SolverError(f"{name}: the Hessian must be square, got shape {tuple(H.shape)}")
+    if not torch.isfinite(H).all():
+        raise SolverError(f"{name}: the Hessian contains NaN or inf")
+    H = H.to(torch.float64 if H.dtype == torch.float64 else torch.float32).clone()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    diag[dead] = 1
+    mean_diag = diag.mean()
+    damp = percdamp * mean_diag
+    for attempt in range(retries + 1):
+        Hd = H.clone()
+        torch.diagonal(Hd).add_(damp)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U.to(torch.float32)
+        damp = damp * 10 if damp > 0 else mean_diag * 1e-3
+    raise SolverError(
+        f"{name}: the Hessian is not positive definite even with damping "
+        f"{float(damp / 10 / mean_diag):.3g} x mean(diag H); more calibration samples or a larger "
+        "percdamp may help"
+    )
+
+
+def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr((W - W_hat) H (W - W_hat)^T)`` = ``2/n * ||(W - W_hat) X||^2`` for ``H = 2/n X X^T``."""
+    D = (W.to(H.dtype) - W_hat.to(H.dtype))
+    return float(((D @ H) * D).sum())

@@ -1,0 +1,72 @@
+"""Mask selection: which weights to prune, from a saliency score (lower = pruned first).
+
+Masks are boolean, ``True`` where a weight is kept and ``False`` where it is pruned, with the
+shape of the weight. The same helpers serve the solver (saliency ``w^2 / U_ii^2``), magnitude
+pruning (``|w|``) and Wanda (``|w| * ||x||``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["prune_lowest", "nm_mask", "check_pattern", "check_sparsity", "is_nm_valid"]
+
+
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
+    """Validate a sparsity fraction in [0, 1)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def check_pattern(pattern, name: str = "pattern") -> tuple[int, int] | None:
+    """Validate an n:m pattern given as ``(n, m)`` or ``"n:m"``: at least n zeros in every m."""
+    if pattern is None:
+        return None
+    if isinstance(pattern, str):
+        try:
+            n, m = (int(p) for p in pattern.split(":"))
+        except ValueError:
+            raise ValueError(f"{name} must look like '2:4' (n:m), got {pattern!r}") from None
+    else:
+        try:
+            n, m = pattern
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a pair (n, m) or a string 'n:m', got {pattern!r}") from None
+    if not (isinstance(n, int) and isinstance(m, int)) or m < 2 or not 1 <= n < m:
+        raise ValueError(f"{name} must satisfy 1 <= n < m with m >= 2 (e.g. 2:4, 4:8), got {n}:{m}")
+    return n, m
+
+
+def prune_lowest(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask that prunes exactly ``count`` entries of ``score`` with the lowest values."""
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if count <= 0:
+        return keep
+    flat = keep.view(-1)
+    idx = torch.topk(score.reshape(-1), count, largest=False).indices
+    flat[idx] = False
+    return keep
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask pruning the ``n`` lowest scores in every group of ``m`` consecutive columns."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"pattern {n}:{m} needs a column count divisible by {m}, got {cols}")
+    grouped = score.reshape(rows, cols // m, m)
+    idx = torch.topk(grouped, n, dim=2, largest=False).indices
+    keep = torch.ones_like(grouped, dtype=torch.bool)
+    keep.scatter_(2, idx, False)
+    return keep.reshape(rows, cols)
+
+
+def is_nm_valid(weight_or_mask: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of ``m`` consecutive columns of every row has at least ``n`` zeros
+    (for a weight) or ``n`` pruned entries (for a boolean keep-mask)."""
+    t = weight_or_mask
+    pruned = ~t if t.dtype == torch.bool else t == 0
+    rows, cols = pruned.shape
+    if cols % m:
+        return False
+    return bool((pruned.reshape(rows, cols // m, m).sum(dim=2) >= n).all())

@@ -1,0 +1,166 @@
+"""Uniform integer grids: fit scale and zero point, quantize to codes, dequantize.
+
+A grid with ``bits`` bits has the integer levels ``0 .. 2**bits - 1``. A weight ``w`` maps to the
+code ``q = clamp(round(w / scale) + zero, 0, maxq)`` and back to ``scale * (q - zero)``.
+
+* asymmetric: the range ``[min(w, 0), max(w, 0)]`` is spread over all levels;
+* symmetric: the range ``[-max|w|, max|w|]``, with the zero point in the middle.
+
+Both ranges contain 0 and the zero point is an integer, so the code ``zero`` dequantizes to
+exactly 0: pruned weights are representable on every grid. Because pruned weights are 0, a
+grid fitted to a row whose pruned entries are already zeroed is the grid fitted to the
+surviving weights alone (0 always belongs to the range).
+
+Grids are fitted per row of the slice they are given: the solver passes one group of columns at
+a time (``group_size``), or all columns for a per-channel grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["fit_grid", "quantize", "dequantize", "fake_quantize", "rtn_quantize", "check_bits",
+           "check_group_size"]
+
+ALLOWED_BITS = "2..8"
+
+
+def check_bits(bits, name: str = "bits") -> int | None:
+    """Validate ``bits``: None (no quantization), an int in 2..8, or 16 (meaning no quantization)."""
+    if bits is None or bits == 16:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{name} must be one of 2..8 or 16 (or None), got {bits!r}")
+    return bits
+
+
+def check_group_size(group_size, name: str = "group_size") -> int | None:
+    """Validate ``group_size``: None or -1 (one grid per output row) or an int >= 1.
+
+    A group size that does not divide the number of columns is allowed: the last group is
+    narrower and has its own scale and zero point.
+    """
+    if group_size is None or group_size == -1:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(
+            f"{name} must be a positive integer, or None/-1 for one grid per output row, "
+            f"got {group_size!r}"
+        )
+    return group_size
+
+
+def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def fit_grid(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool = False,
+    mse: bool = False,
+    keep: torch.Tensor | None = None,
+    grid_points: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit one grid per row of ``w`` (rows x cols). Returns ``(scale, zero)``, each of shape (rows,).
+
+    ``keep`` (bool, same shape) marks the weights that survive pruning; the others are treated
+    as 0 (they are fitted as zeros and excluded from the clipping error). With ``mse=True`` the
+    range is shrunk by factors down to ``1 - max_shrink`` and the factor with the smallest
+    ``sum |w - deq(q(w))|**norm`` over the kept weights is chosen per row (clipping search).
+    """
+    maxq = 2**bits - 1
+    w = w.float()
+    if keep is not None:
+        w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    zero_t = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    xmin = torch.minimum(w.min(dim=1).values, zero_t)
+    xmax = torch.maximum(w.max(dim=1).values, zero_t)
+    scale, zero = _minmax_params(xmin, xmax, maxq, sym)
+    if not mse:
+        return scale, zero
+    weight = None if keep is None else keep.float()
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(max_shrink * grid_points)):
+        p = 1 - i / grid_points
+        s1, z1 = _minmax_params(p * xmin, p * xmax, maxq, sym)
+        err = (fake_quantize(w, s1[:, None], z1[:, None], maxq) - w).abs_().pow_(norm)
+        if weight is not None:
+            err = err * weight
+        err = err.sum(dim=1)
+        better = err < best
+        if better.any():
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s1, scale)
+            zero = torch.where(better, z1, zero)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(w / scale) + zero, 0, maxq)`` (float tensor holding integers)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Values ``scale * (q - zero)``."""
+    return scale * (q - zero)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Round ``w`` to the nearest grid value (quantize then dequantize)."""
+    return dequantize(quantize(w, scale, zero, maxq), scale, zero)
+
+
+def group_bounds(cols: int, group_size: int | None) -> list[tuple[int, int]]:
+    """Column ranges of the groups: ``[(0, g), (g, 2g), ..., (k*g, cols)]``; the last may be narrower."""
+    if group_size is None or group_size >= cols:
+        return [(0, cols)]
+    return [(s, min(s + group_size, cols)) for s in range(0, cols, group_size)]
+
+
+def rtn_quantize(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    sym: bool = False,
+    mse: bool = False,
+    keep: torch.Tensor | None = None,
+):
+    """Round-to-nearest baseline on the same grids as the solver.
+
+    Returns ``(new_w, codes, scale, zero)`` with ``codes`` uint8 (rows x cols) and ``scale``/``zero``
+    of shape (rows, n_groups). Weights outside ``keep`` are set to exactly 0 (code = zero point).
+    """
+    bits = check_bits(bits)
+    group_size = check_group_size(group_size)
+    maxq = 2**bits - 1
+    wf = w.float()
+    rows, cols = wf.shape
+    bounds = group_bounds(cols, group_size)
+    scales = torch.empty(rows, len(bounds), dtype=torch.float32, device=w.device)
+    zeros = torch.empty_like(scales)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)
+    out = torch.empty_like(wf)
+    for g, (a, b) in enumerate(bounds):
+        k = None if keep is None else keep[:, a:b]
+        s, z = fit_grid(wf[:, a:b], bits, sym=sym, mse=mse, keep=k)
+        q = quantize(wf[:, a:b], s[:, None], z[:, None], maxq)
+        if k is not None:
+            q = torch.where(k, q, z[:, None].expand_as(q))
+        scales[:, g], zeros[:, g] = s, z
+        codes[:, a:b] = q.to(torch.uint8)
+        out[:, a:b] = dequantize(q, s[:, None], z[:, None])
+    return out.to(w.dtype), codes, scales, zeros

@@ -1,0 +1,319 @@
+"""The shared layer solver: SparseGPT pruning, GPTQ quantization, or both, in one column sweep.
+
+Given a weight ``W`` (rows x cols) and the Hessian ``H`` of its inputs, the solver walks the
+columns left to right. Each column is replaced by its target (0 where pruned, the nearest grid
+value where quantized, itself otherwise); the error this makes is spread over the columns to
+its right with the row of ``U``, the upper Cholesky factor of ``H^-1``, that belongs to it. That
+is the Optimal Brain Surgeon update for a fixed column order, and the same ``U`` serves every
+row: no re-inversion per column or per row.
+
+Columns are processed in blocks of ``block_size``: inside a block the update is applied column
+by column; at the end of the block one matrix product carries the block's errors to all columns
+on its right (the lazy batch update, where most of the arithmetic happens).
+
+Pruning alone, quantization alone and both are the same loop with a different target, so the
+joint mode costs one sweep, not two.
+
+    >>> result = solve(W, H, sparsity=0.5, bits=4, group_size=128)
+    >>> result.weight, result.mask, result.codes, result.scale, result.zero, result.error
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .hessian import SolverError, inverse_cholesky_factor, reconstruction_error
+from .masks import check_pattern, check_sparsity, nm_mask, prune_lowest
+from .quant import check_bits, check_group_size, dequantize, fit_grid, group_bounds, quantize
+
+__all__ = ["solve", "solve_layers", "factorize", "Factor", "SolveResult", "SolverError",
+           "check_solver_args"]
+
+
+@dataclass
+class SolveResult:
+    """What the solver returns for one layer.
+
+    ``weight``: the new weight, in the input's dtype. ``mask``: bool keep-mask (True = kept),
+    or None without pruning. ``codes``/``scale``/``zero``: with ``bits``, the integer codes
+    (uint8, rows x cols; pruned weights hold the zero point) and the per-row, per-group grid
+    parameters (float32, rows x n_groups) such that ``weight = scale[g] * (codes - zero[g])``
+    for the group ``g`` of each column. ``g_idx``: group of each column (only differs from
+    ``col // group_size`` with ``act_order``). ``loss``: the solver's own running estimate
+    ``sum err^2 / 2``. ``error``: ``tr(dW H dW^T)`` with the undamped ``H``, which equals
+    ``2/n ||(W - W_new) X||^2``.
+    """
+
+    weight: torch.Tensor
+    mask: torch.Tensor | None
+    codes: torch.Tensor | None
+    scale: torch.Tensor | None
+    zero: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    loss: float
+    error: float
+    seconds: float
+
+
+@dataclass
+class Factor:
+    """A factorised Hessian, reusable by every layer that reads the same input."""
+
+    H: torch.Tensor  # undamped, original column order (float32 or float64)
+    U: torch.Tensor  # upper Cholesky factor of the damped inverse, permuted order (float32)
+    perm: torch.Tensor | None  # column order used (act_order), or None for the natural order
+
+
+def factorize(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False,
+              name: str = "layer") -> Factor:
+    """Dampen and factorise ``H`` once; with ``act_order`` columns go by descending ``diag H``."""
+    if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not percdamp >= 0:
+        raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+    perm = None
+    Hp = H
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        Hp = H[perm][:, perm]
+    U = inverse_cholesky_factor(Hp, percdamp=percdamp, name=name)
+    return Factor(H=H, U=U, perm=perm)
+
+
+def check_solver_args(sparsity=0.0, pattern=None, bits=None, group_size=None, act_order=False,
+                      block_size=128):
+    """Validate the solver options; returns ``(sparsity, pattern, bits, group_size)`` normalised."""
+    sparsity = check_sparsity(sparsity)
+    pattern = check_pattern(pattern)
+    bits = check_bits(bits)
+    group_size = check_group_size(group_size)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if pattern is not None:
+        if sparsity:
+            raise ValueError(
+                f"give either sparsity (unstructured) or pattern (n:m), not both: "
+                f"sparsity={sparsity}, pattern={pattern[0]}:{pattern[1]}"
+            )
+        if act_order:
+            raise ValueError(
+                "act_order cannot be combined with an n:m pattern: the pattern is defined on "
+                "consecutive columns in their natural order, act_order permutes them"
+            )
+        if block_size % pattern[1]:
+            raise ValueError(
+                f"block_size ({block_size}) must be a multiple of m={pattern[1]} for pattern "
+                f"{pattern[0]}:{pattern[1]}"
+            )
+    return sparsity, pattern, bits, group_size
+
+
+def solve(weight: torch.Tensor, H: torch.Tensor | Factor, *, sparsity: float = 0.0,
+          pattern=None, bits: int | None = None, group_size: int | None = None,
+          sym: bool = False, mse: bool = False, act_order: bool = False,
+          block_size: int = 128, percdamp: float = 0.01, name: str = "layer") -> SolveResult:
+    """Prune and/or quantize one layer's weight (rows x cols) against its input Hessian.
+
+    Args:
+        weight: the layer weight, rows = outputs, cols = inputs (for GPT-2's ``Conv1D``, pass
+            ``weight.T``). Any float dtype; the maths runs in float32 on the weight's device.
+        H: the ``cols x cols`` Hessian ``2/n sum x x^T`` or a :class:`Factor` of it.
+        sparsity: unstructured fraction in [0, 1). The mask of each column block is chosen when
+            the sweep reaches the block, from the saliency ``w^2 / U_ii^2`` of the current
+            (already updated) weights. The number pruned by the end of each block is
+            ``round(sparsity * rows * cols_so_far)``, so the layer ends with exactly
+            ``round(sparsity * rows * cols)`` pruned weights (no block rounding accumulates).
+        pattern: n:m semi-structured, ``(2, 4)`` or ``"2:4"``: in every group of m consecutive
+            input columns of every row, n are pruned (chosen when the sweep reaches the group).
+        bits: 2..8 to quantize (16 or None: no quantization).
+        group_size: columns per grid (None or -1: one grid per row). A last group narrower than
+            ``group_size`` gets its own grid. Each group's grid is fitted when the sweep reaches
+            its first column, to the current weights of the group that survive pruning (for
+            columns whose mask is not chosen yet, all weights count).
+        sym: symmetric grid (zero point in the middle) instead of asymmetric min/max.
+        mse: search the grid's clipping range for the smallest rounding error.
+        act_order: visit columns by descending ``diag H`` (groups follow that order; see
+            ``SolveResult.g_idx``). Not allowed with ``pattern``.
+        block_size: columns per lazy-update block (128).
+        percdamp: dampening ``percdamp * mean(diag H)`` added to the diagonal (ignored when a
+            ``Factor`` is passed).
+        name: the layer's name, used in error messages.
+    """
+    return solve_layers([weight], H, sparsity=sparsity, pattern=pattern, bits=bits,
+                        group_size=group_size, sym=sym, mse=mse, act_order=act_order,
+                        block_size=block_size, percdamp=percdamp, names=[name])[0]
+
+
+@torch.no_grad()
+def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, sparsity: float = 0.0,
+                 pattern=None, bits: int | None = None, group_size: int | None = None,
+                 sym: bool = False, mse: bool = False, act_order: bool = False,
+                 block_size: int = 128, percdamp: float = 0.01,
+                 names: list[str] | None = None,
+                 masks: list[torch.Tensor] | None = None) -> list[SolveResult]:
+    """Solve several layers that read the same input (q/k/v; gate/up) in one sweep.
+
+    Their rows are stacked and share one factorisation of ``H``; each layer keeps its own exact
+    sparsity (the unstructured mask budget is counted per layer). Options as in :func:`solve`.
+
+    ``masks``: fixed keep-masks (one per layer, True = kept) instead of choosing them: the sweep
+    then only compensates (and quantizes) with that mask; ``sparsity``/``pattern`` must be unset.
+    """
+    t0 = time.perf_counter()
+    sparsity, pattern, bits, group_size = check_solver_args(
+        sparsity, pattern, bits, group_size, act_order, block_size)
+    names = names or [f"layer{i}" for i in range(len(weights))]
+    if not weights:
+        raise ValueError("weights must be a non-empty list of 2-D tensors")
+    cols = weights[0].shape[-1]
+    for w, nm in zip(weights, names):
+        if w.ndim != 2 or not w.is_floating_point():
+            raise ValueError(f"{nm}: weight must be a 2-D float tensor, got {tuple(w.shape)} {w.dtype}")
+        if w.shape[1] != cols:
+            raise ValueError(f"{nm}: weights stacked together must have the same number of columns")
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{nm}: weight contains NaN or inf")
+    Hm = H.H if isinstance(H, Factor) else H
+    if Hm.shape != (cols, cols):
+        raise ValueError(
+            f"{names[0]}: H has shape {tuple(Hm.shape)}, expected ({cols}, {cols}) for a weight "
+            f"with {cols} columns"
+        )
+    if pattern is not None and cols % pattern[1]:
+        raise ValueError(
+            f"{names[0]}: pattern {pattern[0]}:{pattern[1]} needs the column count ({cols}) to be "
+            f"divisible by {pattern[1]}"
+        )
+    device = weights[0].device
+    if isinstance(H, Factor):
+        if (H.perm is not None) != bool(act_order):
+            raise ValueError("the Factor was built with a different act_order setting")
+        factor = H
+    else:
+        factor = factorize(H.to(device), percdamp=percdamp, act_order=act_order, name=names[0])
+    U = factor.U.to(device)
+    perm = None if factor.perm is None else factor.perm.to(device)
+
+    splits = [w.shape[0] for w in weights]
+    W = torch.cat([w.float() for w in weights], 0)
+    if perm is not None:
+        W = W[:, perm]
+    rows = W.shape[0]
+    seg_bounds = []
+    start = 0
+    for r in splits:
+        seg_bounds.append((start, start + r))
+        start += r
+
+    if masks is not None:
+        if sparsity or pattern is not None:
+            raise ValueError("give either masks (fixed) or sparsity/pattern (chosen), not both")
+        if len(masks) != len(weights) or any(m.shape != w.shape for m, w in zip(masks, weights)):
+            raise ValueError("masks must be one bool tensor per weight, with the weight's shape")
+        keep = torch.cat([m.to(device=device, dtype=torch.bool) for m in masks], 0)
+        if perm is not None:
+            keep = keep[:, perm]
+    prune = masks is not None or sparsity > 0 or pattern is not None
+    if masks is None:
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=device) if prune else None
+    pruned_so_far = [0] * len(splits)
+    if bits is not None:
+        maxq = 2**bits - 1
+        bounds = group_bounds(cols, group_size)
+        starts = {a: (g, b) for g, (a, b) in enumerate(bounds)}
+        codes = torch.empty(rows, cols, dtype=torch.uint8, device=device)
+        scales = torch.empty(rows, len(bounds), dtype=torch.float32, device=device)
+        zeros = torch.empty_like(scales)
+    loss = torch.zeros(rows, dtype=torch.float32, device=device)
+    scale = zero = None
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diagonal(U1)
+        keep1 = keep[:, i1:i2] if prune else None
+
+        if sparsity > 0:
+            score = W1.pow(2) / d.pow(2)[None, :]
+            for s, (r0, r1) in enumerate(seg_bounds):
+                target = round(sparsity * (r1 - r0) * i2)
+                k = min(max(target - pruned_so_far[s], 0), (r1 - r0) * count)
+                keep1[r0:r1] = prune_lowest(score[r0:r1], k)
+                pruned_so_far[s] += k
+
+        for i in range(count):
+            col = i1 + i
+            w = W1[:, i]
+            di = d[i]
+            if pattern is not None and i % pattern[1] == 0:
+                n, m = pattern
+                score = W1[:, i:i + m].pow(2) / d[i:i + m].pow(2)[None, :]
+                keep1[:, i:i + m] = nm_mask(score, n, m)
+            if bits is not None:
+                if col in starts:
+                    g, gend = starts[col]
+                    inblock = min(gend, i2) - i1
+                    gw = W1[:, i:inblock]
+                    gk = keep1[:, i:inblock] if prune else None
+                    if gend > i2:  # the group reaches past this block: use the current values there
+                        gw = torch.cat([gw, W[:, i2:gend]], 1)
+                        if prune:
+                            gk = torch.cat([gk, torch.ones_like(W[:, i2:gend], dtype=torch.bool)], 1)
+                    scale, zero = fit_grid(gw, bits, sym=sym, mse=mse, keep=gk)
+                    scales[:, g], zeros[:, g] = scale, zero
+                qc = quantize(w, scale, zero, maxq)
+                if prune:
+                    qc = torch.where(keep1[:, i], qc, zero)
+                codes[:, col] = qc.to(torch.uint8)
+                q = dequantize(qc, scale, zero)
+            elif prune:
+                q = w * keep1[:, i]
+            else:
+                q = w
+            Q1[:, i] = q
+            err = (w - q) / di
+            loss += err.pow(2) / 2
+            W1[:, i + 1:] -= err[:, None] * U1[i, i + 1:][None, :]
+            Err1[:, i] = err
+
+        W[:, i1:i2] = Q1
+        if i2 < cols:
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    g_idx = None
+    if bits is not None:
+        pos_group = torch.empty(cols, dtype=torch.int32, device=device)
+        for g, (a, b) in enumerate(bounds):
+            pos_group[a:b] = g
+        g_idx = pos_group
+    if perm is not None:
+        inv = torch.argsort(perm)
+        W = W[:, inv]
+        if prune:
+            keep = keep[:, inv]
+        if bits is not None:
+            codes = codes[:, inv]
+            g_idx = g_idx[inv]
+
+    results = []
+    seconds = time.perf_counter() - t0
+    Hf = factor.H.to(device)
+    for (r0, r1), w_in, nm in zip(seg_bounds, weights, names):
+        new = W[r0:r1].to(w_in.dtype)
+        results.append(SolveResult(
+            weight=new,
+            mask=keep[r0:r1].clone() if prune else None,
+            codes=codes[r0:r1].clone() if bits is not None else None,
+            scale=scales[r0:r1].clone() if bits is not None else None,
+            zero=zeros[r0:r1].clone() if bits is not None else None,
+            g_idx=g_idx,
+            loss=float(loss[r0:r1].sum()),
+            error=reconstruction_error(w_in.float(), new.float(), Hf.float()),
+            seconds=seconds * (r1 - r0) / rows,
+        ))
+    return results
