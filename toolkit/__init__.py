@@ -1,0 +1,20 @@
+"""One-shot compression of causal language models.
+
+SparseGPT pruning (unstructured and n:m) and GPTQ quantization, alone or together, driven by
+one Hessian-based layer solver (:mod:`toolkit.solver`) and one block-by-block sweep over any
+decoder-only ``transformers`` model::
+
+    from toolkit import compress, perplexity
+    report = compress(model, tokenizer, sparsity=0.5, bits=4)
+    print(report)
+"""
+
+from .api import CompressConfig, CompressionReport, compress
+from .evaluate import perplexity
+from .models import load_model
+from .size import model_bytes
+from .solver import solve, solve_layers
+
+__all__ = ["compress", "CompressConfig", "CompressionReport", "perplexity", "load_model",
+           "model_bytes", "solve", "solve_layers"]
+__version__ = "0.1.0"

