@@ -83,7 +83,7 @@ def inverse_cholesky_factor(
     diag[dead] = 1
     mean_diag = diag.mean()
     damp = percdamp * mean_diag
-    for attempt in range(retries + 1):
+    for _ in range(retries + 1):
         Hd = H.clone()
         torch.diagonal(Hd).add_(damp)
         L, info = torch.linalg.cholesky_ex(Hd)

@@ -303,7 +303,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     results = []
     seconds = time.perf_counter() - t0
     Hf = factor.H.to(device)
-    for (r0, r1), w_in, nm in zip(seg_bounds, weights, names):
+    for (r0, r1), w_in in zip(seg_bounds, weights):
         new = W[r0:r1].to(w_in.dtype)
         results.append(SolveResult(
             weight=new,
