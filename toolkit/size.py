@@ -1,99 +1,248 @@
 """Size accounting: the bytes a checkpoint of a (compressed) model needs.
 
-Every stored number counts:
+Every stored number counts, at the width it is stored with. Two layouts are counted:
 
-* dense tensors (embeddings, lm_head, norms, biases, layers left alone): ``numel * dense_bits``;
-* a compressed linear layer (rows x cols, ``k`` kept weights):
-  - values: ``k * bits`` when quantized, else ``k * value_bits`` (16);
-  - unstructured sparsity: a bitmask of ``rows * cols`` bits;
-  - n:m sparsity: ``ceil(log2(m))`` index bits per kept value (2 bits for 2:4);
-  - quantization: per row and group a ``scale_bits`` scale, and for asymmetric grids a zero
-    point of ``zero_bits``; with act_order an ``int32`` group index per input column.
+``layout="compressed-tensors"`` (the default): the tensors a compressed-tensors checkpoint holds
+(the format vLLM and llm-compressor read; what :mod:`toolkit.export` writes), byte for byte
+without the safetensors header. For a linear layer of ``rows x cols`` (out x in), with dense
+tensors in a ``d``-byte float (``dense_bits / 8``; 2 for fp16/bf16):
 
-Tied parameters (embeddings shared with lm_head) count once.
+* left dense: ``weight`` = ``rows * cols * d``.
+* pruned, not quantized, unstructured (``sparse-bitmask``; also n:m other than 2:4):
+  ``compressed`` = the non-zero values, ``nnz * d``; ``bitmask`` = one bit per weight packed
+  along each row (``numpy.packbits``), ``rows * ceil(cols / 8)`` bytes; ``row_offsets`` = where
+  each row starts in ``compressed``, int64, ``rows * 8``; ``shape`` = int64[2], 16 bytes.
+* pruned 2:4, not quantized (``sparse-24-bitmask``): ``compressed`` = exactly half the values,
+  ``rows * cols / 2 * d``; ``bitmask`` = ``rows * ceil(cols / 8)``; ``shape`` = 16 bytes.
+* quantized to ``b`` bits, groups of ``g`` columns (``pack-quantized``):
+  ``weight_packed`` = int32 words, the ``b``-bit codes of each row packed densely
+  (no padding between codes), ``rows * ceil(cols * b / 32) * 4``;
+  ``weight_scale`` = one scale per row and group, in the dense float,
+  ``rows * G * d`` with ``G = ceil(cols / g)`` (a narrower last group has its own scale;
+  ``G = 1`` for one grid per row);
+  ``weight_zero_point`` (asymmetric only) = the ``b``-bit zero points packed into int32 along
+  the rows, ``ceil(rows * b / 32) * G * 4``;
+  ``weight_g_idx`` (act-order only) = the group of each input column, int32, ``cols * 4``;
+  ``weight_shape`` = int64[2], 16 bytes.
+  Pruned *and* quantized layers are stored this way too: compressed-tensors has no general
+  format for both (its 2:4 + 4-bit ``marlin-24`` is a GPU kernel layout), so the pruned weights
+  are stored as codes (the zero point) and sparsity saves nothing on disk in this layout.
+
+``layout="packed"``: the information itself, bit-packed with no container overhead -- what a
+sparse-and-quantized format needs at least:
+
+* values: ``kept * b`` bits (``kept * dense_bits`` unquantized);
+* unstructured sparsity: a bitmask of ``rows * cols`` bits;
+* n:m sparsity: ``ceil(log2(m))`` index bits per kept value (2:4: 2 bits per kept value, i.e. 1
+  bit per weight, the same as a bitmask);
+* quantization: ``rows * G`` scales of ``dense_bits`` and, asymmetric, ``rows * G`` zero points of
+  ``b`` bits; with act-order an int32 group index per input column.
+
+Everything else (embeddings, lm_head, norms, biases, layers left alone) is dense in both layouts:
+``numel * dense_bits``. Tied parameters (embeddings shared with lm_head) count once.
+
+bitsandbytes layers (see :mod:`toolkit.bnb`) count what bitsandbytes serializes: 4-bit: the packed
+data (two codes per byte) + ``quant_state.as_dict(packed=True)`` (absmax per block of 64 as
+float32, or with double quantization as uint8 + float32 absmax per 256 blocks + the 256-entry
+nested code; the 16-entry code; the small JSON blob); LLM.int8: int8 weight + float32 scale per
+row (``SCB``) + the 1-byte ``weight_format``.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
-__all__ = ["linear_bits", "model_bytes", "SizeBreakdown"]
+__all__ = ["linear_bits", "linear_bytes", "model_bytes", "SizeBreakdown", "LAYOUTS"]
+
+LAYOUTS = ("compressed-tensors", "packed")
+_INT64, _INT32 = 8, 4
+
+
+def _check_int(v, name, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def linear_bytes(rows: int, cols: int, *, nnz: int | None = None,
+                 pattern: tuple[int, int] | None = None, sparse: bool | None = None,
+                 bits: int | None = None, group_size: int | None = None, sym: bool = False,
+                 act_order: bool = False, dense_bits: int = 16,
+                 layout: str = "compressed-tensors") -> dict[str, float]:
+    """The stored terms of one linear weight (``rows x cols``), in bytes, by tensor name.
+
+    ``nnz``: weights kept (non-zero); ``sparse`` (default: ``nnz < rows * cols`` or a pattern)
+    says the layer is pruned; ``pattern``: ``(n, m)`` for n:m sparsity. ``bits``: 2..8 to count
+    a quantized layer, None for float values. ``group_size``: columns per grid (None: one per
+    row). See the module docstring for each term. The terms sum to the layer's bytes; in the
+    ``"packed"`` layout they can be fractional (bits / 8).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+    _check_int(rows, "rows")
+    _check_int(cols, "cols")
+    numel = rows * cols
+    if pattern is not None:
+        n, m = pattern
+        if cols % m:
+            raise ValueError(f"n:m pattern {n}:{m} needs cols ({cols}) to be a multiple of {m}")
+        nnz = numel // m * n if nnz is None else nnz
+    nnz = numel if nnz is None else _check_int(nnz, "nnz", 0)
+    if nnz > numel:
+        raise ValueError(f"nnz ({nnz}) is larger than rows * cols ({numel})")
+    if sparse is None:
+        sparse = pattern is not None or nnz < numel
+    d = dense_bits / 8
+    groups = 1 if group_size is None else math.ceil(cols / _check_int(group_size, "group_size"))
+    if layout == "packed":
+        # n:m keeps exactly n of every m slots (a kept weight may happen to be 0)
+        kept = numel // pattern[1] * pattern[0] if pattern is not None else nnz
+        out = {"values": kept * (bits if bits is not None else dense_bits) / 8}
+        if sparse:
+            if pattern is not None:
+                out["index"] = kept * math.ceil(math.log2(pattern[1])) / 8
+            else:
+                out["bitmask"] = numel / 8
+        if bits is not None:
+            out["scale"] = rows * groups * d
+            if not sym:
+                out["zero_point"] = rows * groups * bits / 8
+            if act_order:
+                out["g_idx"] = cols * _INT32
+        return out
+    # compressed-tensors
+    if bits is not None:  # pack-quantized (pruned weights are stored as codes)
+        out = {"weight_packed": rows * math.ceil(cols * bits / 32) * _INT32,
+               "weight_scale": rows * groups * d}
+        if not sym:
+            out["weight_zero_point"] = math.ceil(rows * bits / 32) * groups * _INT32
+        if act_order:
+            out["weight_g_idx"] = cols * _INT32
+        out["weight_shape"] = 2 * _INT64
+        return out
+    if not sparse:
+        return {"weight": numel * d}
+    bitmask = rows * math.ceil(cols / 8)
+    if pattern == (2, 4):  # sparse-24-bitmask
+        return {"compressed": numel // 2 * d, "bitmask": bitmask, "shape": 2 * _INT64}
+    return {"compressed": nnz * d, "bitmask": bitmask,  # sparse-bitmask
+            "row_offsets": rows * _INT64, "shape": 2 * _INT64}
 
 
 def linear_bits(rows: int, cols: int, *, kept: int | None = None, sparse: str | None = None,
                 pattern: tuple[int, int] | None = None, bits: int | None = None,
                 group_size: int | None = None, sym: bool = False, act_order: bool = False,
-                value_bits: int = 16, scale_bits: int = 16, zero_bits: int = 8) -> int:
-    """Bits needed to store one linear layer's weight as described in the module docstring.
-
-    ``sparse``: None (dense), ``"bitmask"`` (unstructured) or ``"nm"`` (with ``pattern``).
-    """
-    numel = rows * cols
-    kept = numel if kept is None else kept
-    total = kept * (bits if bits is not None else value_bits)
-    if sparse == "bitmask":
-        total += numel
-    elif sparse == "nm":
-        if pattern is None:
-            raise ValueError("pattern is needed for sparse='nm'")
-        total += kept * math.ceil(math.log2(pattern[1]))
-    elif sparse is not None:
+                value_bits: int = 16, layout: str = "packed") -> float:
+    """Total bits of one linear weight (``sparse``: None, ``"bitmask"`` or ``"nm"``); the sum of
+    :func:`linear_bytes` times 8. Kept for callers of the first version."""
+    if sparse not in (None, "bitmask", "nm"):
         raise ValueError(f"sparse must be None, 'bitmask' or 'nm', got {sparse!r}")
-    if bits is not None:
-        groups = 1 if group_size is None else math.ceil(cols / group_size)
-        total += rows * groups * (scale_bits + (0 if sym else zero_bits))
-        if act_order and group_size is not None:
-            total += cols * 32
-    return total
+    if sparse == "nm" and pattern is None:
+        raise ValueError("pattern is needed for sparse='nm'")
+    terms = linear_bytes(rows, cols, nnz=kept, pattern=pattern if sparse == "nm" else None,
+                         sparse=sparse is not None, bits=bits, group_size=group_size, sym=sym,
+                         act_order=act_order, dense_bits=value_bits, layout=layout)
+    return 8 * sum(terms.values())
 
 
 class SizeBreakdown(dict):
-    """``bytes``, ``compressed_bytes``, ``dense_bytes``, ``compressed_params``,
-    ``bits_per_weight`` (over the compressed layers) and ``total_params``."""
+    """What :func:`model_bytes` returns.
+
+    ``bytes`` (the whole checkpoint), ``dense_bytes`` (tensors left dense), ``compressed_bytes``
+    and ``compressed_params`` (the compressed layers' weights), ``total_params`` (tied ones
+    once), ``bits_per_weight`` (``8 * compressed_bytes / compressed_params``: the compressed
+    layers, scales, zero points and masks included; ``dense_bits`` when nothing is compressed),
+    ``model_bits_per_weight`` (``8 * bytes / total_params``), ``terms`` (bytes by stored tensor
+    kind, summed over the compressed layers), ``layout``.
+    """
 
 
-def model_bytes(model: nn.Module, dense_bits: int = 16) -> SizeBreakdown:
+def _bnb_weight_bytes(module: nn.Module) -> tuple[dict[str, float], int] | None:
+    """Stored bytes and logical numel of a bitsandbytes layer's weight (None: not bnb)."""
+    w = getattr(module, "weight", None)
+    kind = type(w).__name__
+    if kind == "Params4bit":
+        qs = w.quant_state
+        if qs is None:
+            raise ValueError("a bitsandbytes 4-bit layer is not quantized yet (move it to a "
+                             "device first)")
+        terms = {"packed_4bit": w.numel() * w.element_size()}
+        for name, t in qs.as_dict(packed=True).items():
+            key = "quant_state" if name.startswith("quant_state.") else name
+            terms[key] = terms.get(key, 0) + t.numel() * t.element_size()
+        return terms, math.prod(qs.shape)
+    if kind == "Int8Params":
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(module, "state", None), "SCB", None)
+        rows = w.shape[0]
+        return {"int8": w.numel(), "SCB": rows * 4 if scb is None else scb.numel() * 4,
+                "weight_format": 1}, w.numel()
+    return None
+
+
+def model_bytes(model: nn.Module, dense_bits: int = 16,
+                layout: str = "compressed-tensors") -> SizeBreakdown:
     """Bytes of a checkpoint of ``model`` with dense tensors at ``dense_bits`` (16: fp16/bf16).
 
     Layers compressed by :func:`toolkit.compress` carry ``module.compression`` and are counted
-    with :func:`linear_bits`; everything else is dense.
+    with :func:`linear_bytes` (non-zeros counted on the weight itself); bitsandbytes layers
+    count what bitsandbytes stores; every other parameter is dense. See the module docstring.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
     seen: set[int] = set()
-    dense = comp = comp_params = total_params = 0
+    dense = comp = 0.0
+    comp_params = total_params = 0
+    terms: dict[str, float] = {}
     for module in model.modules():
         info = getattr(module, "compression", None)
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            total_params += p.numel()
-            if info is not None and pname == "weight":
-                s = info.settings
-                w = p.detach()
-                kept = int((w != 0).sum()) if s.prunes else None
-                sparse = None
-                if s.pattern is not None:
-                    sparse = "nm"
-                elif s.sparsity > 0:
-                    sparse = "bitmask"
-                rows, cols = (w.shape[1], w.shape[0]) if _is_conv1d(module) else w.shape
-                comp += linear_bits(rows, cols, kept=kept, sparse=sparse, pattern=s.pattern,
-                                    bits=s.bits, group_size=s.group_size, sym=s.sym,
-                                    act_order=s.act_order and s.bits is not None)
-                comp_params += p.numel()
-            else:
-                dense += p.numel() * dense_bits
-    out = SizeBreakdown(
-        bytes=(dense + comp) / 8,
-        dense_bytes=dense / 8,
-        compressed_bytes=comp / 8,
+            layer = None
+            if pname == "weight":
+                layer = _bnb_weight_bytes(module)
+                if layer is None and info is not None:
+                    layer = _compressed_weight_bytes(module, p, info, dense_bits, layout)
+            if layer is None:
+                total_params += p.numel()
+                dense += p.numel() * dense_bits / 8
+                continue
+            t, numel = layer
+            total_params += numel
+            comp_params += numel
+            comp += sum(t.values())
+            for k, v in t.items():
+                terms[k] = terms.get(k, 0) + v
+    total = dense + comp
+    return SizeBreakdown(
+        bytes=total,
+        dense_bytes=dense,
+        compressed_bytes=comp,
         compressed_params=comp_params,
         total_params=total_params,
-        bits_per_weight=(comp / comp_params) if comp_params else float(dense_bits),
+        bits_per_weight=(8 * comp / comp_params) if comp_params else float(dense_bits),
+        model_bits_per_weight=8 * total / total_params if total_params else float(dense_bits),
+        terms=terms,
+        layout=layout,
     )
-    return out
+
+
+def _compressed_weight_bytes(module, p, info, dense_bits, layout):
+    s = info.settings
+    w = p.detach()
+    rows, cols = (w.shape[1], w.shape[0]) if _is_conv1d(module) else w.shape
+    nnz = int(torch.count_nonzero(w)) if s.prunes else None
+    t = linear_bytes(rows, cols, nnz=nnz, pattern=s.pattern, sparse=s.prunes, bits=s.bits,
+                     group_size=s.group_size, sym=s.sym,
+                     act_order=s.act_order and s.bits is not None and info.g_idx is not None,
+                     dense_bits=dense_bits, layout=layout)
+    return t, rows * cols
 
 
 def _is_conv1d(module) -> bool:

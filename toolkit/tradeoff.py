@@ -1,0 +1,323 @@
+"""Accuracy against size: run many compressions of one model through one harness.
+
+:func:`tradeoff` builds a fresh model for each configuration, compresses it (with
+:func:`toolkit.compress` or a bitsandbytes format from :mod:`toolkit.bnb`), counts its bytes
+(:func:`toolkit.size.model_bytes`) and measures its perplexity on the *same* token windows
+(:func:`toolkit.perplexity`). Every row of the table comes from the same code path, calibration
+windows and evaluation windows. :func:`plot_tradeoff` draws the table as a Pareto chart::
+
+    from toolkit import load_model, tradeoff, plot_tradeoff
+    base, tok = load_model("smollm2")
+    df = tradeoff(lambda: copy.deepcopy(base), tok,
+                  [dict(sparsity=0.5), dict(bits=4), dict(bnb="nf4")], "python-docs")
+    plot_tradeoff(df, "tradeoff.png")
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import replace
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .api import CompressConfig, compress, default_calibration_size
+from .bnb import BnbConfig, bnb_quantize
+from .data import DEFAULT_CALIBRATION, get_calibration, load_text, tokenize_text
+from .evaluate import perplexity
+from .size import model_bytes
+
+__all__ = ["tradeoff", "plot_tradeoff", "config_label", "COLUMNS", "to_markdown"]
+
+log = logging.getLogger("toolkit")
+
+COLUMNS = ["method", "sparsity", "bits", "group_size", "bytes", "bits_per_weight", "perplexity",
+           "compress_seconds", "model_bits_per_weight", "packed_bits_per_weight", "note"]
+DENSE = "dense"
+
+
+def config_label(config) -> str:
+    """A short name for a configuration, e.g. ``"SparseGPT 50% + GPTQ 4-bit g128"``."""
+    if config is None or config == DENSE:
+        return DENSE
+    if isinstance(config, BnbConfig):
+        return config.describe().replace("bnb ", "")
+    s = config._settings
+    names = {"sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "magnitude",
+             "gptq": "GPTQ", "rtn": "RTN"}
+    parts = []
+    if s.pattern is not None:
+        parts.append(f"{names[s.method]} {s.pattern[0]}:{s.pattern[1]}")
+    elif s.sparsity:
+        parts.append(f"{names[s.method]} {s.sparsity:.0%}")
+    if s.bits is not None:
+        g = f"g{s.group_size}" if s.group_size else "per-row"
+        parts.append(f"{names[s.quant]} {s.bits}-bit {g}" + (" sym" if s.sym else "")
+                     + (" act-order" if s.act_order else ""))
+    return " + ".join(parts) or DENSE
+
+
+def _as_config(spec, defaults: dict):
+    """``(label, config)`` from a config object, a dict of settings or ``"dense"``/None."""
+    label = None
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        label = spec.pop("label", None)
+        if "bnb" in spec:
+            spec["quant_type"] = spec.pop("bnb")
+            spec = BnbConfig(**spec)
+        elif not any(spec.get(k) not in (None, 0, 0.0, 16) for k in ("sparsity", "pattern", "bits")):
+            spec = DENSE
+        else:
+            spec = CompressConfig(**{**defaults, **spec})
+    if spec is None or spec == DENSE:
+        return label or DENSE, DENSE
+    if isinstance(spec, str):
+        raise ValueError(f"a configuration is a dict of compress() settings, a CompressConfig, "
+                         f"a BnbConfig or 'dense'; got {spec!r}")
+    if not isinstance(spec, (CompressConfig, BnbConfig)):
+        raise ValueError(f"unknown configuration {spec!r}")
+    return label or config_label(spec), spec
+
+
+def _row_fields(config) -> dict:
+    if config == DENSE:
+        return dict(sparsity=0.0, bits=16, group_size=None)
+    if isinstance(config, BnbConfig):
+        return dict(sparsity=0.0, bits=config.bits, group_size=config.group_size)
+    s = config._settings
+    sparsity = 1 - s.pattern[0] / s.pattern[1] if s.pattern is not None else s.sparsity
+    return dict(sparsity=sparsity, bits=s.bits if s.bits is not None else 16,
+                group_size=s.group_size if s.bits is not None else None)
+
+
+@contextmanager
+def _quiet_bnb_cast():
+    """LLM.int8 logs one line per layer call that float32 inputs are cast to float16: mute it."""
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+
+    def keep(record):
+        return "inputs will be cast" not in record.getMessage()
+
+    bnb_log.addFilter(keep)
+    try:
+        yield
+    finally:
+        bnb_log.removeFilter(keep)
+
+
+def _calib_key(c: CompressConfig):
+    return (c.calibration, c.nsamples, c.seqlen, c.seed)
+
+
+def _eval_ids(eval_text, tokenizer) -> torch.Tensor:
+    if isinstance(eval_text, torch.Tensor):
+        return eval_text.reshape(-1).long()
+    if isinstance(eval_text, str) and eval_text in ("python-docs", "wikitext2", "ptb", "c4"):
+        eval_text = load_text(eval_text, split="validation" if eval_text == "c4" else "test")
+    elif isinstance(eval_text, str) and len(eval_text) < 4096 and "\n" not in eval_text:
+        from pathlib import Path
+
+        if Path(eval_text).is_file():
+            eval_text = load_text(eval_text)
+    return tokenize_text(tokenizer, eval_text)
+
+
+def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterable,
+             eval_text="python-docs", *, eval_seqlen: int = 512, eval_windows: int | None = 32,
+             calibration=None, nsamples: int | None = None, seqlen: int | None = None,
+             seed: int = 0, device=None, dense: bool = True, dense_bits: int = 16,
+             verbose: bool = False, on_row: Callable[[dict], None] | None = None) -> pd.DataFrame:
+    """Compress a fresh model per configuration and measure size and perplexity.
+
+    ``model_factory()`` returns a new, uncompressed model each call (e.g.
+    ``lambda: copy.deepcopy(base)``). ``configs``: a list of ``dict`` (keywords of
+    :func:`toolkit.compress`, e.g. ``dict(sparsity=0.5, bits=4)``; ``dict(bnb="nf4",
+    double_quant=True)`` for a bitsandbytes format; an optional ``label``), ``CompressConfig``,
+    ``BnbConfig`` or ``"dense"``. With ``dense=True`` a dense row comes first if none is given.
+
+    Every row sees the same calibration windows (``calibration``, ``nsamples`` x ``seqlen``,
+    drawn once with ``seed``; defaults as in :func:`toolkit.compress`) and the same evaluation
+    windows (``eval_text`` tokenized once, the first ``eval_windows`` windows of
+    ``eval_seqlen`` tokens). A configuration that fails (e.g. a format that cannot run here)
+    gets a row with NaN perplexity and the reason in ``note``: no row is dropped.
+
+    Returns a DataFrame with the columns :data:`COLUMNS`: ``method``, ``sparsity`` (fraction
+    pruned), ``bits`` (16 = not quantized), ``group_size`` (weights per scale; None: one per
+    row), ``bytes`` (the whole checkpoint, dense tensors at ``dense_bits``, compressed layers as
+    stored by compressed-tensors / bitsandbytes), ``bits_per_weight`` (over the compressed
+    layers, scales, zero points and masks included), ``perplexity``, ``compress_seconds``,
+    ``model_bits_per_weight`` (bytes over all parameters), ``packed_bits_per_weight`` (the
+    ``"packed"`` layout of :mod:`toolkit.size`: kept codes + bitmask, the least a sparse-quantized
+    format needs), ``note``. ``df.attrs`` records the evaluation and calibration settings.
+    """
+    configs = list(configs)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dn, dl = default_calibration_size(device)
+    nsamples, seqlen = nsamples or dn, seqlen or dl
+    calibration = DEFAULT_CALIBRATION if calibration is None else calibration
+    defaults = dict(calibration=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                    device=str(device), verbose=verbose)
+    plan = [_as_config(c, defaults) for c in configs]
+    if dense and not any(c == DENSE for _, c in plan):
+        plan.insert(0, (DENSE, DENSE))
+
+    ids = _eval_ids(eval_text, tokenizer)
+    windows = ids.numel() // eval_seqlen
+    if eval_windows is not None:
+        windows = min(windows, eval_windows)
+    if windows < 1:
+        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than "
+                         f"eval_seqlen={eval_seqlen}")
+    ids = ids[: windows * eval_seqlen]
+    shared = (calibration, nsamples, seqlen, seed)
+    calib_ids = None
+    if any(isinstance(c, CompressConfig) and _calib_key(c) == shared for _, c in plan):
+        # tokenize and draw the shared calibration windows once
+        calib_ids = get_calibration(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen,
+                                    seed=seed)
+
+    rows = []
+    for label, config in plan:
+        row = dict(method=label, **_row_fields(config), bytes=math.nan, bits_per_weight=math.nan,
+                   perplexity=math.nan, compress_seconds=0.0, model_bits_per_weight=math.nan,
+                   packed_bits_per_weight=math.nan, note="")
+        model = model_factory()
+        try:
+            t0 = time.perf_counter()
+            if isinstance(config, CompressConfig):
+                if calib_ids is not None and _calib_key(config) == shared:
+                    config = replace(config, calibration=calib_ids)
+                compress(model, tokenizer, config=config)
+            elif isinstance(config, BnbConfig):
+                bnb_quantize(model, config, device=device)
+            row["compress_seconds"] = 0.0 if config == DENSE else time.perf_counter() - t0
+            size = model_bytes(model, dense_bits=dense_bits)
+            packed = model_bytes(model, dense_bits=dense_bits, layout="packed")
+            row.update(bytes=size["bytes"], bits_per_weight=size["bits_per_weight"],
+                       model_bits_per_weight=size["model_bits_per_weight"],
+                       packed_bits_per_weight=packed["bits_per_weight"])
+            if config != DENSE:
+                model.to(device)
+            with _quiet_bnb_cast():
+                row["perplexity"] = perplexity(model, tokenizer, ids, seqlen=eval_seqlen,
+                                               device=device, verbose=verbose)
+        except (RuntimeError, ImportError, NotImplementedError, ValueError) as e:
+            if isinstance(e, ValueError) and not isinstance(config, BnbConfig):
+                raise
+            row["note"] = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log.warning("%s: %s", label, row["note"])
+        if isinstance(config, CompressConfig) and config._settings.prunes and \
+                config._settings.bits is not None:
+            row["note"] = row["note"] or ("compressed-tensors stores pruned+quantized weights as "
+                                          "codes; packed_bits_per_weight counts a bitmask")
+        del model
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["group_size"] = df["group_size"].astype("Int64")
+    df["bits"] = df["bits"].astype(int)
+    df.attrs.update(eval_windows=windows, eval_seqlen=eval_seqlen, nsamples=nsamples,
+                    seqlen=seqlen, calibration=calibration if isinstance(calibration, str)
+                    else "given", device=str(device), dense_bits=dense_bits)
+    return df
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """The table as GitHub markdown (no extra dependency), with readable numbers."""
+    cols = ["method", "sparsity", "bits", "group_size", "bits_per_weight", "bytes", "perplexity",
+            "compress_seconds", "note"]
+    head = ["method", "sparsity", "bits", "group", "bits/weight", "size (MB)", "perplexity",
+            "compress (s)", "note"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] + ["---:"] * 7 + ["---"]) + "|"]
+    for _, r in df[cols].iterrows():
+        g = "-" if pd.isna(r["group_size"]) else str(int(r["group_size"]))
+        if r["bits"] == 8 and g == "-":
+            g = "row"
+        ppl = "n/a" if pd.isna(r["perplexity"]) else f"{r['perplexity']:.2f}"
+        mb = "n/a" if pd.isna(r["bytes"]) else f"{r['bytes'] / 1e6:.1f}"
+        bpw = "n/a" if pd.isna(r["bits_per_weight"]) else f"{r['bits_per_weight']:.2f}"
+        lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {r['bits']} | {g} | {bpw} | {mb} "
+                     f"| {ppl} | {r['compress_seconds']:.0f} | {r['note'] or ''} |")
+    return "\n".join(lines)
+
+
+_MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p", "d", "8", "H"]
+
+
+def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
+                  title: str | None = None, logy: bool | None = None, footnote: str | None = None):
+    """Perplexity against size, one marker per method, the Pareto front as a dashed line and the
+    dense model as a horizontal reference line. Returns the matplotlib Figure; with ``path``
+    also writes it (PNG at 150 dpi).
+
+    ``x``: the size column (``"bits_per_weight"``, ``"model_bits_per_weight"``,
+    ``"packed_bits_per_weight"`` or ``"bytes"``). ``logy``: log-scale perplexity (default: when
+    the perplexities span more than a factor 3). Rows without a perplexity are left out (their
+    note says why).
+    """
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    xlabels = {
+        "bits_per_weight": "bits per weight of the compressed layers "
+                           "(scales, zero points, masks included)",
+        "model_bits_per_weight": "bits per parameter of the whole checkpoint",
+        "packed_bits_per_weight": "bits per weight of the compressed layers, packed layout",
+        "bytes": "checkpoint size (MB)",
+    }
+    if x not in xlabels:
+        raise ValueError(f"x must be one of {', '.join(xlabels)}, got {x!r}")
+    data = df[df["perplexity"].notna() & df[x].notna()].copy()
+    data["_x"] = data[x] / 1e6 if x == "bytes" else data[x]
+    fig = Figure(figsize=(11, 6), layout="constrained")
+    ax = fig.add_subplot()
+    dense = data[data["method"] == DENSE]
+    others = data[data["method"] != DENSE]
+    if len(dense):
+        ref = float(dense["perplexity"].iloc[0])
+        ax.axhline(ref, color="0.4", linestyle=":", linewidth=1.2,
+                   label=f"dense ({dense['_x'].iloc[0]:.3g} {'MB' if x == 'bytes' else 'bits'}): "
+                         f"{ref:.2f}")
+    cmap = matplotlib.colormaps["tab20"]
+    for i, (_, r) in enumerate(others.iterrows()):
+        ax.scatter(r["_x"], r["perplexity"], marker=_MARKERS[i % len(_MARKERS)], s=70,
+                   color=cmap(i % 20), edgecolor="black", linewidth=0.5, zorder=3,
+                   label=f"{r['method']}: {r['perplexity']:.2f}")
+    front = _pareto(data)
+    if len(front) > 1:
+        ax.plot(front["_x"], front["perplexity"], linestyle="--", color="tab:red", linewidth=1,
+                zorder=2, label="Pareto front")
+    ppl = data["perplexity"]
+    if logy is None:
+        logy = len(ppl) > 0 and float(ppl.max()) > 3 * float(ppl.min())
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabels[x])
+    ax.set_ylabel("perplexity (lower is better" + (", log scale)" if logy else ")"))
+    ax.set_title(title or "Accuracy against size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if footnote:
+        fig.text(0.01, 0.005, footnote, fontsize=7, color="0.3", ha="left", va="bottom")
+    if path is not None:
+        fig.savefig(path, dpi=150)
+    return fig
+
+
+def _pareto(data: pd.DataFrame) -> pd.DataFrame:
+    """Rows no other row beats on both size and perplexity, by increasing size."""
+    d = data.sort_values(["_x", "perplexity"])
+    best, keep = math.inf, []
+    for idx, r in d.iterrows():
+        if r["perplexity"] < best:
+            keep.append(idx)
+            best = r["perplexity"]
+    return d.loc[keep]
