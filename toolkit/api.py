@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import distributed
 from .data import DEFAULT_CALIBRATION, get_calibration
 from .masks import check_pattern, check_sparsity
 from .models import find_blocks
@@ -273,6 +274,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
                          f"{type(model).__name__}")
     t0 = time.perf_counter()
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.rank_device(device)  # cuda:LOCAL_RANK under a process group
     blocks_name, blocks = find_blocks(model)
 
     calibration = config.calibration if config.calibration is not None else DEFAULT_CALIBRATION
@@ -314,7 +316,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         rows = run_sweep(model, ids, settings, device=device, block_size=config.block_size,
                          percdamp=config.percdamp,
                          hessian_dtype=getattr(torch, config.hessian_dtype),
-                         verbose=config.verbose)
+                         verbose=config.verbose and distributed.is_main())
     finally:
         model.train(was_training)
     after = model_bytes(model)
@@ -330,6 +332,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         "nsamples": nsamples,
         "seqlen": seqlen,
         "device": str(device),
+        "processes": distributed.world_size(),
         "layers compressed": len(layers),
         "params compressed": n_comp,
         "sparsity (compressed)": pruned / n_comp if n_comp else 0.0,

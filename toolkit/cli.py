@@ -165,19 +165,24 @@ def _eval_text(spec: str):
 def _cmd_compress(args) -> int:
     import torch
 
-    from . import compress, load_model, perplexity
+    from . import compress, distributed, load_model, perplexity
     from .api import CompressConfig
 
+    # under torchrun: one process group (NCCL on GPUs, gloo on CPUs); only rank 0 evaluates,
+    # prints and writes (see toolkit.distributed)
+    distributed.init_from_env()
     cfg = CompressConfig(sparsity=args.sparsity, pattern=args.pattern, bits=args.bits,
                          group_size=args.group_size, sym=args.sym, act_order=args.act_order,
                          method=args.method, quant=args.quant, calibration=args.calibration,
                          nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                          seed=args.seed, verbose=not args.quiet)
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
-    text, text_name = _eval_text(args.eval_text)
+    text, text_name = _eval_text(args.eval_text) if distributed.is_main() else (None, "none")
     ppl_kw = dict(seqlen=args.eval_seqlen, max_windows=args.eval_windows, verbose=not args.quiet)
     before = perplexity(model, tok, text, **ppl_kw) if text is not None else None
     report = compress(model, tok, config=cfg)
+    if not distributed.is_main():
+        return 0
     after = perplexity(model, tok, text, **ppl_kw) if text is not None else None
     print(report)
     if text is not None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .baselines import apply_mask, magnitude_mask, wanda_mask
 from .hessian import HessianAccumulator
 from .models import LinearRef, find_blocks, find_linears
@@ -205,6 +206,7 @@ def _group_hessian(block: nn.Module, group: list[LinearRef], inputs: BlockInputs
     finally:
         for hd in handles:
             hd.remove()
+    dist.all_reduce_hessian(acc)  # no-op without a process group
     return acc
 
 
@@ -317,7 +319,9 @@ def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, bl
     plan = [[(r, layer_settings(r.name)) for r in find_linears(blk, prefix=f"{name}.{b}")]
             for b, blk in enumerate(blocks)]
     calibrate = any(s is not None and s.active and s.needs_hessian for p in plan for _, s in p)
-    inputs = capture_block_inputs(model, blocks, ids, device) if calibrate else None
+    # with a process group each rank runs only its share of the windows (toolkit.distributed)
+    inputs = capture_block_inputs(model, blocks, dist.local_share(ids), device) \
+        if calibrate else None
     rows: list[dict] = []
     bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block", disable=not verbose)
     for b in bar:
@@ -332,8 +336,8 @@ def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, bl
                 H = None
                 if any(chosen[id(r)].needs_hessian for r in group):
                     H = _group_hessian(block, group, inputs, hessian_dtype).H
-                new_rows = _solve_group(group, [chosen[id(r)] for r in group], H, block_size,
-                                        percdamp, device)
+                new_rows = dist.solve_group(_solve_group, group, [chosen[id(r)] for r in group],
+                                            H, block_size, percdamp, device)
                 for r in new_rows:
                     r["block"] = b
                     log.info("%s: error %.4g, sparsity %.3f, %.2fs", r["layer"], r["error"],

@@ -1,0 +1,238 @@
+"""Multi-process compression (toolkit.distributed) with gloo and 2 CPU processes.
+
+Each test launches its own processes (``torch.multiprocessing``, forkserver) on a free local port.
+Tolerances: the all-reduced Hessian is a sum of per-rank means, the single-process one a running
+mean, so they agree to float rounding (float64 Hessians: rel. 1e-12; float32: rel. 1e-5). With
+float64 Hessians the compressed weights agree to 1e-5 absolute (the solver runs in float32);
+every rank holds bit-identical weights (they are broadcast from the rank that solved them).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from conftest import random_ids, tiny_model
+
+WORLD = 2
+HIDDEN = 64
+CONFIG = dict(sparsity=0.5, bits=4, group_size=32, nsamples=8, seqlen=32,
+              verbose=False)
+
+pytestmark = pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model_and_ids():
+    return tiny_model("llama", hidden=HIDDEN, layers=2), random_ids(8, 32)
+
+
+def _snapshot(model, report=None) -> dict:
+    comp = {n: (m.compression.scale, m.compression.zero, m.compression.error)
+            for n, m in model.named_modules() if hasattr(m, "compression")}
+    out = {"state": {k: v.clone() for k, v in model.state_dict().items()}, "comp": comp}
+    if report is not None:
+        out["layers"] = report.layers.drop(columns=["seconds"]).to_dict("list")
+    return out
+
+
+def _hessian(model, ids, dtype):
+    """The Hessian of block 0's first group (q/k/v), as the sweep computes it."""
+    from toolkit import distributed
+    from toolkit.models import find_blocks, find_linears
+    from toolkit.sweep import _group_hessian, capture_block_inputs, find_groups
+
+    name, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, distributed.local_share(ids), "cpu")
+    groups = find_groups(blocks[0], find_linears(blocks[0], f"{name}.0"), inputs)
+    acc = _group_hessian(blocks[0], groups[0], inputs, dtype)
+    return acc.H.clone(), acc.nsamples
+
+
+def _worker(rank: int, world: int, port: int, case: str, outdir: str, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    out = Path(outdir)
+    try:
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                 world_size=world, timeout=timedelta(seconds=timeout_s))
+        from toolkit import compress, distributed
+
+        model, ids = _model_and_ids() if case in ("match", "raise") else (None, None)
+        if case == "match":
+            result = {"H64": _hessian(model, ids, torch.float64),
+                      "H32": _hessian(model, ids, torch.float32)}
+            report = compress(model, calibration=ids, **CONFIG)
+            result.update(_snapshot(model, report))
+            result["processes"] = report.summary["processes"]
+            torch.save(result, out / f"rank{rank}.pt")
+        elif case == "raise":
+            import toolkit.sweep as sweep
+
+            if rank == 1:
+                def broken(*_a, **_k):
+                    raise ValueError("simulated solver failure")
+                sweep._solve_group = broken
+            compress(model, calibration=ids, **CONFIG)
+        elif case in ("hang", "killed"):
+            if rank == 1:
+                if case == "killed":
+                    os._exit(3)  # dies without a word
+                time.sleep(600)  # never joins the collective
+            distributed.all_reduce_hessian(_FakeAcc())
+        (out / f"rank{rank}.ok").write_text("ok")
+    except BaseException as e:  # noqa: BLE001 - reported to the test through a file
+        (out / f"rank{rank}.err").write_text(f"{type(e).__name__}\n{e}\n{traceback.format_exc()}")
+    finally:
+        if tdist.is_initialized() and case == "match":
+            tdist.destroy_process_group()
+
+
+class _FakeAcc:
+    name = "model.layers.0.self_attn.q_proj"
+
+    def __init__(self):
+        self.H = torch.eye(4)
+        self.nsamples = 10
+
+
+def _context():
+    """A forkserver that imports torch, transformers and toolkit once for every launch (safe
+    like spawn; the imports would otherwise cost each process tens of seconds on a busy CPU)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "transformers",
+                                "transformers.models.llama.modeling_llama", "toolkit",
+                                "toolkit.distributed", "conftest", __name__])
+    return ctx
+
+
+def _launch(case: str, tmp_path: Path, timeout_s: float = 60, wait_s: float = 120,
+            stop_after: int | None = None) -> dict:
+    """Start WORLD processes; wait until all have reported (or rank ``stop_after`` has); return
+    each rank's report ('ok', the error text, or None if it gave none)."""
+    ctx = _context()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, WORLD, port, case, str(tmp_path), timeout_s),
+                         daemon=True) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + wait_s
+    watch = procs if stop_after is None else [procs[stop_after]]
+    for p in watch:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    result = {}
+    for r in range(WORLD):
+        ok, err = tmp_path / f"rank{r}.ok", tmp_path / f"rank{r}.err"
+        result[r] = "ok" if ok.exists() else (err.read_text() if err.exists() else None)
+    result["hung"] = hung
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 2-process run and one single-process run of the same compression."""
+    from toolkit import compress
+
+    tmp = tmp_path_factory.mktemp("dist")
+    status = _launch("match", tmp)
+    assert status[0] == "ok" and status[1] == "ok", status
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    model, ids = _model_and_ids()
+    single = {"H64": _hessian(model, ids, torch.float64), "H32": _hessian(model, ids, torch.float32)}
+    report = compress(model, calibration=ids, **CONFIG)
+    single.update(_snapshot(model, report))
+    return single, ranks
+
+
+def test_all_reduced_hessian_equals_single_process(runs):
+    single, ranks = runs
+    for r in ranks:
+        assert r["H64"][1] == single["H64"][1] == 8 * 32  # every token counted once
+        torch.testing.assert_close(r["H64"][0], single["H64"][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(r["H32"][0], single["H32"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_compressed_weights_match_single_process(runs):
+    single, ranks = runs
+    assert ranks[0]["processes"] == WORLD
+    for key, w in single["state"].items():
+        for r in ranks:
+            torch.testing.assert_close(r["state"][key], w, rtol=0, atol=1e-5, msg=key)
+        # every rank holds exactly the same model
+        assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key
+    assert single["comp"].keys() == ranks[0]["comp"].keys() == ranks[1]["comp"].keys()
+    for name, (scale, zero, err) in single["comp"].items():
+        for r in ranks:
+            s, z, e = r["comp"][name]
+            torch.testing.assert_close(s, scale, rtol=1e-5, atol=1e-7)
+            assert torch.equal(z, zero), name
+            assert e == pytest.approx(err, rel=1e-3, abs=1e-6)
+
+
+def test_every_rank_has_the_single_process_report(runs):
+    single, ranks = runs
+    for r in ranks:
+        assert r["layers"]["layer"] == single["layers"]["layer"]
+        assert r["layers"]["sparsity"] == single["layers"]["sparsity"]
+        assert r["layers"]["block"] == single["layers"]["block"]
+
+
+def test_a_failing_rank_fails_all_ranks_with_its_error(tmp_path):
+    status = _launch("raise", tmp_path)
+    assert not status["hung"]
+    for r in range(WORLD):
+        assert status[r] is not None and status[r].startswith("ValueError"), status[r]
+        assert "simulated solver failure" in status[r]
+        assert "raised on rank 1 of 2" in status[r]
+
+
+def test_a_rank_that_never_arrives_times_out(tmp_path):
+    t0 = time.monotonic()
+    status = _launch("hang", tmp_path, timeout_s=5, wait_s=60, stop_after=0)
+    assert status[0] is not None and status[0].startswith("DistributedError"), status[0]
+    assert "rank 0 of 2: summing the Hessian of model.layers.0.self_attn.q_proj failed" in status[0]
+    assert "5 s" in status[0] or "process-group timeout" in status[0]
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_killed_rank_makes_the_others_exit(tmp_path):
+    status = _launch("killed", tmp_path, timeout_s=20, wait_s=60, stop_after=0)
+    assert status[1] is None  # it died silently
+    assert status[0] is not None and status[0].startswith("DistributedError"), status[0]
+    assert "another rank failed, was killed" in status[0]
+
+
+def test_without_process_group_nothing_changes():
+    from toolkit import distributed
+
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
+    ids = random_ids(3, 8)
+    assert distributed.local_share(ids) is ids
+    assert distributed.rank_device(torch.device("cuda")) == torch.device("cuda")
+
+
+def test_assign_spreads_by_cost():
+    from toolkit.distributed import assign
+
+    # q (big), k, v (small): q alone on one rank, k and v on the other
+    assert assign([100, 25, 25], 2) == [0, 1, 1]
+    assert assign([10, 10], 2) == [0, 1]
+    assert assign([5], 3) == [0]
