@@ -110,3 +110,33 @@ def tiny_model(family: str = "llama", seed: int = 0, **kw):
 def random_ids(n: int, seqlen: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seqlen), generator=g)
+
+
+SMOLLM2_CALIB = dict(nsamples=16, seqlen=256)
+SMOLLM2_EVAL = dict(seqlen=256, max_windows=16)
+
+
+@pytest.fixture(scope="session")
+def smollm2_results(_smollm2, wikitext_valid, wikitext_test):
+    """Perplexities of SmolLM2-135M under the main settings, computed once per session.
+
+    Calibration: 16 x 256 tokens of WikiText-2 validation; evaluation: the first 16 windows of
+    256 tokens of the WikiText-2 test split.
+    """
+    from toolkit import compress, perplexity
+
+    model, tok = _smollm2
+    settings = {
+        "sparsegpt 50%": dict(sparsity=0.5),
+        "magnitude 50%": dict(sparsity=0.5, method="magnitude"),
+        "gptq 4-bit": dict(bits=4),
+        "rtn 4-bit": dict(bits=4, quant="rtn"),
+        "sparsegpt 50% + gptq 4-bit": dict(sparsity=0.5, bits=4),
+    }
+    out = {"dense": perplexity(model, tok, wikitext_test, verbose=False, **SMOLLM2_EVAL)}
+    for name, kw in settings.items():
+        m = copy.deepcopy(model)
+        compress(m, tok, calibration=wikitext_valid, verbose=False, **SMOLLM2_CALIB, **kw)
+        out[name] = perplexity(m, tok, wikitext_test, verbose=False, **SMOLLM2_EVAL)
+        del m
+    return out

@@ -7,6 +7,7 @@ validates itself, so a configuration can be built, checked, stored and reused on
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -16,10 +17,12 @@ import torch
 from torch import nn
 
 from . import distributed
+from .allocation import allocate, apply_allocation, check_allocation
 from .data import DEFAULT_CALIBRATION, get_calibration
 from .masks import check_pattern, check_sparsity
 from .models import find_blocks
 from .quant import check_bits, check_group_size
+from .refine import check_refine_iters
 from .size import model_bytes
 from .sweep import LayerSettings, resolve_settings, run_sweep
 
@@ -35,7 +38,20 @@ OVERRIDE_KEYS = ("sparsity", "pattern", "bits", "group_size", "sym", "mse", "act
 
 def default_calibration_size(device) -> tuple[int, int]:
     """``(nsamples, seqlen)`` used when not given: 128 x 2048 on CUDA (the papers' setting),
-    32 x 512 on CPU (about 16x fewer tokens, so that a CPU run takes minutes, not hours)."""
+    32 x 512 on CPU (16x fewer tokens, so that a CPU run takes minutes, not hours).
+
+    The environment variable ``TOOLKIT_DEFAULT_CALIBRATION="NxL"`` replaces both (the tests use
+    it to keep CI short); the report always states what was used.
+    """
+    knob = os.environ.get("TOOLKIT_DEFAULT_CALIBRATION")
+    if knob:
+        try:
+            n, L = (int(v) for v in knob.lower().split("x"))
+            if n < 1 or L < 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"TOOLKIT_DEFAULT_CALIBRATION must look like '16x256', got {knob!r}") from None
+        return n, L
     if torch.device(device).type == "cuda":
         return 128, 2048
     return 32, 512
@@ -77,6 +93,10 @@ class CompressConfig:
     seed: int = 0
     verbose: bool = True
     hessian_dtype: str = "float32"
+    refine_iters: int = 0
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
     _settings: LayerSettings = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self):
@@ -96,6 +116,15 @@ class CompressConfig:
         _check_choice(self.method, "method", METHODS)
         _check_choice(self.quant, "quant", QUANTS)
         _check_choice(self.hessian_dtype, "hessian_dtype", ("float32", "float64"))
+        check_refine_iters(self.refine_iters)
+        check_allocation(self.allocation, self.owl_m, self.owl_lambda)
+        if self.allocation != "uniform" and not sparsity:
+            raise ValueError(f"allocation={self.allocation!r} distributes unstructured sparsity "
+                             f"over the layers: it needs sparsity > 0 (an n:m pattern fixes "
+                             f"every layer's sparsity at n/m), got sparsity={sparsity}")
+        if self.refine_iters and not (sparsity or pattern is not None or self.overrides):
+            raise ValueError(f"refine_iters={self.refine_iters} re-solves the weights a pruning "
+                             f"mask keeps: it needs sparsity or pattern")
         for name in ("nsamples", "seqlen"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -149,7 +178,8 @@ class CompressConfig:
         set_(self, "group_size", group_size)
         set_(self, "_settings", LayerSettings(
             sparsity=sparsity, pattern=pattern, bits=bits, group_size=group_size, sym=self.sym,
-            mse=self.mse, act_order=self.act_order, method=self.method, quant=self.quant))
+            mse=self.mse, act_order=self.act_order, method=self.method, quant=self.quant,
+            refine_iters=self.refine_iters))
 
     def describe(self) -> str:
         """A short human description, e.g. ``'sparsegpt 50% + gptq 4-bit g128 asym'``."""
@@ -163,6 +193,11 @@ class CompressConfig:
             g = f"g{s.group_size}" if s.group_size else "per-channel"
             parts.append(f"{s.quant} {s.bits}-bit {g} {'sym' if s.sym else 'asym'}"
                          + (" act-order" if s.act_order else ""))
+        if self.refine_iters:
+            parts.append(f"re-solve {self.refine_iters} it")
+        if self.allocation != "uniform":
+            parts.append(f"{self.allocation} allocation (M={self.owl_m:g}, "
+                         f"lambda={self.owl_lambda:g})")
         return " + ".join(parts) or "dense (nothing to do)"
 
 
@@ -261,6 +296,14 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
             e.g. ``{"down_proj": {"bits": 8}}``.
         block_size: solver column block (128). percdamp: Hessian damping (0.01). seed: window
             draw. verbose: progress bar and per-layer log. hessian_dtype: "float32"/"float64".
+        refine_iters: after each layer's mask is chosen, re-solve its kept weights for the least
+            squares error with this many conjugate-gradient iterations (0: plain SparseGPT; 20 is
+            plenty). Never raises a layer's error; masks and n:m patterns stay (toolkit.refine).
+        allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"``: blocks with more
+            outlier weights are pruned less, in a band of width 2 x ``owl_lambda`` (0.08),
+            outliers being scores ``|W|*||X||`` above ``owl_m`` (5) x their block's mean; the
+            model's total pruned count stays exactly ``sparsity`` x the pruned layers' size
+            (toolkit.allocation). Per-layer values are in ``report.layers["sparsity"]``.
 
     Returns a :class:`CompressionReport`. Everything is checked before any weight changes; an
     error raised before the first block is solved leaves the model untouched.
@@ -301,6 +344,12 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     def settings(name):
         return resolve_settings(name, config._settings, config.ignore, config.overrides)
 
+    allocated = {}
+    if config.allocation != "uniform":  # per-layer sparsity from a dense pre-pass (allocation.py)
+        allocated = allocate(model, ids, settings, allocation=config.allocation, device=device,
+                             owl_m=config.owl_m, owl_lambda=config.owl_lambda)
+        settings = apply_allocation(settings, allocated)
+
     from .models import find_linears
     active = [r.name for b, blk in enumerate(blocks)
               for r in find_linears(blk, f"{blocks_name}.{b}")
@@ -336,6 +385,10 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         "layers compressed": len(layers),
         "params compressed": n_comp,
         "sparsity (compressed)": pruned / n_comp if n_comp else 0.0,
+        "refine_iters": config.refine_iters,
+        "allocation": config.allocation + (
+            f" (layer sparsity {min(allocated.values()):.3f}..{max(allocated.values()):.3f})"
+            if allocated else ""),
         "bytes before (fp16)": before["bytes"],
         "bytes after": after["bytes"],
         "bits/weight (compressed)": after["bits_per_weight"],

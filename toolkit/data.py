@@ -9,7 +9,8 @@ Sources accepted by :func:`get_calibration` and :func:`load_text`:
   Its ``"test"`` split (a held-out fifth of the Language Reference) serves offline evaluation.
 * ``"wikitext2"``, ``"c4"``, ``"ptb"``: the usual calibration sets of the SparseGPT/GPTQ
   papers, through ``datasets`` (needs the hub or a local ``datasets`` cache).
-* a path to a local text file (UTF-8), a list of strings, or a tensor of token ids.
+* a path to a local text file (UTF-8), the text itself (a string of more than 256
+  characters), a list of strings, or a tensor of token ids.
 """
 
 from __future__ import annotations
@@ -106,7 +107,10 @@ def _hub_text(name: str, split: str) -> str:
 
 
 def load_text(source, split: str = "train") -> str:
-    """Return the text of a named source or a local file. Lists of strings are joined.
+    """Return the text of a named source, a local file, or the text itself.
+
+    Lists of strings are joined; a string longer than 256 characters (or with a newline) that
+    is not a file is taken as the text itself.
 
     ``split`` applies to the hub sources ("train", "validation", "test").
     """
@@ -123,12 +127,17 @@ def load_text(source, split: str = "train") -> str:
         return python_docs_text("test" if split == "test" else "train")
     if source in HUB_SOURCES:
         return _hub_text(source, split)
-    path = Path(source)
-    if path.is_file():
-        return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    try:
+        is_file = Path(source).is_file()
+    except (OSError, ValueError):  # too long or odd to be a path: it is text
+        is_file = False
+    if is_file:
+        return Path(source).read_text(encoding="utf-8").replace("\r\n", "\n")
+    if isinstance(source, str) and (len(source) > 256 or "\n" in source):
+        return source.replace("\r\n", "\n")
     raise ValueError(
         f"calibration {str(source)!r} is neither a known source ('python-docs', 'wikitext2', "
-        "'c4', 'ptb') nor an existing text file"
+        "'c4', 'ptb'), an existing text file, nor a text (a string of more than 256 characters)"
     )
 
 

@@ -29,10 +29,8 @@ def perplexity(model: nn.Module, tokenizer=None, text_or_dataset="wikitext2", se
     if isinstance(text_or_dataset, torch.Tensor):
         ids = text_or_dataset.reshape(-1).long()
     else:
-        text = text_or_dataset
-        if isinstance(text, str) and (text in ("wikitext2", "c4", "ptb", "python-docs") or (
-                len(text) < 4096 and "\n" not in text and _is_file(text))):
-            text = load_text(text, split="validation" if text == "c4" else "test")
+        text = load_text(text_or_dataset,
+                         split="validation" if text_or_dataset == "c4" else "test")
         ids = tokenize_text(tokenizer, text)
     windows = ids.numel() // seqlen
     if max_windows is not None:
@@ -54,11 +52,3 @@ def perplexity(model: nn.Module, tokenizer=None, text_or_dataset="wikitext2", se
     model.train(was_training)
     return math.exp(total / count)
 
-
-def _is_file(s: str) -> bool:
-    from pathlib import Path
-
-    try:
-        return Path(s).is_file()
-    except OSError:
-        return False

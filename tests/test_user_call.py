@@ -1,0 +1,87 @@
+"""The call exactly as users write it: compress(model, sparsity=0.5, bits=4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SMOLLM2_EVAL
+
+from toolkit import compress, perplexity
+from toolkit.models import find_blocks, find_linears, smollm2_gguf_path
+
+
+def _check_exact(model, report, sparsity, bits, group_size):
+    blocks_name, blocks = find_blocks(model)
+    for b, blk in enumerate(blocks):
+        for ref in find_linears(blk, f"{blocks_name}.{b}"):
+            w = ref.get_weight().float()
+            comp = ref.module.compression
+            assert comp.sparsity == round(sparsity * w.numel()) / w.numel()
+            assert int((w == 0).sum()) >= round(sparsity * w.numel())
+            cols = w.shape[1]
+            n_groups = -(-cols // group_size)
+            assert comp.scale.shape == (w.shape[0], n_groups)
+            g = torch.arange(cols) // group_size
+            q = w / comp.scale[:, g] + comp.zero[:, g]
+            assert torch.equal((comp.scale[:, g] * (q.round() - comp.zero[:, g])), w), ref.name
+            assert q.round().min() >= 0 and q.round().max() <= 2**bits - 1
+    s = report.summary
+    assert s["method"] == "sparsegpt 50% + gptq 4-bit g128 asym"
+    assert s["calibration"] == "python-docs"
+
+
+@pytest.mark.slow
+def test_smollm2_exactly_as_users_write_it(monkeypatch, wikitext_test, smollm2_results):
+    """SmolLM2 loaded from its GGUF file as a user would, then the one-line call.
+
+    576-column layers with the default group size 128 have 4 full groups and one of 64
+    (issue 12). SmolLM2's weights were stored on a 4-bit grid (Q4_1, blocks of 32).
+    """
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("TOOLKIT_DEFAULT_CALIBRATION", "16x256")  # CI-sized default
+    path = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32)
+    report = compress(model, sparsity=0.5, bits=4)
+    assert report.summary["nsamples"] == 16 and report.summary["seqlen"] == 256
+    _check_exact(model, report, 0.5, 4, 128)
+    from toolkit.api import _find_tokenizer
+
+    tok = _find_tokenizer(model)
+    ppl = perplexity(model, tok, wikitext_test, verbose=False, **SMOLLM2_EVAL)
+    print(f"\nexact user call: perplexity {ppl:.2f}; magnitude 50%: "
+          f"{smollm2_results['magnitude 50%']:.2f}; dense: {smollm2_results['dense']:.2f}")
+    assert ppl < smollm2_results["magnitude 50%"] / 2
+
+
+def test_tiny_model_from_a_local_folder(tmp_path, monkeypatch, smollm2_shared):
+    """A tiny random LLaMA saved with a tokenizer; loaded from the folder; the one-line call."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    _, tok = smollm2_shared
+    monkeypatch.setenv("TOOLKIT_DEFAULT_CALIBRATION", "4x128")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    report = compress(model, sparsity=0.5, bits=4)
+    assert report.summary["nsamples"] == 4 and report.summary["seqlen"] == 128
+    _check_exact(model, report, 0.5, 4, 128)
+
+
+def test_no_tokenizer_found_fails_before_touching_weights(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        compress(model, sparsity=0.5, bits=4)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
