@@ -12,8 +12,13 @@ import torch
 from conftest import random_ids, tiny_model
 
 import toolkit
-from toolkit.export import (WEIGHTS_NAME, CheckpointError, describe_checkpoint, load_compressed,
-                            save_compressed)
+from toolkit.export import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    describe_checkpoint,
+    load_compressed,
+    save_compressed,
+)
 
 CONFIGS = {
     "50%": dict(sparsity=0.5),
@@ -56,7 +61,7 @@ def test_round_trip_exact_and_sizes(tmp_path, family, name):
     assert torch.equal(got, ref), (got - ref).abs().max()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert "toolkit" not in describe_checkpoint(out).split("\n")[0] or True
+    assert "on disk" in describe_checkpoint(out)
 
     # 2. float16 dense tensors and scales: bytes on disk vs the size accounting
     half = save_compressed(model, tmp_path / "half", dtype=torch.float16)
@@ -74,7 +79,7 @@ def test_round_trip_exact_and_sizes(tmp_path, family, name):
                      if k.rsplit(".", 1)[0] in layers)
     dense_bytes = 2 * sum(m.weight.numel() for n, m in model.named_modules() if n in layers)
     ratio = comp_bytes / dense_bytes
-    limit = {"50%": 0.57, "2:4": 0.57, "4bit-g128": 0.27, "3bit-g64": 0.22, "8bit": 0.52,
+    limit = {"50%": 0.6, "2:4": 0.6, "4bit-g128": 0.27, "3bit-g64": 0.22, "8bit": 0.52,
              "50%+4bit": 0.25}[name]
     assert ratio < limit, ratio
 

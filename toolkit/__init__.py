@@ -11,10 +11,11 @@ decoder-only ``transformers`` model::
 
 from .api import CompressConfig, CompressionReport, compress
 from .evaluate import perplexity
+from .export import load_compressed, save_compressed
 from .models import load_model
 from .size import model_bytes
 from .solver import solve, solve_layers
 
 __all__ = ["compress", "CompressConfig", "CompressionReport", "perplexity", "load_model",
-           "model_bytes", "solve", "solve_layers"]
+           "model_bytes", "solve", "solve_layers", "save_compressed", "load_compressed"]
 __version__ = "0.1.0"
