@@ -39,9 +39,8 @@ def test_owl_total_is_exact(family, sparsity):
     # the weights agree with the report (random init has no exact zeros of its own)
     zeros, n = _pruned(model, r)
     assert n == total and zeros == round(sparsity * total)
-    # non-uniform, within lambda of the target
-    assert L["sparsity"].max() - L["sparsity"].min() > 0.01
-    assert (L["sparsity"] - sparsity).abs().max() <= 0.1 + 1e-3
+    # non-uniform, spread over a band of width 2 * lambda
+    assert 0.01 < L["sparsity"].max() - L["sparsity"].min() <= 2 * 0.1 + 1e-3
     assert "owl" in r.summary["allocation"] and "owl" in r.summary["method"]
 
 

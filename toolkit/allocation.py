@@ -8,7 +8,8 @@ whose weights carry more *outliers* are pruned less. For decoder block ``b``
     D_b      = fraction of the block's scores above  M * mean(block's scores)     (M = owl_m, 5)
 
 The ratios are rescaled to ``[0, 2λ]`` (``λ = owl_lambda``, 0.08) and centred, and block ``b`` is
-pruned ``s - (D_b - mean D)``: at most ``λ`` away from the requested ``s`` in either direction.
+pruned ``s - (D_b - mean D)``: the block sparsities span a band of width ``2λ`` around the
+requested ``s`` (about ``s ± λ``), and average exactly ``s``.
 
 **Where the statistics come from (a pre-pass).** The ratios need every block's input
 activations, which the sweep only has one block at a time, and the allocation must be known
