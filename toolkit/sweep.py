@@ -28,6 +28,7 @@ from .baselines import apply_mask, magnitude_mask, wanda_mask
 from .hessian import HessianAccumulator
 from .models import LinearRef, find_blocks, find_linears
 from .quant import rtn_quantize
+from .refine import masked_results, refine_layers
 from .solver import factorize, solve_layers
 
 __all__ = ["LayerSettings", "LayerCompression", "run_sweep", "capture_block_inputs",
@@ -49,6 +50,7 @@ class LayerSettings:
     act_order: bool = False
     method: str = "sparsegpt"
     quant: str = "gptq"
+    refine_iters: int = 0  # > 0: mask-fixed re-solve of the kept weights (toolkit.refine)
 
     @property
     def prunes(self) -> bool:
@@ -61,7 +63,7 @@ class LayerSettings:
     @property
     def needs_hessian(self) -> bool:
         """Magnitude pruning and round-to-nearest need no calibration data; the rest do."""
-        return (self.prunes and self.method != "magnitude") or (
+        return (self.prunes and (self.method != "magnitude" or self.refine_iters > 0)) or (
             self.bits is not None and self.quant == "gptq")
 
 
@@ -257,6 +259,13 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
             weights = [r.weight for r in results]
             if masks is None and results[0].mask is not None:
                 masks = [r.mask for r in results]
+        if s.refine_iters and masks is not None and H is not None:
+            results = refine_layers(
+                originals, results or masked_results(weights, masks), factors.get(s.act_order, H),
+                iters=s.refine_iters, bits=s.bits if s.quant == "gptq" else None,
+                group_size=s.group_size, sym=s.sym, mse=s.mse, act_order=s.act_order,
+                block_size=block_size, percdamp=percdamp, names=[r.name for r in refs])
+            weights = [r.weight for r in results]
         for j, (ref, w) in enumerate(zip(refs, weights)):
             comp = LayerCompression(settings=s)
             if s.bits is not None:
