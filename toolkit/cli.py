@@ -133,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of evaluation windows (default 32)")
     c.add_argument("--eval-seqlen", type=_positive("eval-seqlen"), default=512,
                    help="tokens per evaluation window (default 512)")
+    c.add_argument("--refine-iters", type=int, default=0, metavar="N",
+                   help="re-solve the kept weights of every pruned layer with N conjugate-gradient "
+                        "iterations after its mask is chosen (default 0 = plain SparseGPT; 20 is "
+                        "plenty); never raises a layer's error")
+    c.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
+                   help="per-layer sparsity: uniform (default) or owl (outlier-weighted: blocks "
+                        "with more outliers pruned less; total stays exactly --sparsity)")
+    c.add_argument("--owl-m", type=float, default=5.0,
+                   help="owl: outlier threshold, a multiple of the block's mean |W|*||X|| (5)")
+    c.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="owl: largest deviation of a block's sparsity from --sparsity (0.08)")
     c.add_argument("--out", default=None, help="write the compressed checkpoint to this folder")
 
     e = sub.add_parser("eval", help="perplexity of a model on a text",
@@ -175,7 +186,9 @@ def _cmd_compress(args) -> int:
                          group_size=args.group_size, sym=args.sym, act_order=args.act_order,
                          method=args.method, quant=args.quant, calibration=args.calibration,
                          nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
-                         seed=args.seed, verbose=not args.quiet)
+                         seed=args.seed, verbose=not args.quiet,
+                         refine_iters=args.refine_iters, allocation=args.allocation,
+                         owl_m=args.owl_m, owl_lambda=args.owl_lambda)
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     text, text_name = _eval_text(args.eval_text) if distributed.is_main() else (None, "none")
     ppl_kw = dict(seqlen=args.eval_seqlen, max_windows=args.eval_windows, verbose=not args.quiet)
