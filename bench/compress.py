@@ -1,0 +1,152 @@
+"""Benchmark the whole compress() on SmolLM2-135M: time, peak memory and perplexity per setting.
+
+    python bench/compress.py                       # CPU-sized: 32 x 512 calibration tokens
+    python bench/compress.py --nsamples 128 --seqlen 2048 --device cuda   # the papers' setting
+
+Rows: dense / magnitude / Wanda / SparseGPT at 50%, 60%, 70%, 2:4 / RTN and GPTQ at 4 and 3 bits
+(g128) / SparseGPT 50% + GPTQ 4-bit. Every row uses the same calibration windows (WikiText-2
+validation from ../shared/data/wikitext2 when present, else the offline python-docs text) and
+the same evaluation windows (WikiText-2 test, else python-docs test split). Peak memory is the
+process RSS sampled every 20 ms during compress() (above the RSS before it), and CUDA max
+allocated on a GPU. Writes data/results/smollm2.csv (or --out).
+
+SmolLM2's weights were stored on a 4-bit grid (Q4_1, blocks of 32) in its GGUF file and are
+dequantized on load: 4-bit results start from weights that were already 4-bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = Path(os.environ.get("TOOLKIT_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext2"))
+
+CONFIGS = [
+    ("magnitude 50%", dict(sparsity=0.5, method="magnitude")),
+    ("Wanda 50%", dict(sparsity=0.5, method="wanda")),
+    ("SparseGPT 50%", dict(sparsity=0.5)),
+    ("SparseGPT 60%", dict(sparsity=0.6)),
+    ("SparseGPT 70%", dict(sparsity=0.7)),
+    ("SparseGPT 2:4", dict(pattern="2:4")),
+    ("RTN 4-bit g128", dict(bits=4, quant="rtn")),
+    ("GPTQ 4-bit g128", dict(bits=4)),
+    ("RTN 3-bit g128", dict(bits=3, quant="rtn")),
+    ("GPTQ 3-bit g128", dict(bits=3)),
+    ("SparseGPT 50% + GPTQ 4-bit g128", dict(sparsity=0.5, bits=4)),
+]
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread; ``peak - start`` is the extra memory used."""
+
+    def __init__(self, every: float = 0.02):
+        self.proc = psutil.Process()
+        self.every = every
+
+    def __enter__(self):
+        self.start = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.every)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def main(argv=None) -> int:
+    from toolkit import compress, load_model, perplexity
+    from toolkit.data import get_calibration, load_text, tokenize_text
+    from toolkit.size import model_bytes
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--device", default=None)
+    p.add_argument("--only", nargs="*", help="run only the rows whose name contains one of these")
+    p.add_argument("--out", default=str(REPO / "data" / "results" / "smollm2.csv"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    base, tok = load_model("smollm2", dtype=torch.float32)
+    valid, test = WIKITEXT / "wiki.valid.tokens", WIKITEXT / "wiki.test.raw"
+    if valid.is_file() and test.is_file():
+        calib_text = valid.read_text(encoding="utf-8")
+        eval_text = test.read_text(encoding="utf-8").replace("\r\n", "\n")
+        data = "WikiText-2 (validation for calibration, test for perplexity)"
+    else:
+        calib_text, eval_text = load_text("python-docs"), load_text("python-docs", split="test")
+        data = "python-docs (train split for calibration, test split for perplexity)"
+    calib = get_calibration(calib_text, tok, nsamples=args.nsamples, seqlen=args.seqlen)
+    eval_ids = tokenize_text(tok, eval_text)
+    machine = (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+               f"{os.cpu_count()} CPUs, torch {torch.__version__}, device {device}"
+               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"machine: {machine}\ndata: {data}\ncalibration: {args.nsamples} x {args.seqlen} "
+          f"tokens; evaluation: {args.eval_windows} x {args.eval_seqlen} tokens\n"
+          "SmolLM2-135M weights came from a 4-bit GGUF grid (Q4_1, blocks of 32).", flush=True)
+
+    def ppl(model):
+        model.to(device)
+        return perplexity(model, tok, eval_ids, seqlen=args.eval_seqlen,
+                          max_windows=args.eval_windows, device=device, verbose=False)
+
+    rows = [dict(setting="dense", perplexity=ppl(base), compress_seconds=0.0,
+                 peak_rss_mb=0.0, cuda_max_alloc_mb=0.0, mb=model_bytes(base)["bytes"] / 1e6,
+                 bits_per_weight=16.0)]
+    print(rows[-1], flush=True)
+    base.cpu()
+    for name, kw in CONFIGS:
+        if args.only and not any(o.lower() in name.lower() for o in args.only):
+            continue
+        model = copy.deepcopy(base)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            compress(model, tok, calibration=calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                     device=str(device), verbose=False, **kw)
+            seconds = time.perf_counter() - t0
+        size = model_bytes(model)
+        rows.append(dict(
+            setting=name, perplexity=ppl(model), compress_seconds=seconds,
+            peak_rss_mb=(mem.peak - mem.start) / 2**20,
+            cuda_max_alloc_mb=(torch.cuda.max_memory_allocated(device) / 2**20
+                               if device.type == "cuda" else 0.0),
+            mb=size["bytes"] / 1e6, bits_per_weight=size["bits_per_weight"]))
+        print(rows[-1], flush=True)
+        del model
+    df = pd.DataFrame(rows)
+    df["machine"] = machine
+    df["calibration"] = f"{args.nsamples}x{args.seqlen}"
+    df["evaluation"] = f"{args.eval_windows}x{args.eval_seqlen}"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out, index=False)
+    with pd.option_context("display.width", 160, "display.float_format", "{:.2f}".format):
+        print(df.drop(columns=["machine", "calibration", "evaluation"]).to_string(index=False))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
