@@ -263,114 +263,140 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-@torch.no_grad()
-def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwrite: bool = False,
-                    *, dtype: torch.dtype | None = None, layout: str = "compact",
-                    partial_groups: str = "block") -> Path:
-    """Write ``model`` (compressed by :func:`toolkit.compress`) to the folder ``path``.
+class _LayerAccumulator:
+    """Collects :func:`_layer_record` results, in the model's layer order, into what the
+    checkpoint's config and ``toolkit_compression.json`` say about the compressed layers.
 
-    The folder holds ``config.json`` (with the compressed-tensors ``quantization_config`` and
-    ``sparsity_config`` describing every layer's scheme), ``model.safetensors`` (compressed as
-    described in the module docstring), ``toolkit_compression.json`` (per-layer settings, the
-    layout of each layer, the report summary and a SHA-256 of the weights file),
-    ``generation_config.json`` and the tokenizer files when ``tokenizer`` is given.
-
-    ``dtype``: dtype of the dense tensors and scales (default: the model's dtype; pass
-    ``torch.float16`` for a half-size fp32 model at a small loss of exactness).
-    ``layout``: ``"compact"`` (default, smallest: bitmasks for sparse layers, joint sparse +
-    packed codes) or ``"transformers"`` (only what ``transformers`` + compressed-tensors load:
-    sparse-only layers dense, sparse + quantized layers as plain ``pack-quantized``).
-    ``partial_groups``: ``"block"`` (default) or ``"error"``, see the module docstring.
-
-    Writing goes to a temporary folder next to ``path`` that is renamed into place at the end;
-    an existing ``path`` is refused unless ``overwrite=True``. Returns the folder's path.
+    :func:`save_compressed` adds every layer at once; :mod:`toolkit.stream` adds them block by
+    block (and rebuilds an accumulator from its journal when a run resumes).
     """
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.config import (
-        BitmaskConfig,
-        CompressionFormat,
-        DenseSparsityConfig,
-        Sparse24BitMaskConfig,
-    )
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
-    from safetensors.torch import save_file
 
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if partial_groups not in ("block", "error"):
-        raise ValueError(f"partial_groups must be 'block' or 'error', got {partial_groups!r}")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if dtype is None:
-        dtype = next(model.parameters()).dtype
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    def __init__(self, layout: str):
+        self.layout = layout
+        self.schemes: dict[tuple, list[str]] = OrderedDict()
+        self.meta_layers: dict[str, dict] = OrderedDict()
+        self.sparse_targets: dict[str, list[str]] = {}
+        self.partial: list[str] = []
+        self.actorder_bad: list[str] = []
+        self.dense_sparse: list[str] = []
 
-    layers = _compressed_layers(model)
-    comp_ids = {id(m) for _, m in layers}
-    # ---- per-layer compression, checked before anything is written ------------------------
-    tensors: dict[str, torch.Tensor] = OrderedDict()
-    schemes: dict[tuple, list[str]] = OrderedDict()
-    meta_layers: dict[str, dict] = OrderedDict()
-    sparse_targets: dict[str, list[str]] = {}
-    partial, actorder_bad, dense_sparse = [], [], []
-    for name, module in layers:
-        comp = module.compression
-        s = comp.settings
-        w = _weight_out_in(module)
-        rows, cols = w.shape
-        prunes = s.prunes and bool((w == 0).any())
-        entry = dict(shape=[rows, cols], sparsity=float(comp.sparsity), bits=s.bits,
-                     group_size=s.group_size if s.bits is not None else None,
-                     sym=s.sym if s.bits is not None else None, act_order=s.act_order,
-                     pattern=list(s.pattern) if s.pattern else None, method=s.method,
-                     quant=s.quant if s.bits is not None else None, error=float(comp.error),
-                     transposed=_is_conv1d(module))
-        local: dict[str, torch.Tensor]
-        if s.bits is not None:
-            try:
-                local, scheme, strategy, q, zero = _pack_quantized(w, comp, name, partial_groups,
-                                                                   dtype)
-            except ValueError as e:
-                if str(e) == "partial groups":
-                    partial.append(f"{name} ({cols} columns)")
-                    continue
-                if str(e) == "act-order groups":
-                    actorder_bad.append(name)
-                    continue
-                raise
-            if strategy == "block":
-                partial.append(f"{name} ({cols} columns)")
-            fmt = CompressionFormat.pack_quantized.value
-            if prunes and layout == "compact":
-                from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-                from compressed_tensors.utils import pack_bitmasks
+    def add(self, name: str, rec: dict) -> None:
+        """Record one layer (``rec`` from :func:`_layer_record`, tensors not needed)."""
+        if rec.get("partial"):
+            self.partial.append(rec["partial"])
+        if rec.get("problem") == "actorder":
+            self.actorder_bad.append(name)
+        if rec.get("problem"):
+            return
+        if rec.get("scheme") is not None:
+            self.schemes.setdefault(tuple(rec["scheme"]), []).append(name)
+        if rec.get("sparse_fmt"):
+            self.sparse_targets.setdefault(rec["sparse_fmt"], []).append(name)
+        if rec.get("dense_sparse"):
+            self.dense_sparse.append(name)
+        self.meta_layers[name] = rec["entry"]
 
-                mask = w != 0
-                half = 2 ** (s.bits - 1)
-                kept = (q[mask] - half).to(torch.int8).reshape(1, -1)
-                local["weight_packed"] = pack_to_int32(kept, s.bits)
-                local["weight_bitmask"] = pack_bitmasks(mask.cpu())
-                fmt = JOINT_FORMAT
-            key = (scheme.weights.model_dump_json(), fmt)
-            schemes.setdefault(key, []).append(name)
-            entry.update(format=fmt, strategy=strategy)
-        elif s.prunes:
-            if layout == "compact":
-                local, fmt = _sparse_tensors(w.cpu(), s.pattern, dtype)
-                sparse_targets.setdefault(fmt, []).append(name)
-            else:
-                dense_sparse.append(name)
-                fmt = CompressionFormat.dense.value
-                local = {"weight": w.to(dtype)}
-            entry.update(format=fmt)
+    def check(self, partial_groups: str) -> None:
+        """Raise for layers the format cannot store; log the ones stored in a special way."""
+        report_problems(self.actorder_bad, self.partial, self.dense_sparse, partial_groups)
+
+    def configs(self):
+        """``(quantization_config, sparsity_config)`` of compressed-tensors (either may be None)."""
+        return _build_configs(self.schemes, self.meta_layers, self.sparse_targets,
+                              self.dense_sparse, self.layout)
+
+    def meta(self, dtype, tied: dict, report=None) -> OrderedDict:
+        """The content of ``toolkit_compression.json`` (without ``files``)."""
+        from compressed_tensors.config import CompressionFormat
+
+        # transformers 5.x + compressed-tensors 0.20 load packed symmetric Linear layers; an
+        # asymmetric one fails there (its loader expects the zero point unpacked), loudly
+        toolkit_ready = all(e["format"] in (CompressionFormat.pack_quantized.value,
+                                            CompressionFormat.dense.value) and not e["transposed"]
+                            and (e["bits"] is None or e["sym"]) for e in self.meta_layers.values())
+        meta = OrderedDict(
+            format_version=FORMAT_VERSION, producer="toolkit", layout=self.layout,
+            compressed_tensors=_ct_version(), dtype=_dtype_name(dtype),
+            transformers_loadable=bool(toolkit_ready),
+            partial_group_layers=[p.split(" ")[0] for p in self.partial],
+            tied=tied, layers=self.meta_layers)
+        if report is not None:
+            meta["config"] = _jsonable(_config_dict(report))
+            meta["summary"] = _jsonable(getattr(report, "summary", {}))
+        return meta
+
+
+def _layer_record(name: str, module: nn.Module, layout: str, partial_groups: str,
+                  dtype: torch.dtype) -> dict | None:
+    """The stored form of one compressed layer, or None when it is stored as a plain weight.
+
+    Returns ``{"tensors": {full name: tensor (CPU)}, "entry": toolkit_compression.json entry,
+    "scheme": (QuantizationArgs json, format) | None, "sparse_fmt": str | None,
+    "dense_sparse": bool, "partial": "name (cols columns)" | None, "problem": None |
+    "actorder" | "partial"}``; with a ``problem`` the layer cannot be stored (see
+    :func:`report_problems`). Everything but ``tensors`` is JSON-serialisable.
+    """
+    from compressed_tensors.config import CompressionFormat
+
+    comp = module.compression
+    s = comp.settings
+    w = _weight_out_in(module)
+    rows, cols = w.shape
+    prunes = s.prunes and bool((w == 0).any())
+    entry = dict(shape=[rows, cols], sparsity=float(comp.sparsity), bits=s.bits,
+                 group_size=s.group_size if s.bits is not None else None,
+                 sym=s.sym if s.bits is not None else None, act_order=s.act_order,
+                 pattern=list(s.pattern) if s.pattern else None, method=s.method,
+                 quant=s.quant if s.bits is not None else None, error=float(comp.error),
+                 transposed=_is_conv1d(module))
+    rec = dict(tensors={}, entry=entry, scheme=None, sparse_fmt=None, dense_sparse=False,
+               partial=None, problem=None)
+    local: dict[str, torch.Tensor]
+    if s.bits is not None:
+        try:
+            local, scheme, strategy, q, zero = _pack_quantized(w, comp, name, partial_groups,
+                                                               dtype)
+        except ValueError as e:
+            if str(e) == "partial groups":
+                rec.update(partial=f"{name} ({cols} columns)", problem="partial")
+                return rec
+            if str(e) == "act-order groups":
+                rec.update(problem="actorder")
+                return rec
+            raise
+        if strategy == "block":
+            rec["partial"] = f"{name} ({cols} columns)"
+        fmt = CompressionFormat.pack_quantized.value
+        if prunes and layout == "compact":
+            from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+            from compressed_tensors.utils import pack_bitmasks
+
+            mask = w != 0
+            half = 2 ** (s.bits - 1)
+            kept = (q[mask] - half).to(torch.int8).reshape(1, -1)
+            local["weight_packed"] = pack_to_int32(kept, s.bits)
+            local["weight_bitmask"] = pack_bitmasks(mask.cpu())
+            fmt = JOINT_FORMAT
+        rec["scheme"] = (scheme.weights.model_dump_json(), fmt)
+        entry.update(format=fmt, strategy=strategy)
+    elif s.prunes:
+        if layout == "compact":
+            local, fmt = _sparse_tensors(w.cpu(), s.pattern, dtype)
+            rec["sparse_fmt"] = fmt
         else:
-            continue
-        meta_layers[name] = entry
-        for k, v in local.items():
-            tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
+            rec["dense_sparse"] = True
+            fmt = CompressionFormat.dense.value
+            local = {"weight": w.to(dtype)}
+        entry.update(format=fmt)
+    else:
+        return None
+    rec["tensors"] = {f"{name}.{k}": v.detach().cpu().contiguous() for k, v in local.items()}
+    return rec
 
+
+def report_problems(actorder_bad: list[str], partial: list[str], dense_sparse: list[str],
+                    partial_groups: str) -> None:
+    """Raise for layers the format cannot store; log the ones stored in a special way."""
     if actorder_bad:
         raise ValueError(
             "these layers were quantized with act_order and groups: their columns map to groups "
@@ -394,29 +420,18 @@ def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwri
                     "%s has no sparse compressor transformers can load): %s", len(dense_sparse),
                     _ct_version(), ", ".join(dense_sparse))
 
-    # ---- the dense rest of the state dict (tied tensors once) ------------------------------
-    seen: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for mname, module in model.named_modules():
-        for pname, p in list(module.named_parameters(recurse=False)) + [
-                (b, t) for b, t in module.named_buffers(recurse=False)
-                if b not in module._non_persistent_buffers_set]:
-            full = f"{mname}.{pname}" if mname else pname
-            if p is None:
-                continue
-            if id(p) in seen:
-                tied[full] = seen[id(p)]
-                continue
-            seen[id(p)] = full
-            if id(module) in comp_ids and pname == "weight" and mname in meta_layers:
-                continue
-            if id(module) in comp_ids and pname == "weight" and mname not in meta_layers:
-                # a compressed layer skipped above (refused), nothing else to do
-                pass
-            t = p.detach()
-            tensors[full] = (t.to(dtype) if t.is_floating_point() else t).cpu().contiguous()
 
-    # ---- config -----------------------------------------------------------------------------
+def _build_configs(schemes: dict, meta_layers: dict, sparse_targets: dict,
+                   dense_sparse: list[str], layout: str):
+    """compressed-tensors ``(QuantizationConfig | None, sparsity config | None)``."""
+    from compressed_tensors.config import (
+        BitmaskConfig,
+        CompressionFormat,
+        DenseSparsityConfig,
+        Sparse24BitMaskConfig,
+    )
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
     qcfg = None
     if schemes:
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -452,50 +467,122 @@ def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwri
         else:
             sparsity_cfg = BitmaskConfig(targets=sparse_names, global_sparsity=gs,
                                          sparsity_structure=structure)
+    return qcfg, sparsity_cfg
 
-    # transformers 5.x + compressed-tensors 0.20 load packed symmetric Linear layers; an
-    # asymmetric one fails there (its loader expects the zero point unpacked), loudly
-    toolkit_ready = all(e["format"] in (CompressionFormat.pack_quantized.value,
-                                        CompressionFormat.dense.value) and not e["transposed"]
-                        and (e["bits"] is None or e["sym"]) for e in meta_layers.values())
 
-    meta = OrderedDict(
-        format_version=FORMAT_VERSION, producer="toolkit", layout=layout,
-        compressed_tensors=_ct_version(), dtype=_dtype_name(dtype),
-        transformers_loadable=bool(toolkit_ready),
-        partial_group_layers=[p.split(" ")[0] for p in partial],
-        tied=tied, layers=meta_layers)
-    if report is not None:
-        meta["config"] = _jsonable(_config_dict(report))
-        meta["summary"] = _jsonable(getattr(report, "summary", {}))
+def _write_config(folder: Path, cfg, generation_config, qcfg, sparsity_cfg, dtype) -> None:
+    """Write ``config.json`` (with the quantization/sparsity config) and
+    ``generation_config.json`` into ``folder``. ``cfg`` is a plain model config (no loader's
+    quantization_config)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.config import CompressionFormat
+
+    cfg.dtype = dtype
+    cfg.save_pretrained(folder)
+    if generation_config is not None:
+        try:
+            generation_config.save_pretrained(folder)
+        except Exception as e:  # noqa: BLE001 - a generation config is optional
+            log.warning("generation_config not saved: %s", e)
+    if qcfg is not None:
+        ModelCompressor(quantization_config=qcfg).update_config(str(folder))
+    with open(folder / "config.json") as f:
+        config_data = json.load(f)
+    if qcfg is None and sparsity_cfg is not None:
+        config_data["quantization_config"] = {
+            "quant_method": "compressed-tensors", "version": _ct_version(),
+            "format": CompressionFormat.dense.value, "config_groups": {},
+            "quantization_status": "compressed"}
+    if sparsity_cfg is not None:
+        config_data["quantization_config"]["sparsity_config"] = sparsity_cfg.model_dump()
+    with open(folder / "config.json", "w") as f:
+        json.dump(config_data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@torch.no_grad()
+def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwrite: bool = False,
+                    *, dtype: torch.dtype | None = None, layout: str = "compact",
+                    partial_groups: str = "block") -> Path:
+    """Write ``model`` (compressed by :func:`toolkit.compress`) to the folder ``path``.
+
+    The folder holds ``config.json`` (with the compressed-tensors ``quantization_config`` and
+    ``sparsity_config`` describing every layer's scheme), ``model.safetensors`` (compressed as
+    described in the module docstring), ``toolkit_compression.json`` (per-layer settings, the
+    layout of each layer, the report summary and a SHA-256 of the weights file),
+    ``generation_config.json`` and the tokenizer files when ``tokenizer`` is given.
+
+    ``dtype``: dtype of the dense tensors and scales (default: the model's dtype; pass
+    ``torch.float16`` for a half-size fp32 model at a small loss of exactness).
+    ``layout``: ``"compact"`` (default, smallest: bitmasks for sparse layers, joint sparse +
+    packed codes) or ``"transformers"`` (only what ``transformers`` + compressed-tensors load:
+    sparse-only layers dense, sparse + quantized layers as plain ``pack-quantized``).
+    ``partial_groups``: ``"block"`` (default) or ``"error"``, see the module docstring.
+
+    Writing goes to a temporary folder next to ``path`` that is renamed into place at the end;
+    an existing ``path`` is refused unless ``overwrite=True``. Returns the folder's path.
+    """
+    from safetensors.torch import save_file
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if partial_groups not in ("block", "error"):
+        raise ValueError(f"partial_groups must be 'block' or 'error', got {partial_groups!r}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+
+    layers = _compressed_layers(model)
+    comp_ids = {id(m) for _, m in layers}
+    # ---- per-layer compression, checked before anything is written ------------------------
+    tensors: dict[str, torch.Tensor] = OrderedDict()
+    acc = _LayerAccumulator(layout)
+    for name, module in layers:
+        rec = _layer_record(name, module, layout, partial_groups, dtype)
+        if rec is not None:
+            acc.add(name, rec)
+            tensors.update(rec["tensors"])
+    acc.check(partial_groups)
+    meta_layers = acc.meta_layers
+
+    # ---- the dense rest of the state dict (tied tensors once) ------------------------------
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for mname, module in model.named_modules():
+        for pname, p in list(module.named_parameters(recurse=False)) + [
+                (b, t) for b, t in module.named_buffers(recurse=False)
+                if b not in module._non_persistent_buffers_set]:
+            full = f"{mname}.{pname}" if mname else pname
+            if p is None:
+                continue
+            if id(p) in seen:
+                tied[full] = seen[id(p)]
+                continue
+            seen[id(p)] = full
+            if id(module) in comp_ids and pname == "weight" and mname in meta_layers:
+                continue
+            if id(module) in comp_ids and pname == "weight" and mname not in meta_layers:
+                # a compressed layer skipped above (refused), nothing else to do
+                pass
+            t = p.detach()
+            tensors[full] = (t.to(dtype) if t.is_floating_point() else t).cpu().contiguous()
+
+    # ---- config -----------------------------------------------------------------------------
+    qcfg, sparsity_cfg = acc.configs()
+    meta = acc.meta(dtype, tied, report)
 
     # ---- write into a temporary folder, then rename into place ------------------------------
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
     try:
-        cfg = _plain_config(model)
-        cfg.dtype = dtype
-        cfg.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception as e:  # noqa: BLE001 - a generation config is optional
-                log.warning("generation_config not saved: %s", e)
-        if qcfg is not None:
-            ModelCompressor(quantization_config=qcfg).update_config(str(tmp))
-        with open(tmp / "config.json") as f:
-            config_data = json.load(f)
-        if qcfg is None and sparsity_cfg is not None:
-            config_data["quantization_config"] = {
-                "quant_method": "compressed-tensors", "version": _ct_version(),
-                "format": CompressionFormat.dense.value, "config_groups": {},
-                "quantization_status": "compressed"}
-        if sparsity_cfg is not None:
-            config_data["quantization_config"]["sparsity_config"] = sparsity_cfg.model_dump()
-        with open(tmp / "config.json", "w") as f:
-            json.dump(config_data, f, indent=2, sort_keys=True)
+        _write_config(tmp, _plain_config(model), getattr(model, "generation_config", None),
+                      qcfg, sparsity_cfg, dtype)
         save_file(dict(tensors), str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt", "producer": "toolkit"})
         meta["files"] = {WEIGHTS_NAME: {"bytes": (tmp / WEIGHTS_NAME).stat().st_size,

@@ -31,8 +31,8 @@ from .quant import rtn_quantize
 from .refine import masked_results, refine_layers
 from .solver import factorize, solve_layers
 
-__all__ = ["LayerSettings", "LayerCompression", "run_sweep", "capture_block_inputs",
-           "find_groups"]
+__all__ = ["LayerSettings", "LayerCompression", "run_sweep", "sweep_block",
+           "capture_block_inputs", "find_groups"]
 
 log = logging.getLogger("toolkit")
 
@@ -317,6 +317,46 @@ def _replace(s: LayerSettings, changes: dict) -> LayerSettings:
     return replace(s, **changes)
 
 
+def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None, *, device,
+                block_size: int = 128, percdamp: float = 0.01,
+                hessian_dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One step of the sweep: compress block ``b`` in place and advance ``inputs`` to the next
+    block's inputs. Returns the block's report rows.
+
+    ``plan``: ``[(LinearRef, LayerSettings | None), ...]`` for the block's linear layers;
+    ``inputs``: the block's inputs (None when no layer needs calibration). The block is moved to
+    ``device`` for the step and back where it was. :func:`run_sweep` calls this for every block;
+    :mod:`toolkit.stream` calls it on blocks loaded one at a time from disk.
+    """
+    calibrate = inputs is not None
+    rows: list[dict] = []
+    home = next(block.parameters()).device
+    block.to(device)
+    chosen = {id(r): s for r, s in plan}
+    selected = [r for r, s in plan if s is not None and s.active]
+    if selected:
+        groups = find_groups(block, selected, inputs) if calibrate else [[r] for r in selected]
+        for group in groups:
+            H = None
+            if any(chosen[id(r)].needs_hessian for r in group):
+                H = _group_hessian(block, group, inputs, hessian_dtype).H
+            new_rows = dist.solve_group(_solve_group, group, [chosen[id(r)] for r in group],
+                                        H, block_size, percdamp, device)
+            for r in new_rows:
+                r["block"] = b
+                log.info("%s: error %.4g, sparsity %.3f, %.2fs", r["layer"], r["error"],
+                         r["sparsity"], r["seconds"])
+            rows.extend(new_rows)
+            del H
+    if calibrate:
+        with torch.no_grad():
+            inputs.hidden = [_run_block(block, inputs, h) for h in inputs.hidden]
+    block.to(home)
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, block_size: int = 128,
               percdamp: float = 0.01, hessian_dtype: torch.dtype = torch.float32,
               verbose: bool = True, blocks_name: str | None = None) -> list[dict]:
@@ -334,29 +374,7 @@ def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, bl
     rows: list[dict] = []
     bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block", disable=not verbose)
     for b in bar:
-        block = blocks[b]
-        home = next(block.parameters()).device
-        block.to(device)
-        chosen = {id(r): s for r, s in plan[b]}
-        selected = [r for r, s in plan[b] if s is not None and s.active]
-        if selected:
-            groups = find_groups(block, selected, inputs) if calibrate else [[r] for r in selected]
-            for group in groups:
-                H = None
-                if any(chosen[id(r)].needs_hessian for r in group):
-                    H = _group_hessian(block, group, inputs, hessian_dtype).H
-                new_rows = dist.solve_group(_solve_group, group, [chosen[id(r)] for r in group],
-                                            H, block_size, percdamp, device)
-                for r in new_rows:
-                    r["block"] = b
-                    log.info("%s: error %.4g, sparsity %.3f, %.2fs", r["layer"], r["error"],
-                             r["sparsity"], r["seconds"])
-                rows.extend(new_rows)
-                del H
-        if calibrate:
-            with torch.no_grad():
-                inputs.hidden = [_run_block(block, inputs, h) for h in inputs.hidden]
-        block.to(home)
-        if device is not None and torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+        rows.extend(sweep_block(blocks[b], b, plan[b], inputs, device=device,
+                                block_size=block_size, percdamp=percdamp,
+                                hessian_dtype=hessian_dtype))
     return rows
