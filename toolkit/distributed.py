@@ -225,7 +225,8 @@ def solve_group(solve, group: list, settings: list, *args, **kwargs) -> list[dic
     todo = [i for i, s in enumerate(settings) if s is not None and s.active]
     owner = dict(zip(todo, assign([layer_cost(group[i]) for i in todo], world)))
     mine = [i for i in todo if owner[i] == me]
-    payload: dict = {"error": None, "rows": {}, "comp": {}}
+    plan = [(group[i].name, settings[i]) for i in todo]
+    payload: dict = {"error": None, "rows": {}, "comp": {}, "plan": plan}
     try:
         if mine:
             rows = solve([group[i] for i in mine], [settings[i] for i in mine], *args, **kwargs)
@@ -233,7 +234,7 @@ def solve_group(solve, group: list, settings: list, *args, **kwargs) -> list[dic
             payload["comp"] = {group[i].name: getattr(group[i].module, "compression", None)
                                for i in mine}
     except Exception as e:  # noqa: BLE001 - sent to every rank, re-raised below
-        payload = {"error": _picklable(e)}
+        payload = {"error": _picklable(e), "plan": plan}
     gathered = [None] * world
     with _collective(f"gathering the results of {group[0].name}"):
         dist.all_gather_object(gathered, payload)
@@ -244,6 +245,9 @@ def solve_group(solve, group: list, settings: list, *args, **kwargs) -> list[dic
                 err.add_note(f"(raised on rank {r} of {world} while solving "
                              f"{', '.join(group[i].name for i in todo if owner[i] == r)})")
             raise err
+    if any(p["plan"] != plan for p in gathered):
+        raise ValueError(f"the ranks chose different settings for {group[0].name}'s group; every "
+                         "process must run the same configuration")
     rows: dict = {}
     comps: dict = {}
     for p in gathered:
