@@ -1,0 +1,827 @@
+"""Compress a model larger than memory, block by block from its safetensors shards, resumably.
+
+    from toolkit.stream import compress_streaming
+    report = compress_streaming("Llama-70B/", "out/", sparsity=0.5, bits=4)
+    # or: toolkit compress --model Llama-70B/ --stream --out out/ --sparsity 0.5 --bits 4
+
+The flow (the same sweep step as :func:`toolkit.compress`, so the same Hessians, solver and
+seed give bitwise the same tensors)::
+
+    config.json --meta device--> skeleton (parameters not allocated; small buffers real)
+    shard headers: every tensor present with the shape the config implies (checked first)
+    embeddings (what runs before block 0) from the shards --calibration--> inputs of block 0
+    embeddings back to meta
+    for each block not finished yet:
+        load only its tensors (safetensors, by key) -> sweep_block() -> its compressed tensors
+        persist: shard model-(b+2)-of-N, the next block's inputs, then the journal (commit point)
+        block back to meta
+    finalize: the rest (embeddings, final norm, lm_head) -> model-00001-of-N, copied one tensor
+        at a time; index; toolkit_compression.json; generation config; tokenizer; config.json last
+
+Peak host memory: max(embeddings, one block) + the calibration activations (twice while a
+block runs: inputs and outputs) + one group's Hessian; see README "Large models".
+
+Resuming: the output folder keeps ``toolkit_stream.json`` (a fingerprint of the configuration,
+the source checkpoint's headers and the calibration tokens; the finished blocks with the SHA-256
+of their shards; the file of the next block's inputs). Every file is written to a temporary
+name, fsynced and renamed; the journal is rewritten the same way after a block's files, so an
+interruption at any point (crash, Ctrl-C, full disk) leaves the last finished block recorded and
+the same command continues from the next one. A different configuration on the same folder is
+refused. ``config.json`` and the index only appear at the end: a partial folder never loads.
+
+``TOOLKIT_FAIL_AFTER_BLOCK=k`` (for tests) raises :class:`InjectedFailure` once block ``k`` is
+persisted.
+
+Not supported: several processes (``torchrun``; each rank would need the whole stream, and
+writing is rank 0's) -- refused with a clear error; ``allocation="owl"`` (needs a dense pass
+over the whole model first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import distributed
+from .export import (
+    TOOLKIT_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    _compressed_layers,
+    _LayerAccumulator,
+    _layer_record,
+    _read_header,
+    _sha256,
+    _write_config,
+)
+
+__all__ = ["compress_streaming", "InjectedFailure", "JOURNAL_NAME", "StreamError"]
+
+log = logging.getLogger("toolkit")
+
+JOURNAL_NAME = "toolkit_stream.json"
+WORK_DIR = ".stream"  # next blocks' inputs, inside the output folder
+JOURNAL_VERSION = 1
+FAIL_ENV = "TOOLKIT_FAIL_AFTER_BLOCK"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+             torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES = {v: k for k, v in _ST_NAMES.items()}
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the ``TOOLKIT_FAIL_AFTER_BLOCK`` test hook."""
+
+
+class StreamError(ValueError):
+    """The output folder cannot be used for this run (another configuration, not a stream's
+    folder, inconsistent journal)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# files: atomic writes
+# ----------------------------------------------------------------------------------------------
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_safetensors(path: Path, items: list, metadata: dict | None = None) -> dict:
+    """Write a safetensors file atomically, one tensor in memory at a time.
+
+    ``items``: ``[(name, dtype, shape, get)]`` where ``get()`` returns the tensor (CPU). Written
+    to ``path.tmp``, fsynced, renamed. Returns ``{"bytes", "sha256"}`` of the file.
+    """
+    header, offset = {}, 0
+    for name, dtype, shape, _ in items:
+        n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in (struct.pack("<Q", len(raw)), raw):
+                f.write(chunk)
+                digest.update(chunk)
+            for name, dtype, shape, get in items:
+                t = get().detach().to("cpu").contiguous()
+                if t.dtype != dtype or list(t.shape) != list(shape):
+                    raise RuntimeError(f"{name}: got {t.dtype} {list(t.shape)}, announced "
+                                       f"{dtype} {list(shape)}")
+                if t.numel():
+                    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                    f.write(buf)
+                    digest.update(buf)
+                del t
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _tensor_items(tensors: dict) -> list:
+    return [(k, v.dtype, list(v.shape), (lambda v=v: v)) for k, v in tensors.items()]
+
+
+# ----------------------------------------------------------------------------------------------
+# the source checkpoint
+# ----------------------------------------------------------------------------------------------
+
+class _Source:
+    """The tensors of a safetensors checkpoint folder, by name, read lazily (headers only until
+    a tensor is asked for; each shard is opened only while its tensors are read)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / INDEX_NAME
+        if index.is_file():
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [n for n in files if not (folder / n).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{index}: lists {len(files)} shards, {len(missing)} missing from {folder}: "
+                    f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+            self.files = [folder / n for n in files]
+        elif (folder / WEIGHTS_NAME).is_file():
+            weight_map = None
+            self.files = [folder / WEIGHTS_NAME]
+        elif list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+            raise CheckpointError(f"{folder}: only pickle weight files (.bin/.pt); streaming "
+                                  "reads safetensors only")
+        else:
+            raise FileNotFoundError(f"{folder}: no {INDEX_NAME} nor {WEIGHTS_NAME}")
+        self.headers = {file: _read_header(file) for file in self.files}
+        self.where: dict[str, Path] = {}
+        for file, header in self.headers.items():
+            for key in header:
+                if key != "__metadata__":
+                    self.where[key] = file
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if self.where.get(key) != folder / name:
+                    raise CheckpointError(f"{folder / name}: has no tensor {key!r}, which "
+                                          f"{index.name} places there")
+
+    def __contains__(self, key) -> bool:
+        return key in self.where
+
+    def info(self, key) -> dict:
+        return self.headers[self.where[key]][key]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the shard names, sizes and headers (not the data: hashing a 70B model
+        would take as long as a block)."""
+        h = hashlib.sha256()
+        for file in self.files:
+            h.update(f"{file.name}:{file.stat().st_size}:".encode())
+            h.update(json.dumps(self.headers[file], sort_keys=True).encode())
+        return h.hexdigest()
+
+    def read(self, keys: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``keys`` (floating ones converted to ``dtype``), opening each shard once."""
+        from safetensors import safe_open
+
+        out = {}
+        by_file: dict[Path, list[str]] = OrderedDict()
+        for k in keys:
+            by_file.setdefault(self.where[k], []).append(k)
+        for file, ks in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for k in ks:
+                        t = f.get_tensor(k)
+                        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            except FileNotFoundError:
+                raise CheckpointError(f"{file}: shard disappeared while streaming") from None
+            except (OSError, RuntimeError) as e:
+                raise CheckpointError(f"{file}: cannot be read ({e})") from None
+        return {k: out[k] for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------
+# the skeleton
+# ----------------------------------------------------------------------------------------------
+
+def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """The model on the meta device (parameters not allocated; buffers such as rotary
+    frequencies are real, they are computed, not stored)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        raise CheckpointError(f"{folder / 'config.json'}: the model is already quantized "
+                              f"({getattr(config.quantization_config, 'quant_method', None) or config.quantization_config}); "
+                              "streaming compresses dense checkpoints")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    model.eval()
+    return model
+
+
+def _tensor_table(model: nn.Module):
+    """Every stored tensor of the model once: ``[(name, tensor)]`` in module order, and the tied
+    names ``{alias: name}`` (what :func:`~toolkit.export.save_compressed` writes)."""
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    table = []
+    for mname, module in model.named_modules():
+        for pname, p in list(module.named_parameters(recurse=False)) + [
+                (b, t) for b, t in module.named_buffers(recurse=False)
+                if b not in module._non_persistent_buffers_set]:
+            if p is None:
+                continue
+            full = f"{mname}.{pname}" if mname else pname
+            if id(p) in seen:
+                tied[full] = seen[id(p)]
+                continue
+            seen[id(p)] = full
+            table.append((full, p))
+    return table, tied
+
+
+def _config_tied(model) -> dict[str, str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    if not getattr(model.config, "tie_word_embeddings", False) and not isinstance(keys, dict):
+        return {}
+    if isinstance(keys, dict):
+        return dict(keys) if getattr(model.config, "tie_word_embeddings", True) else {}
+    return {}
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Replace the parameter/buffer ``name`` by ``value`` (None: back to meta)."""
+    mname, _, pname = name.rpartition(".")
+    module = model.get_submodule(mname) if mname else model
+    old = module._parameters.get(pname) if pname in module._parameters else None
+    if value is None:
+        value = torch.empty_like(old if old is not None else module._buffers[pname],
+                                 device="meta")
+    if pname in module._parameters:
+        module._parameters[pname] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[pname] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+
+def _fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def _clean_temporaries(out: Path) -> None:
+    for folder in (out, out / WORK_DIR):
+        if folder.is_dir():
+            for p in folder.glob("*.tmp"):
+                p.unlink(missing_ok=True)
+
+
+def _injected(b: int) -> None:
+    v = os.environ.get(FAIL_ENV)
+    if v is not None and v.strip() != "" and int(v) == b:
+        raise InjectedFailure(f"{FAIL_ENV}={v}: injected failure after block {b} was persisted")
+
+
+@torch.no_grad()
+def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
+                       dtype: torch.dtype = torch.float32, layout: str = "compact",
+                       partial_groups: str = "block", trust_remote_code: bool = False,
+                       **kwargs):
+    """Compress the checkpoint folder ``model_dir`` block by block into the folder ``out``.
+
+    ``model_dir`` holds ``config.json`` and safetensors weights (``model.safetensors`` or
+    shards with ``model.safetensors.index.json``). Only the embeddings, one block and the
+    calibration activations are in memory at a time. The settings are those of
+    :func:`toolkit.compress` (``config=CompressConfig(...)`` or keywords); ``dtype`` is the dtype
+    the weights are loaded in and the dense tensors are written in (float32 like
+    :func:`toolkit.load_model`); ``layout``/``partial_groups`` as in
+    :func:`~toolkit.export.save_compressed`. The tokenizer is loaded from ``model_dir`` when not
+    given (and copied into ``out``).
+
+    ``out`` ends as the checkpoint :func:`~toolkit.export.save_compressed` writes (sharded:
+    one shard for the embeddings/norm/lm_head, one per block), loadable with
+    :func:`toolkit.load_compressed`. Re-running the same call on an interrupted ``out`` resumes
+    at the first unfinished block; another configuration on it raises :class:`StreamError`.
+    Returns a :class:`toolkit.api.CompressionReport` (``summary["blocks resumed"]`` counts the
+    blocks found finished).
+    """
+    import pandas as pd
+
+    from .api import (
+        CompressConfig,
+        CompressionReport,
+        _context_length,
+        config_dict,
+        default_calibration_size,
+    )
+    from .data import DEFAULT_CALIBRATION, get_calibration
+    from .models import find_blocks, find_linears
+    from .sweep import capture_block_inputs, resolve_settings, sweep_block
+
+    t0 = time.perf_counter()
+    if config is None:
+        config = CompressConfig(**kwargs)
+    elif kwargs:
+        raise ValueError("pass either config=... or keyword settings, not both")
+    if distributed.active() and distributed.world_size() > 1:
+        raise ValueError("streaming (--stream) does not run under torchrun/several processes yet: "
+                         "run it in one process (it still onloads one block at a time to the "
+                         "GPU); several processes need the whole model in memory on each rank")
+    if config.allocation != "uniform":
+        raise ValueError(f"allocation={config.allocation!r} needs a dense pass over the whole "
+                         "model before compressing: not available with streaming")
+    if layout not in ("compact", "transformers"):
+        raise ValueError(f"layout must be 'compact' or 'transformers', got {layout!r}")
+    if partial_groups not in ("block", "error"):
+        raise ValueError(f"partial_groups must be 'block' or 'error', got {partial_groups!r}")
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json (streaming needs a local model "
+                                "folder with safetensors weights)")
+
+    # ---- everything checked before the output folder is touched ------------------------------
+    source = _Source(model_dir)
+    model = _skeleton(model_dir, dtype, trust_remote_code)
+    blocks_name, blocks = find_blocks(model)
+    n_blocks = len(blocks)
+    table, tied = _tensor_table(model)
+    config_tied = _config_tied(model)
+    aliases: dict[str, list[str]] = {}
+    for a, b in list(tied.items()) + list(config_tied.items()):
+        aliases.setdefault(b, []).append(a)
+        aliases.setdefault(a, []).append(b)
+    source_key: dict[str, str | None] = {}
+    for name, t in table:
+        key = name if name in source else next((a for a in aliases.get(name, [])
+                                                if a in source), None)
+        if key is None and isinstance(t, nn.Parameter):
+            raise CheckpointError(f"{', '.join(str(f) for f in source.files)}: missing tensor "
+                                  f"{name!r}")
+        if key is not None:
+            shape = list(source.info(key)["shape"])
+            if shape != list(t.shape):
+                raise CheckpointError(f"{source.where[key]}: tensor {key!r} has shape {shape}, "
+                                      f"the model config implies {list(t.shape)}")
+        source_key[name] = key
+    prefix = [f"{blocks_name}.{b}." for b in range(n_blocks)]
+    block_keys = [[n for n, _ in table if n.startswith(p)] for p in prefix]
+    in_block = {n for ks in block_keys for n in ks}
+    rest_keys = [n for n, _ in table if n not in in_block]
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    calibration = config.calibration if config.calibration is not None else DEFAULT_CALIBRATION
+    default_n, default_len = default_calibration_size(device)
+    nsamples = config.nsamples or default_n
+    context = _context_length(model)
+    seqlen = config.seqlen or (min(default_len, context) if context else default_len)
+    if context is not None and seqlen > context:
+        raise ValueError(f"seqlen={seqlen} is longer than the model's context ({context} tokens)")
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+                                                      trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - any failure means "no tokenizer there"
+            if not isinstance(calibration, torch.Tensor):
+                raise ValueError(f"{model_dir}: no tokenizer ({e}); pass tokenizer=... or "
+                                 "calibration= a tensor of token ids") from None
+            tokenizer = None
+    ids = get_calibration(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen,
+                          seed=config.seed)
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise ValueError(f"calibration token id {int(ids.max())} is outside the model's "
+                         f"vocabulary ({vocab}): wrong tokenizer?")
+
+    def settings(name):
+        return resolve_settings(name, config._settings, config.ignore, config.overrides)
+
+    plans = [[(r, settings(r.name)) for r in find_linears(blk, prefix=f"{blocks_name}.{b}")]
+             for b, blk in enumerate(blocks)]
+    if not any(s is not None and s.active for p in plans for _, s in p):
+        raise ValueError("nothing to do: give sparsity, pattern or bits (or overrides that set "
+                         "them), and make sure ignore does not exclude every layer")
+    calibrate = any(s is not None and s.active and s.needs_hessian for p in plans for _, s in p)
+
+    cfg_plain = {k: v for k, v in config_dict(config).items() if k not in ("verbose", "device")}
+    fingerprint = _fingerprint(dict(
+        settings=cfg_plain, dtype=str(dtype), layout=layout, partial_groups=partial_groups,
+        source=source.fingerprint(), calibration_ids=hashlib.sha256(
+            ids.to(torch.int64).numpy().tobytes()).hexdigest(), journal=JOURNAL_VERSION))
+    n_shards = n_blocks + 1
+
+    # ---- the output folder: new, or a journal to resume ----------------------------------------
+    journal_path = out / JOURNAL_NAME
+    if out.exists() and not out.is_dir():
+        raise StreamError(f"{out} exists and is not a folder")
+    if out.is_dir() and not journal_path.is_file() and any(out.iterdir()):
+        raise StreamError(f"{out} exists, is not empty and is not a streaming run's folder (no "
+                          f"{JOURNAL_NAME}); choose another output folder")
+    journal = None
+    if journal_path.is_file():
+        try:
+            with open(journal_path) as f:
+                journal = json.load(f)
+        except json.JSONDecodeError as e:
+            raise StreamError(f"{journal_path}: unreadable journal ({e})") from None
+        if journal.get("fingerprint") != fingerprint:
+            old = journal.get("settings", {})
+            diff = {k: (old.get(k), v) for k, v in _journal_settings(
+                cfg_plain, dtype, layout, partial_groups, model_dir, nsamples, seqlen).items()
+                if old.get(k) != v}
+            raise StreamError(
+                f"{out} holds a run with another configuration, source checkpoint or "
+                f"calibration (it was started with {old}); differences (then, now): "
+                f"{diff or 'the source shards or the calibration tokens'}. Resume it with the "
+                f"same command, or write to another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WORK_DIR).mkdir(exist_ok=True)
+    _clean_temporaries(out)
+    if journal is None:
+        journal = dict(version=JOURNAL_VERSION, fingerprint=fingerprint,
+                       settings=_journal_settings(cfg_plain, dtype, layout, partial_groups,
+                                                  model_dir, nsamples, seqlen),
+                       blocks_total=n_blocks, shards=n_shards, attempts=0, complete=False,
+                       blocks={}, inputs=None, rest=None)
+    journal["attempts"] = attempt = int(journal.get("attempts", 0)) + 1
+    _check_journal(out, journal, n_blocks)
+    resumed = sum(1 for _ in journal["blocks"])
+    if journal.get("complete"):
+        log.info("%s is already complete", out)
+        return _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0)
+    _atomic_json(journal_path, journal)
+
+    # ---- block 0's inputs (or the saved inputs of the first unfinished block) -----------------
+    first = next((b for b in range(n_blocks) if str(b) not in journal["blocks"]), n_blocks)
+    inputs = None
+    if calibrate and first < n_blocks:
+        front = [n for n in rest_keys if source_key[n] is not None
+                 and not _is_output_embedding(model, n)]
+        loaded = source.read([source_key[n] for n in front], dtype)
+        for n in front:
+            _set_tensor(model, n, loaded[source_key[n]])
+        del loaded
+        inputs = capture_block_inputs(model, blocks, ids, device)
+        for n in front:
+            _set_tensor(model, n, None)  # the embeddings are not needed until the end
+        if first > 0:
+            inputs.hidden = _load_inputs(out, journal, first, device)
+
+    # ---- the blocks ---------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(first, n_blocks), desc="compressing blocks (streaming)", unit="block",
+               disable=not config.verbose, initial=first, total=n_blocks)
+    for b in bar:
+        if str(b) in journal["blocks"]:
+            continue
+        tb = time.perf_counter()
+        block = blocks[b]
+        keys = block_keys[b]
+        loaded = source.read([source_key[n] for n in keys if source_key[n] is not None], dtype)
+        local = {n[len(prefix[b]):]: loaded[source_key[n]] for n in keys
+                 if source_key[n] is not None}
+        del loaded
+        block.load_state_dict(local, strict=False, assign=True)
+        del local
+        for p in block.parameters():
+            p.requires_grad_(False)
+        rows = sweep_block(block, b, plans[b], inputs, device=device,
+                           block_size=config.block_size, percdamp=config.percdamp,
+                           hessian_dtype=getattr(torch, config.hessian_dtype))
+        # the block's stored tensors: compressed layers, then its dense tensors
+        tensors: dict[str, torch.Tensor] = OrderedDict()
+        records = OrderedDict()
+        comp_names = set()
+        for name, module in _compressed_layers(block):
+            full = f"{blocks_name}.{b}.{name}"
+            rec = _layer_record(full, module, layout, partial_groups, dtype)
+            if rec is None:
+                continue
+            tensors.update(rec.pop("tensors"))
+            records[full] = rec
+            if not rec["problem"]:
+                comp_names.add(f"{full}.weight")
+        acc = _LayerAccumulator(layout)
+        for full, rec in records.items():
+            acc.add(full, rec)
+        acc.check(partial_groups)
+        for n, t in table:
+            if n.startswith(prefix[b]) and n not in comp_names:
+                live = _get_tensor(model, n)
+                tensors[n] = (live.to(dtype) if live.is_floating_point() else live).contiguous()
+        shard = _shard_name(b + 2, n_shards)
+        _persist(out, shard, tensors, what=f"block {b}")
+        del tensors
+        for _, module in _compressed_layers(block):
+            del module.compression
+        block.to("meta")
+        info = {"bytes": (out / shard).stat().st_size}
+        info["sha256"] = _sha256(out / shard)
+        if inputs is not None and b + 1 < n_blocks:
+            journal["inputs"] = _save_inputs(out, b + 1, inputs.hidden)
+        elif b + 1 >= n_blocks:
+            journal["inputs"] = None
+        journal["blocks"][str(b)] = dict(
+            attempt=attempt, file=shard, seconds=time.perf_counter() - tb,
+            rows=[_row_json(r) for r in rows], records=records, **info)
+        _atomic_json(journal_path, journal)
+        _remove_old_inputs(out, journal)
+        log.info("block %d/%d persisted (%s)", b + 1, n_blocks, shard)
+        _injected(b)
+
+    # ---- finalize ------------------------------------------------------------------------------
+    inputs = None
+    _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, source_key,
+              n_shards, n_blocks, dtype, layout, partial_groups, tokenizer, config)
+    return _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0)
+
+
+def _journal_settings(cfg_plain, dtype, layout, partial_groups, model_dir, nsamples, seqlen):
+    d = dict(cfg_plain)
+    d["calibration"] = str(d.get("calibration"))
+    d.update(nsamples=nsamples, seqlen=seqlen, dtype=str(dtype), layout=layout,
+             partial_groups=partial_groups, source=str(Path(model_dir).resolve()))
+    return json.loads(json.dumps(d, default=str))
+
+
+def _is_output_embedding(model, name: str) -> bool:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None:
+        return False
+    for mname, m in model.named_modules():
+        if m is out:
+            return name.startswith(f"{mname}.")
+    return False
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    mname, _, pname = name.rpartition(".")
+    module = model.get_submodule(mname) if mname else model
+    t = module._parameters.get(pname) if pname in module._parameters else module._buffers[pname]
+    return t.detach()
+
+
+def _persist(out: Path, name: str, tensors: dict, what: str) -> dict:
+    try:
+        return _write_safetensors(out / name, _tensor_items(tensors),
+                                  metadata={"format": "pt", "producer": "toolkit"})
+    except OSError as e:
+        raise OSError(e.errno, f"writing {out / name} ({what}) failed: {e.strerror or e}. "
+                      f"Nothing of {what} was recorded: {out} stays resumable; free space (or fix "
+                      "the cause) and run the same command again") from e
+
+
+def _save_inputs(out: Path, b: int, hidden: list[torch.Tensor]) -> dict:
+    name = f"{WORK_DIR}/inputs-{b:05d}.safetensors"
+    items = [(f"hidden.{i}", h.dtype, list(h.shape), (lambda h=h: h)) for i, h in
+             enumerate(hidden)]
+    try:
+        info = _write_safetensors(out / name, items)
+    except OSError as e:
+        raise OSError(e.errno, f"writing {out / name} (inputs of block {b}) failed: "
+                      f"{e.strerror or e}. {out} stays resumable at block {b - 1}; free space "
+                      "and run the same command again") from e
+    return dict(block=b, file=name, count=len(hidden), **info)
+
+
+def _load_inputs(out: Path, journal: dict, b: int, device) -> list[torch.Tensor]:
+    from safetensors import safe_open
+
+    rec = journal.get("inputs")
+    if not rec or rec.get("block") != b:
+        raise StreamError(f"{out / JOURNAL_NAME}: no saved inputs for block {b} (journal "
+                          "inconsistent); delete the folder to start again")
+    path = out / rec["file"]
+    if not path.is_file() or path.stat().st_size != rec["bytes"] or _sha256(path) != rec["sha256"]:
+        raise StreamError(f"{path}: the saved inputs of block {b} are missing or corrupt; delete "
+                          f"{out} to start again")
+    with safe_open(str(path), framework="pt") as f:
+        return [f.get_tensor(f"hidden.{i}").to(device) for i in range(rec["count"])]
+
+
+def _remove_old_inputs(out: Path, journal: dict) -> None:
+    keep = (journal.get("inputs") or {}).get("file")
+    for p in (out / WORK_DIR).glob("inputs-*.safetensors"):
+        if f"{WORK_DIR}/{p.name}" != keep:
+            p.unlink(missing_ok=True)
+
+
+def _check_journal(out: Path, journal: dict, n_blocks: int) -> None:
+    """The finished blocks' shards exist with the recorded sizes (SHA-256 at finalize)."""
+    if journal.get("blocks_total") != n_blocks:
+        raise StreamError(f"{out / JOURNAL_NAME}: written for {journal.get('blocks_total')} "
+                          f"blocks, the model has {n_blocks}")
+    done = sorted(int(b) for b in journal["blocks"])
+    if done != list(range(len(done))):
+        raise StreamError(f"{out / JOURNAL_NAME}: finished blocks {done} are not a prefix")
+    for b in done:
+        rec = journal["blocks"][str(b)]
+        p = out / rec["file"]
+        if not p.is_file() or p.stat().st_size != rec["bytes"]:
+            raise StreamError(f"{p}: the shard of finished block {b} is missing or was changed "
+                              f"since it was written; delete {out} to start again")
+
+
+def _row_json(r: dict) -> dict:
+    d = dict(r)
+    d["shape"] = list(d["shape"])
+    for k, v in d.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            d[k] = str(v)
+    return d
+
+
+def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, source_key,
+              n_shards, n_blocks, dtype, layout, partial_groups, tokenizer, config):
+    """The rest shard, then the metadata; config.json is renamed into place last."""
+    from transformers import GenerationConfig
+
+    from .export import _plain_config
+
+    journal_path = out / JOURNAL_NAME
+    tensors_meta = dict(table)
+    rest = _shard_name(1, n_shards)
+    if not journal.get("rest") or not (out / rest).is_file() or \
+            (out / rest).stat().st_size != journal["rest"]["bytes"]:
+        items = []
+        for n in rest_keys:
+            t = tensors_meta[n]
+            dt = dtype if t.is_floating_point() else t.dtype
+            if source_key[n] is not None:
+                def get(n=n):
+                    return source.read([source_key[n]], dtype)[source_key[n]]
+            else:  # a persistent buffer the checkpoint lacks: the model's own value
+                def get(t=t, dt=dt):
+                    return t.detach().to(dt)
+            items.append((n, dt, list(t.shape), get))
+        try:
+            info = _write_safetensors(out / rest, items, metadata={"format": "pt",
+                                                                    "producer": "toolkit"})
+        except OSError as e:
+            raise OSError(e.errno, f"writing {out / rest} failed: {e.strerror or e}. All blocks "
+                          f"are done and recorded; {out} stays resumable: free space and run "
+                          "the same command again to finish") from e
+        journal["rest"] = dict(file=rest, **info)
+        _atomic_json(journal_path, journal)
+
+    # the metadata of every layer, in the model's order, from the journal
+    acc = _LayerAccumulator(layout)
+    files = {rest: {"bytes": journal["rest"]["bytes"], "sha256": journal["rest"]["sha256"]}}
+    weight_map = {n: rest for n in rest_keys}
+    for b in range(n_blocks):
+        rec = journal["blocks"][str(b)]
+        p = out / rec["file"]
+        if _sha256(p) != rec["sha256"]:
+            raise StreamError(f"{p}: SHA-256 differs from the one recorded when block {b} was "
+                              f"written (corrupt); delete the file and the block's entry, or "
+                              f"start again")
+        files[rec["file"]] = {"bytes": rec["bytes"], "sha256": rec["sha256"]}
+        for name, r in rec["records"].items():
+            acc.add(name, r)
+        header = _read_header(p)
+        weight_map.update({k: rec["file"] for k in header if k != "__metadata__"})
+    acc.check(partial_groups)
+    qcfg, sparsity_cfg = acc.configs()
+
+    class _R:  # what export's metadata reads from a report
+        pass
+
+    rep = _R()
+    rep.config = config
+    rep.summary = {"streamed": True, "blocks": n_blocks, "attempts": journal["attempts"]}
+    meta = acc.meta(dtype, tied, rep)
+    meta["files"] = files
+    stage = out / WORK_DIR / "final"
+    stage.mkdir(parents=True, exist_ok=True)
+    try:
+        gen = None
+        if (model_dir / "generation_config.json").is_file():
+            gen = GenerationConfig.from_pretrained(model_dir)
+        _write_config(stage, _plain_config(model), gen, qcfg, sparsity_cfg, dtype)
+        with open(stage / TOOLKIT_NAME, "w") as f:
+            json.dump(meta, f, indent=2)
+        with open(stage / INDEX_NAME, "w") as f:
+            json.dump({"metadata": {"total_size": sum(v["bytes"] for v in files.values())},
+                       "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        names = sorted(p.name for p in stage.iterdir() if p.is_file())
+        for name in names:
+            with open(stage / name, "rb") as f:
+                os.fsync(f.fileno())
+        # everything but config.json, then the index, then config.json: a folder without
+        # config.json is not a model folder for any loader
+        last = [INDEX_NAME, "config.json"]
+        for name in [n for n in names if n not in last] + last:
+            os.replace(stage / name, out / name)
+        _fsync_dir(out)
+    except OSError as e:
+        raise OSError(e.errno, f"finishing {out} failed: {e.strerror or e}. All blocks are done "
+                      f"and recorded; {out} stays resumable (no config.json yet): free space and "
+                      "run the same command again") from e
+    journal["complete"] = True
+    journal["inputs"] = None
+    _atomic_json(journal_path, journal)
+    for p in (out / WORK_DIR).glob("**/*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+    for p in sorted((out / WORK_DIR).glob("**/*"), reverse=True) + [out / WORK_DIR]:
+        if p.is_dir():
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+
+
+def _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0):
+    import pandas as pd
+
+    from .api import CompressionReport
+
+    rows = []
+    for b in range(journal["blocks_total"]):
+        rec = journal["blocks"].get(str(b))
+        for r in (rec or {}).get("rows", []):
+            r = dict(r)
+            r["shape"] = tuple(r["shape"])
+            r["error"] = float(r["error"])
+            rows.append(r)
+    layers = pd.DataFrame(rows, columns=["block", "layer", "shape", "sparsity", "zeros", "bits",
+                                         "group_size", "method", "error", "seconds"])
+    n_comp = int(sum(s[0] * s[1] for s in layers["shape"])) if len(layers) else 0
+    pruned = float((layers["sparsity"] * layers["shape"].map(lambda s: s[0] * s[1])).sum())
+    source = calibration if isinstance(calibration, str) else (
+        "token ids" if isinstance(calibration, torch.Tensor) else "given text")
+    summary = {
+        "method": config.describe(),
+        "calibration": source,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "device": str(device),
+        "mode": "streaming",
+        "layers compressed": len(layers),
+        "params compressed": n_comp,
+        "sparsity (compressed)": pruned / n_comp if n_comp else 0.0,
+        "blocks resumed": resumed,
+        "seconds": time.perf_counter() - t0,
+    }
+    return CompressionReport(config=config, layers=layers, summary=summary)
