@@ -58,8 +58,8 @@ from .export import (
     WEIGHTS_NAME,
     CheckpointError,
     _compressed_layers,
-    _LayerAccumulator,
     _layer_record,
+    _LayerAccumulator,
     _read_header,
     _sha256,
     _write_config,
@@ -362,11 +362,9 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     Returns a :class:`toolkit.api.CompressionReport` (``summary["blocks resumed"]`` counts the
     blocks found finished).
     """
-    import pandas as pd
 
     from .api import (
         CompressConfig,
-        CompressionReport,
         _context_length,
         config_dict,
         default_calibration_size,
@@ -564,8 +562,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         for full, rec in records.items():
             acc.add(full, rec)
         acc.check(partial_groups)
-        for n, t in table:
-            if n.startswith(prefix[b]) and n not in comp_names:
+        for n in block_keys[b]:
+            if n not in comp_names:
                 live = _get_tensor(model, n)
                 tensors[n] = (live.to(dtype) if live.is_floating_point() else live).contiguous()
         shard = _shard_name(b + 2, n_shards)
