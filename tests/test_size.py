@@ -38,15 +38,18 @@ def test_other_nm_uses_sparse_bitmask():
 
 
 def test_pack_quantized_partial_last_group_by_hand():
-    # 4 x 200, 4-bit, g128 -> groups of 128 and 72: G = 2
-    t = linear_bytes(4, 200, bits=4, group_size=128)
+    # 33 x 200, 4-bit, g128 -> groups of 128 and 72: G = 2. 128 does not divide 200, so the
+    # export uses the block strategy, whose zero points stay int8 (not packed)
+    t = linear_bytes(33, 200, bits=4, group_size=128)
     assert t == {
-        "weight_packed": 4 * math.ceil(200 * 4 / 32) * 4,  # 25 int32 words per row
-        "weight_scale": 4 * 2 * 2,  # fp16 per row and group
-        "weight_zero_point": 1 * 2 * 4,  # 4 rows * 4 bits = 16 bits -> 1 int32 word per group
+        "weight_packed": 33 * math.ceil(200 * 4 / 32) * 4,  # 25 int32 words per row
+        "weight_scale": 33 * 2 * 2,  # fp16 per row and group
+        "weight_zero_point": 33 * 2,  # int8 per row and group
         "weight_shape": 16,
     }
-    assert sum(t.values()) == 440
+    assert sum(t.values()) == 3300 + 132 + 66 + 16
+    # a dividing group size: zero points packed along the rows, 33 * 4 bits -> 5 words per group
+    assert linear_bytes(33, 256, bits=4, group_size=128)["weight_zero_point"] == 5 * 2 * 4
 
 
 def test_pack_quantized_sym_act_order_by_hand():
@@ -58,9 +61,18 @@ def test_pack_quantized_sym_act_order_by_hand():
     assert linear_bytes(33, 100, bits=3)["weight_zero_point"] == 16
 
 
-def test_pruned_and_quantized_is_pack_quantized():
-    assert linear_bytes(4, 200, nnz=400, bits=4, group_size=128) == \
-        linear_bytes(4, 200, bits=4, group_size=128)
+def test_pruned_and_quantized_by_hand():
+    # 4 x 256, 512 kept, 4-bit g128 asym: the export's joint layout stores the kept codes only
+    # (512 * 4 bits = 64 words) and a bitmask; layout "transformers" stores every code
+    t = linear_bytes(4, 256, nnz=512, bits=4, group_size=128)
+    assert t == {"weight_packed": 64 * 4, "weight_bitmask": 4 * 32, "weight_scale": 4 * 2 * 2,
+                 "weight_zero_point": 1 * 2 * 4, "weight_shape": 16}
+    assert linear_bytes(4, 256, nnz=512, bits=4, group_size=128, layout="transformers") == \
+        linear_bytes(4, 256, bits=4, group_size=128)
+
+
+def test_transformers_layout_stores_sparse_dense():
+    assert linear_bytes(4, 10, nnz=17, layout="transformers") == {"weight": 80}
 
 
 # ---- packed layout, by hand ----------------------------------------------------------------
@@ -110,6 +122,23 @@ def test_matches_compressed_tensors_pack_quantized(rows, cols, bits, group_size,
         state, QuantizationScheme(targets=["Linear"], weights=args))
     stored = {k: v.numel() * v.element_size() for k, v in out.items()}
     assert stored == linear_bytes(rows, cols, bits=bits, group_size=group_size, sym=sym)
+
+
+def test_matches_compressed_tensors_block_strategy():
+    """Partial last group: what the export writes with the format's block strategy."""
+    pq = pytest.importorskip("compressed_tensors.compressors.pack_quantized.base")
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    rows, cols, bits, g = 33, 200, 4, 128
+    args = QuantizationArgs(num_bits=bits, symmetric=False, strategy="block",
+                            block_structure=[1, g])
+    state = {"weight": torch.randn(rows, cols, dtype=torch.float16),
+             "weight_scale": torch.rand(rows, 2, dtype=torch.float16) + 0.1,
+             "weight_zero_point": torch.zeros(rows, 2, dtype=torch.int8)}
+    out = pq.PackedQuantizationCompressor.compress(
+        state, QuantizationScheme(targets=["Linear"], weights=args))
+    stored = {k: v.numel() * v.element_size() for k, v in out.items()}
+    assert stored == linear_bytes(rows, cols, bits=bits, group_size=g)
 
 
 def test_matches_compressed_tensors_bitmask_packing():
@@ -186,3 +215,30 @@ def test_model_bytes_rtn4_per_layer_by_hand():
     per_block = sum(r * math.ceil(c * 4 / 32) * 4 + r * 2 + math.ceil(r * 4 / 32) * 4 + 16
                     for r, c in shapes)
     assert size["compressed_bytes"] == 2 * per_block
+
+
+@pytest.mark.parametrize("settings,layouts", [
+    (dict(method="magnitude", sparsity=0.5), ("compact", "transformers")),
+    (dict(method="magnitude", pattern="2:4"), ("compact",)),
+    (dict(quant="rtn", bits=4, group_size=48), ("compact",)),  # partial last group
+    (dict(method="magnitude", sparsity=0.5, quant="rtn", bits=3, group_size=32),
+     ("compact", "transformers")),
+])
+def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts):
+    """The bytes of every tensor save_compressed writes (fp16) equal model_bytes."""
+    export = pytest.importorskip("toolkit.export")
+    safetensors = pytest.importorskip("safetensors")
+    model = tiny_model("llama")
+    compress(model, calibration=random_ids(2, 16), nsamples=2, seqlen=16, verbose=False,
+             **settings)
+    for layout in layouts:
+        out = tmp_path / layout
+        export.save_compressed(model, out, dtype=torch.float16, layout=layout)
+        on_disk = 0
+        for f in out.glob("*.safetensors"):
+            with safetensors.safe_open(str(f), "pt") as fh:
+                for k in fh.keys():
+                    t = fh.get_tensor(k)
+                    on_disk += t.numel() * t.element_size()
+        mine = "compressed-tensors" if layout == "compact" else layout
+        assert model_bytes(model, dense_bits=16, layout=mine)["bytes"] == on_disk

@@ -15,7 +15,9 @@ from .export import load_compressed, save_compressed
 from .models import load_model
 from .size import model_bytes
 from .solver import solve, solve_layers
+from .tradeoff import plot_tradeoff, tradeoff
 
 __all__ = ["compress", "CompressConfig", "CompressionReport", "perplexity", "load_model",
-           "model_bytes", "solve", "solve_layers", "save_compressed", "load_compressed"]
+           "model_bytes", "solve", "solve_layers", "save_compressed", "load_compressed",
+           "tradeoff", "plot_tradeoff"]
 __version__ = "0.1.0"

@@ -160,6 +160,38 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="what a checkpoint holds: layers, sparsity, bits, bytes",
                        description="Describe a compressed checkpoint folder.")
     i.add_argument("path", help="checkpoint folder")
+
+    t = sub.add_parser("tradeoff", help="accuracy against size over a grid of settings",
+                       description="Compress a fresh copy of the model for every combination of "
+                                   "the grid (and each bitsandbytes baseline), measure bytes and "
+                                   "perplexity on the same windows, write a CSV table and a "
+                                   "Pareto plot.")
+    _add_model_args(t)
+    t.add_argument("--grid", nargs="+", default=["sparsity=0,0.5", "bits=16,4"],
+                   metavar="KEY=V1,V2",
+                   help="settings to combine (every combination is one row), keys: sparsity, "
+                        "pattern (2:4, none), bits (16 = none), group_size, method, quant, sym, "
+                        "act_order; e.g. --grid sparsity=0,0.5,0.6 bits=16,4,3 "
+                        "(default: sparsity=0,0.5 bits=16,4)")
+    t.add_argument("--baselines", nargs="*", default=[], metavar="FORMAT",
+                   choices=["nf4", "nf4-dq", "fp4", "fp4-dq", "int8"],
+                   help="bitsandbytes rows to add: nf4, nf4-dq, fp4, fp4-dq (double "
+                        "quantization), int8 (LLM.int8)")
+    t.add_argument("--calibration", default="python-docs",
+                   help="calibration text (as for compress; default python-docs)")
+    t.add_argument("--nsamples", type=_positive("nsamples"), default=None,
+                   help="calibration windows (default: 128 on CUDA, 32 on CPU)")
+    t.add_argument("--seqlen", type=_positive("seqlen"), default=None,
+                   help="tokens per calibration window (default: 2048 on CUDA, 512 on CPU)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
+    t.add_argument("--eval", default=DEFAULT_EVAL, dest="eval_text",
+                   help="perplexity text: python-docs (default), wikitext2 / ptb / c4, or a file")
+    t.add_argument("--eval-windows", type=_positive("eval-windows"), default=32,
+                   help="number of evaluation windows (default 32)")
+    t.add_argument("--eval-seqlen", type=_positive("eval-seqlen"), default=512,
+                   help="tokens per evaluation window (default 512)")
+    t.add_argument("--out", default="tradeoff.csv", help="CSV table (default tradeoff.csv)")
+    t.add_argument("--plot", default=None, help="also write the Pareto chart to this PNG")
     return parser
 
 
@@ -221,6 +253,75 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+_GRID_KEYS = {"sparsity": _sparsity, "pattern": lambda v: None if v == "none" else _pattern(v),
+              "bits": lambda v: _bits(v) or 16, "group_size": _group_size,
+              "method": str, "quant": str,
+              "sym": lambda v: v.lower() in ("1", "true", "yes"),
+              "act_order": lambda v: v.lower() in ("1", "true", "yes")}
+
+
+def parse_grid(items: list[str]) -> list[dict]:
+    """``["sparsity=0,0.5", "bits=16,4"]`` -> one settings dict per combination (pruning with
+    both a sparsity and a pattern is skipped)."""
+    import itertools
+
+    axes = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in _GRID_KEYS or not values:
+            raise ValueError(f"--grid takes KEY=V1,V2,... with KEY one of "
+                             f"{', '.join(_GRID_KEYS)}; got {item!r}")
+        try:
+            axes[key] = [_GRID_KEYS[key](v.strip()) for v in values.split(",")]
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--grid {key}: {e}") from None
+    out = []
+    for combo in itertools.product(*axes.values()):
+        d = dict(zip(axes, combo))
+        if d.get("sparsity") and d.get("pattern"):
+            continue
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def _cmd_tradeoff(args) -> int:
+    import copy
+
+    import torch
+
+    from . import load_model
+    from .tradeoff import COLUMNS, plot_tradeoff, to_markdown, tradeoff
+
+    configs = parse_grid(args.grid)
+    for b in args.baselines:
+        configs.append(dict(bnb=b.split("-")[0], double_quant=b.endswith("-dq")))
+    base, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    text, text_name = _eval_text(args.eval_text)
+    if text is None:
+        raise ValueError("tradeoff needs an evaluation text (--eval)")
+
+    def show(row):
+        if not args.quiet:
+            print(f"{row['method']:<36} {row['bits_per_weight']:6.2f} bits/weight  perplexity "
+                  f"{row['perplexity']:.3f}  {row['note']}", flush=True)
+
+    df = tradeoff(lambda: copy.deepcopy(base), tok, configs, text,
+                  eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
+                  calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
+                  seed=args.seed, device=args.device, on_row=show)
+    df[COLUMNS].to_csv(args.out, index=False, float_format="%.6g")
+    print(to_markdown(df))
+    print(f"perplexity on {text_name}, {df.attrs['eval_windows']} x {args.eval_seqlen} tokens; "
+          f"calibration {args.calibration}, {df.attrs['nsamples']} x {df.attrs['seqlen']} tokens")
+    print(f"table: {args.out}")
+    if args.plot:
+        plot_tradeoff(df, args.plot, title=f"{args.model}: perplexity against size")
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .export import describe_checkpoint
 
@@ -241,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         # per-layer lines are too many for the console; the report table shows them
         logging.getLogger("toolkit").setLevel(logging.WARNING)
     try:
-        return {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info}[args.command](args)
+        return {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info,
+                "tradeoff": _cmd_tradeoff}[args.command](args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"toolkit {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,51 +1,58 @@
 """Size accounting: the bytes a checkpoint of a (compressed) model needs.
 
-Every stored number counts, at the width it is stored with. Two layouts are counted:
+Every stored number counts, at the width it is stored with. Three layouts:
 
-``layout="compressed-tensors"`` (the default): the tensors a compressed-tensors checkpoint holds
-(the format vLLM and llm-compressor read; what :mod:`toolkit.export` writes), byte for byte
-without the safetensors header. For a linear layer of ``rows x cols`` (out x in), with dense
-tensors in a ``d``-byte float (``dense_bits / 8``; 2 for fp16/bf16):
+``layout="compressed-tensors"`` (the default) is what :func:`toolkit.export.save_compressed`
+writes (its default ``layout="compact"``): compressed-tensors tensors, byte for byte, without
+the safetensors header and the JSON files. For a linear layer of ``rows x cols`` (out x in), with
+dense tensors and scales in a ``d``-byte float (``dense_bits / 8``; 2 for fp16/bf16):
 
 * left dense: ``weight`` = ``rows * cols * d``.
 * pruned, not quantized, unstructured (``sparse-bitmask``; also n:m other than 2:4):
   ``compressed`` = the non-zero values, ``nnz * d``; ``bitmask`` = one bit per weight packed
-  along each row (``numpy.packbits``), ``rows * ceil(cols / 8)`` bytes; ``row_offsets`` = where
-  each row starts in ``compressed``, int64, ``rows * 8``; ``shape`` = int64[2], 16 bytes.
+  along each row (``pack_bitmasks``, i.e. ``numpy.packbits``), ``rows * ceil(cols / 8)`` bytes;
+  ``row_offsets`` = where each row starts in ``compressed``, int64, ``rows * 8``;
+  ``shape`` = int64[2], 16 bytes.
 * pruned 2:4, not quantized (``sparse-24-bitmask``): ``compressed`` = exactly half the values,
   ``rows * cols / 2 * d``; ``bitmask`` = ``rows * ceil(cols / 8)``; ``shape`` = 16 bytes.
-* quantized to ``b`` bits, groups of ``g`` columns (``pack-quantized``):
-  ``weight_packed`` = int32 words, the ``b``-bit codes of each row packed densely
-  (no padding between codes), ``rows * ceil(cols * b / 32) * 4``;
-  ``weight_scale`` = one scale per row and group, in the dense float,
-  ``rows * G * d`` with ``G = ceil(cols / g)`` (a narrower last group has its own scale;
-  ``G = 1`` for one grid per row);
-  ``weight_zero_point`` (asymmetric only) = the ``b``-bit zero points packed into int32 along
-  the rows, ``ceil(rows * b / 32) * G * 4``;
-  ``weight_g_idx`` (act-order only) = the group of each input column, int32, ``cols * 4``;
-  ``weight_shape`` = int64[2], 16 bytes.
-  Pruned *and* quantized layers are stored this way too: compressed-tensors has no general
-  format for both (its 2:4 + 4-bit ``marlin-24`` is a GPU kernel layout), so the pruned weights
-  are stored as codes (the zero point) and sparsity saves nothing on disk in this layout.
+* quantized to ``b`` bits, groups of ``g`` columns (``pack-quantized``, packed by the library's
+  ``pack_to_int32``): ``weight_packed`` = int32 words holding the ``b``-bit codes of each row
+  densely (no padding between codes), ``rows * ceil(cols * b / 32) * 4``;
+  ``weight_scale`` = one scale per row and group in the dense float, ``rows * G * d`` with
+  ``G = ceil(cols / g)`` (a narrower last group has its own scale; ``G = 1`` for one grid per
+  row); ``weight_zero_point`` (asymmetric only) = the ``b``-bit zero points packed into int32
+  along the rows, ``ceil(rows * b / 32) * G * 4`` -- except when ``g`` does not divide
+  ``cols``: the export then uses the format's ``block`` strategy, whose zero points stay int8,
+  ``rows * G``; ``weight_shape`` = int64[2], 16 bytes; ``weight_g_idx`` = int32 group index per
+  input column, ``cols * 4``, only when act-order left the groups out of column order
+  (compressed-tensors 0.20 cannot store it and the export refuses such layers; it is counted as
+  older compressed-tensors and GPTQ checkpoints store it).
+* pruned *and* quantized (the toolkit's joint layout): as pack-quantized, but ``weight_packed``
+  holds only the kept codes, ``ceil(nnz * b / 32) * 4``, plus ``weight_bitmask``,
+  ``rows * ceil(cols / 8)``.
 
-``layout="packed"``: the information itself, bit-packed with no container overhead -- what a
-sparse-and-quantized format needs at least:
+``layout="transformers"`` is what ``save_compressed(layout="transformers")`` writes, the layout
+``transformers`` itself loads: pruned-only layers dense, pruned+quantized layers as plain
+pack-quantized (every code stored; the pruned weights are the zero-point code).
+
+``layout="packed"``: the information itself, bit-packed with no container overhead -- the
+least a format needs:
 
 * values: ``kept * b`` bits (``kept * dense_bits`` unquantized);
 * unstructured sparsity: a bitmask of ``rows * cols`` bits;
 * n:m sparsity: ``ceil(log2(m))`` index bits per kept value (2:4: 2 bits per kept value, i.e. 1
   bit per weight, the same as a bitmask);
 * quantization: ``rows * G`` scales of ``dense_bits`` and, asymmetric, ``rows * G`` zero points of
-  ``b`` bits; with act-order an int32 group index per input column.
+  ``b`` bits; with out-of-order act-order groups an int32 group index per input column.
 
-Everything else (embeddings, lm_head, norms, biases, layers left alone) is dense in both layouts:
+Everything else (embeddings, lm_head, norms, biases, layers left alone) is dense in every layout:
 ``numel * dense_bits``. Tied parameters (embeddings shared with lm_head) count once.
 
-bitsandbytes layers (see :mod:`toolkit.bnb`) count what bitsandbytes serializes: 4-bit: the packed
-data (two codes per byte) + ``quant_state.as_dict(packed=True)`` (absmax per block of 64 as
-float32, or with double quantization as uint8 + float32 absmax per 256 blocks + the 256-entry
-nested code; the 16-entry code; the small JSON blob); LLM.int8: int8 weight + float32 scale per
-row (``SCB``) + the 1-byte ``weight_format``.
+bitsandbytes layers (see :mod:`toolkit.bnb`) count what bitsandbytes serializes, whatever the
+layout: 4-bit: the packed data (two codes per byte) + ``quant_state.as_dict(packed=True)``
+(absmax per block of 64 as float32, or with double quantization as uint8 + a float32 absmax per
+256 blocks + the 256-entry nested code; the 16-entry code; the small JSON blob); LLM.int8: int8
+weight + a float32 scale per row (``SCB``) + the 1-byte ``weight_format``.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from torch import nn
 
 __all__ = ["linear_bits", "linear_bytes", "model_bytes", "SizeBreakdown", "LAYOUTS"]
 
-LAYOUTS = ("compressed-tensors", "packed")
+LAYOUTS = ("compressed-tensors", "transformers", "packed")
 _INT64, _INT32 = 8, 4
 
 
@@ -77,8 +84,9 @@ def linear_bytes(rows: int, cols: int, *, nnz: int | None = None,
     ``nnz``: weights kept (non-zero); ``sparse`` (default: ``nnz < rows * cols`` or a pattern)
     says the layer is pruned; ``pattern``: ``(n, m)`` for n:m sparsity. ``bits``: 2..8 to count
     a quantized layer, None for float values. ``group_size``: columns per grid (None: one per
-    row). See the module docstring for each term. The terms sum to the layer's bytes; in the
-    ``"packed"`` layout they can be fractional (bits / 8).
+    row). ``act_order``: the columns map to groups out of order, so a group index is stored.
+    See the module docstring for each term and layout. The terms sum to the layer's bytes; in
+    the ``"packed"`` layout they can be fractional (bits / 8).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
@@ -113,19 +121,25 @@ def linear_bytes(rows: int, cols: int, *, nnz: int | None = None,
             if act_order:
                 out["g_idx"] = cols * _INT32
         return out
-    # compressed-tensors
-    if bits is not None:  # pack-quantized (pruned weights are stored as codes)
-        out = {"weight_packed": rows * math.ceil(cols * bits / 32) * _INT32,
-               "weight_scale": rows * groups * d}
+    bitmask = rows * math.ceil(cols / 8)
+    if bits is not None:  # pack-quantized
+        if sparse and layout == "compressed-tensors":  # kept codes only + a bitmask
+            out = {"weight_packed": math.ceil(nnz * bits / 32) * _INT32,
+                   "weight_bitmask": bitmask}
+        else:  # every code, pruned weights as the zero-point code
+            out = {"weight_packed": rows * math.ceil(cols * bits / 32) * _INT32}
+        out["weight_scale"] = rows * groups * d
         if not sym:
-            out["weight_zero_point"] = math.ceil(rows * bits / 32) * groups * _INT32
+            if groups == 1 or cols % group_size == 0:  # channel / group: packed along rows
+                out["weight_zero_point"] = math.ceil(rows * bits / 32) * groups * _INT32
+            else:  # partial last group: block strategy, zero points stay int8
+                out["weight_zero_point"] = rows * groups
         if act_order:
             out["weight_g_idx"] = cols * _INT32
         out["weight_shape"] = 2 * _INT64
         return out
-    if not sparse:
+    if not sparse or layout == "transformers":
         return {"weight": numel * d}
-    bitmask = rows * math.ceil(cols / 8)
     if pattern == (2, 4):  # sparse-24-bitmask
         return {"compressed": numel // 2 * d, "bitmask": bitmask, "shape": 2 * _INT64}
     return {"compressed": nnz * d, "bitmask": bitmask,  # sparse-bitmask
@@ -238,9 +252,12 @@ def _compressed_weight_bytes(module, p, info, dense_bits, layout):
     w = p.detach()
     rows, cols = (w.shape[1], w.shape[0]) if _is_conv1d(module) else w.shape
     nnz = int(torch.count_nonzero(w)) if s.prunes else None
-    t = linear_bytes(rows, cols, nnz=nnz, pattern=s.pattern, sparse=s.prunes, bits=s.bits,
-                     group_size=s.group_size, sym=s.sym,
-                     act_order=s.act_order and s.bits is not None and info.g_idx is not None,
+    g_idx = getattr(info, "g_idx", None)
+    out_of_order = s.bits is not None and g_idx is not None and s.group_size is not None and \
+        not torch.equal(g_idx.cpu().long(), torch.arange(cols) // s.group_size)
+    t = linear_bytes(rows, cols, nnz=nnz, pattern=s.pattern,
+                     sparse=s.prunes and nnz is not None and nnz < rows * cols, bits=s.bits,
+                     group_size=s.group_size, sym=s.sym, act_order=out_of_order,
                      dense_bits=dense_bits, layout=layout)
     return t, rows * cols
 

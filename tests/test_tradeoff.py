@@ -1,0 +1,241 @@
+"""tradeoff(), plot_tradeoff(), the bitsandbytes baselines and the CLI grid, on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+
+from toolkit import compress
+from toolkit.quant import group_bounds
+from toolkit.tradeoff import COLUMNS, plot_tradeoff, to_markdown, tradeoff
+
+bnb_missing = not __import__("toolkit.bnb", fromlist=["bnb_available"]).bnb_available()[0]
+needs_bnb = pytest.mark.skipif(bnb_missing, reason="bitsandbytes does not import here")
+
+
+def _linears(model):
+    return [m for m in model.modules() if hasattr(m, "compression")]
+
+
+# ---- each baseline produces what it claims --------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_pruning_baselines_hit_their_sparsity(method):
+    model = tiny_model("llama")
+    compress(model, method=method, sparsity=0.5, calibration=random_ids(4, 32), nsamples=4,
+             seqlen=32, verbose=False)
+    for m in _linears(model):
+        assert float((m.weight == 0).float().mean()) == pytest.approx(0.5, abs=1 / 64)
+
+
+def test_nm_pattern_is_exact():
+    model = tiny_model("llama")
+    compress(model, pattern="2:4", calibration=random_ids(4, 32), nsamples=4, seqlen=32,
+             verbose=False)
+    for m in _linears(model):
+        nz = (m.weight.reshape(m.weight.shape[0], -1, 4) != 0).sum(-1)
+        assert int(nz.max()) <= 2
+
+
+@pytest.mark.parametrize("quant", ["rtn", "gptq"])
+def test_quantizers_land_on_their_grid(quant):
+    model = tiny_model("llama")
+    compress(model, quant=quant, bits=3, group_size=48, calibration=random_ids(4, 32),
+             nsamples=4, seqlen=32, verbose=False)
+    for m in _linears(model):
+        c, w = m.compression, m.weight.detach().float()
+        for g, (a, b) in enumerate(group_bounds(w.shape[1], 48)):
+            s, z = c.scale[:, g:g + 1], c.zero[:, g:g + 1]
+            q = w[:, a:b] / s + z
+            assert torch.allclose(q, q.round(), atol=1e-3)  # on the grid
+            assert float(q.round().min()) >= 0 and float(q.round().max()) <= 7  # 3 bits
+
+
+@needs_bnb
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", True),
+                                                     ("int8", False)])
+def test_bnb_modules_are_what_they_claim(quant_type, double_quant):
+    import bitsandbytes as bnb
+
+    from toolkit.bnb import bnb_quantize
+    from toolkit.models import find_blocks
+    from toolkit.size import model_bytes
+
+    model = tiny_model("llama")
+    ids = random_ids(1, 16)
+    ref = model(ids).logits.detach()
+    info = bnb_quantize(model, quant_type=quant_type, double_quant=double_quant)
+    _, blocks = find_blocks(model)
+    layers = [m for m in blocks.modules() if isinstance(m, (bnb.nn.Linear4bit,
+                                                           bnb.nn.Linear8bitLt))]
+    assert info["layers"] == len(layers) == 14
+    assert not any(type(m) is torch.nn.Linear for m in blocks.modules())
+    assert type(model.lm_head) is torch.nn.Linear  # outside the blocks: untouched
+    n = sum(math.prod(m.weight.quant_state.shape) if quant_type != "int8" else
+            m.weight.numel() for m in layers)
+    size = model_bytes(model)
+    assert size["compressed_params"] == n
+    for m in layers:
+        if quant_type == "int8":
+            assert m.weight.dtype == torch.int8 and m.state.threshold == 6.0
+        else:
+            qs = m.weight.quant_state
+            assert m.weight.dtype == torch.uint8 and qs.quant_type == quant_type
+            assert qs.blocksize == 64 and qs.nested == double_quant
+    if quant_type == "int8":  # int8 + float32 scale per row + 1 byte format tag
+        rows = sum(m.weight.shape[0] for m in layers)
+        assert size["compressed_bytes"] == n + 4 * rows + len(layers)
+    else:  # two codes per byte; absmax per 64 weights (uint8 with double quant, else float32)
+        assert size["terms"]["packed_4bit"] == n / 2
+        assert size["terms"]["absmax"] == n / 64 * (1 if double_quant else 4)
+        assert 4 < size["bits_per_weight"] < 5 + (2 if double_quant else 0)  # tiny layers
+    out = model(ids).logits.detach()
+    assert torch.isfinite(out).all()
+    assert float((out - ref).pow(2).mean() / ref.pow(2).mean()) < 0.1
+
+
+def test_bnb_config_validation():
+    from toolkit.bnb import BnbConfig
+
+    with pytest.raises(ValueError, match="quant_type"):
+        BnbConfig("int4")
+    with pytest.raises(ValueError, match="double_quant"):
+        BnbConfig("int8", double_quant=True)
+
+
+# ---- tradeoff() --------------------------------------------------------------------------------
+
+CONFIGS = [dict(method="magnitude", sparsity=0.5), dict(pattern="2:4"),
+           dict(bits=4, quant="rtn", group_size=32), dict(bits=3, group_size=32),
+           dict(sparsity=0.5, bits=4, group_size=32)]
+BNB = [dict(bnb="nf4"), dict(bnb="int8")]
+
+
+@pytest.fixture(scope="module")
+def table():
+    base = tiny_model("llama")
+    configs = CONFIGS + ([] if bnb_missing else BNB)
+    return tradeoff(lambda: copy.deepcopy(base), None, configs,
+                    random_ids(1, 256, seed=3).reshape(-1), eval_seqlen=32, eval_windows=4,
+                    calibration=random_ids(4, 32, seed=1), nsamples=4, seqlen=32)
+
+
+def test_tradeoff_rows_and_columns(table):
+    assert list(table.columns) == COLUMNS
+    n = 1 + len(CONFIGS) + (0 if bnb_missing else len(BNB))
+    assert len(table) == n
+    assert table["method"].tolist()[:6] == [
+        "dense", "magnitude 50%", "SparseGPT 2:4", "RTN 4-bit g32", "GPTQ 3-bit g32",
+        "SparseGPT 50% + GPTQ 4-bit g32"]
+    assert table["perplexity"].map(math.isfinite).all()
+    dense = table.iloc[0]
+    assert dense["bits"] == 16 and dense["bits_per_weight"] == 16 and dense["sparsity"] == 0
+    by = table.set_index("method")
+    assert by.loc["SparseGPT 2:4", "sparsity"] == 0.5
+    assert by.loc["GPTQ 3-bit g32", "bytes"] < by.loc["RTN 4-bit g32", "bytes"] < dense["bytes"]
+    joint = by.loc["SparseGPT 50% + GPTQ 4-bit g32"]
+    assert joint["bytes"] < by.loc["RTN 4-bit g32", "bytes"]  # kept codes + bitmask
+    assert joint["packed_bits_per_weight"] < joint["bits_per_weight"]
+    if not bnb_missing:
+        assert by.loc["NF4", "bits"] == 4 and by.loc["NF4", "group_size"] == 64
+        assert by.loc["LLM.int8", "bits"] == 8 and pd.isna(by.loc["LLM.int8", "group_size"])
+    md = to_markdown(table)
+    assert md.count("\n") == n + 1 and "| dense |" in md
+
+
+def test_tradeoff_same_windows_same_numbers(table):
+    """The dense row equals a direct perplexity() call on the same windows."""
+    from toolkit import perplexity
+
+    model = tiny_model("llama")
+    ids = random_ids(1, 256, seed=3).reshape(-1)[: 4 * 32]
+    assert table.iloc[0]["perplexity"] == pytest.approx(perplexity(model, None, ids, seqlen=32,
+                                                                   verbose=False))
+
+
+def test_tradeoff_keeps_a_failed_row(monkeypatch):
+    import sys
+
+    tr = sys.modules["toolkit.tradeoff"]  # the package attribute is the function
+
+    def fail(*a, **k):
+        raise RuntimeError("no kernel for this format on cpu")
+
+    monkeypatch.setattr(tr, "bnb_quantize", fail)
+    base = tiny_model("llama")
+    df = tradeoff(lambda: copy.deepcopy(base), None, [dict(bnb="fp4", label="FP4")],
+                  random_ids(1, 64).reshape(-1), eval_seqlen=32, eval_windows=2)
+    assert df["method"].tolist() == ["dense", "FP4"]
+    assert math.isnan(df.iloc[1]["perplexity"]) and "no kernel" in df.iloc[1]["note"]
+
+
+def test_bad_config():
+    with pytest.raises(ValueError):
+        tradeoff(lambda: tiny_model("llama"), None, ["nf4"], random_ids(1, 64).reshape(-1),
+                 eval_seqlen=32)
+
+
+# ---- plot_tradeoff() -----------------------------------------------------------------------------
+
+
+def test_plot_writes_png_with_expected_series(table, tmp_path):
+    path = tmp_path / "t.png"
+    fig = plot_tradeoff(table, path)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    from toolkit.tradeoff import _pareto
+
+    front = len(_pareto(table.assign(_x=table["bits_per_weight"]))) > 1
+    assert labels[0].startswith("dense")
+    assert (labels[-1] == "Pareto front") == front
+    methods = [m for m in table["method"] if m != "dense"]
+    assert [lbl.rsplit(":", 1)[0] for lbl in labels[1:len(labels) - front]] == methods
+    assert len(ax.collections) == len(methods)  # one marker per method
+    assert len(ax.lines) == 1 + front  # dense reference (+ Pareto front)
+    assert ax.get_xlabel().startswith("bits per weight") and "perplexity" in ax.get_ylabel()
+
+
+def test_plot_log_scale_when_perplexities_spread():
+    df = pd.DataFrame({"method": ["dense", "a", "b"], "bits_per_weight": [16, 4, 3],
+                       "perplexity": [10.0, 12.0, 900.0]})
+    assert plot_tradeoff(df).axes[0].get_yscale() == "log"
+    df.loc[2, "perplexity"] = 13.0
+    assert plot_tradeoff(df).axes[0].get_yscale() == "linear"
+
+
+# ---- CLI grid ----------------------------------------------------------------------------------
+
+
+def test_cli_grid():
+    from toolkit.cli import build_parser, parse_grid
+
+    grid = parse_grid(["sparsity=0,0.5,0.6", "bits=16,4,3"])
+    assert len(grid) == 9 and grid[0] == {"sparsity": 0.0, "bits": 16}
+    assert parse_grid(["pattern=none,2:4", "sparsity=0,0.5"]) == [
+        {"pattern": None, "sparsity": 0.0}, {"pattern": None, "sparsity": 0.5},
+        {"pattern": "2:4", "sparsity": 0.0}]
+    with pytest.raises(ValueError, match="KEY"):
+        parse_grid(["colour=red"])
+    with pytest.raises(ValueError, match="bits"):
+        parse_grid(["bits=5,12"])
+    args = build_parser().parse_args(
+        ["tradeoff", "--grid", "sparsity=0,0.5", "bits=16,4", "--baselines", "nf4", "fp4-dq",
+         "--out", "r.csv", "--plot", "r.png", "--nsamples", "4", "--seqlen", "64"])
+    assert args.grid == ["sparsity=0,0.5", "bits=16,4"] and args.baselines == ["nf4", "fp4-dq"]
+    assert (args.out, args.plot, args.nsamples, args.seqlen) == ("r.csv", "r.png", 4, 64)
+
+
+def test_pareto_front():
+    from toolkit.tradeoff import _pareto
+
+    df = pd.DataFrame({"method": list("abcd"), "_x": [16, 4, 3, 5],
+                       "perplexity": [10.0, 11.0, 12.0, 13.0]})
+    assert _pareto(df)["method"].tolist() == ["c", "b", "a"]  # d is beaten by b
