@@ -213,7 +213,7 @@ def _cmd_compress(args) -> int:
 
     # under torchrun: one process group (NCCL on GPUs, gloo on CPUs); only rank 0 evaluates,
     # prints and writes (see toolkit.distributed)
-    distributed.init_from_env()
+    distributed.init_from_env(device=args.device)
     cfg = CompressConfig(sparsity=args.sparsity, pattern=args.pattern, bits=args.bits,
                          group_size=args.group_size, sym=args.sym, act_order=args.act_order,
                          method=args.method, quant=args.quant, calibration=args.calibration,

@@ -76,12 +76,14 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_from_env(timeout_s: float | None = None, backend: str | None = None) -> bool:
+def init_from_env(timeout_s: float | None = None, backend: str | None = None,
+                  device=None) -> bool:
     """Initialise the default process group from torchrun's environment, if launched by it.
 
     Returns True when a process group is (now) initialised. Reads ``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``/``MASTER_PORT`` (set by ``torchrun``); the backend is NCCL when CUDA is
-    available, else gloo; each GPU rank uses ``cuda:LOCAL_RANK``. ``timeout_s`` (default
+    available and ``device`` (the compute device asked for, None: the default) is not the CPU,
+    else gloo; each GPU rank uses ``cuda:LOCAL_RANK``. ``timeout_s`` (default
     ``TOOLKIT_DIST_TIMEOUT`` or 1800 s) bounds how long a rank waits for the others.
     """
     global _timeout_s
@@ -95,7 +97,8 @@ def init_from_env(timeout_s: float | None = None, backend: str | None = None) ->
     if timeout_s is None:
         timeout_s = float(os.environ.get("TOOLKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        on_cpu = device is not None and torch.device(device).type == "cpu"
+        backend = "nccl" if torch.cuda.is_available() and not on_cpu else "gloo"
     kwargs = {}
     if backend == "nccl":
         device = torch.device("cuda", local_rank())
@@ -204,7 +207,7 @@ def _picklable(e: BaseException) -> BaseException:
 
 def _broadcast_weight(w: torch.Tensor, src: int) -> None:
     """Broadcast a parameter in place; gloo gets a float32 copy of 16-bit weights (exact)."""
-    if dist.get_backend() == "gloo" and w.dtype not in (torch.float32, torch.float64):
+    if w.device.type == "cpu" and w.dtype not in (torch.float32, torch.float64):
         buf = w.float()
         dist.broadcast(buf, src=src)
         w.copy_(buf)
