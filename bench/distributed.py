@@ -9,7 +9,8 @@ and model creation are reported separately as "startup"). The compressed weights
 run are compared with the first single-process one (max |dW| and the fraction of weights that
 differ by more than 1e-5: float-rounding differences -- a different thread count is enough --
 flip a few 4-bit rounding ties, and the error compensation then moves the rest of that row a
-little). Writes data/results/distributed_cpu.csv (or
+little). A control row runs one process on the same windows in reverse order (the same
+Hessian up to rounding) to show how much of that difference float rounding alone makes. Writes data/results/distributed_cpu.csv (or
 distributed_<device>.csv on GPUs).
 
 On a 2-core CPU little gain is expected: one process already uses both cores for its matrix
@@ -65,6 +66,8 @@ def worker(args) -> None:
                       num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=2048)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 1024, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(1))
+    if args.reverse:  # the same windows in the opposite order: the same Hessian up to rounding
+        ids = ids.flip(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if distributed.active():
         distributed.dist.barrier()
@@ -84,7 +87,7 @@ def worker(args) -> None:
             params=sum(p.numel() for p in model.parameters()))))
 
 
-def run_one(args, nproc: int, threads: int, out: Path) -> dict:
+def run_one(args, nproc: int, threads: int, out: Path, reverse: bool = False) -> dict:
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -92,6 +95,7 @@ def run_one(args, nproc: int, threads: int, out: Path) -> dict:
     cmd += [str(Path(__file__).resolve()), "--worker", "--out", str(out), "--threads", str(threads),
             "--hidden", str(args.hidden), "--blocks", str(args.blocks),
             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    cmd += ["--reverse"] if reverse else []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
@@ -105,6 +109,7 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nproc", type=int, default=2, help="processes of the parallel run (2)")
     p.add_argument("--hidden", type=int, default=384, help="hidden size of the tiny LLaMA (384)")
     p.add_argument("--blocks", type=int, default=4, help="decoder blocks (4)")
@@ -112,6 +117,9 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256, help="tokens per window (256)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each setting; the best counts")
     p.add_argument("--port", type=int, default=29517, help="torchrun master port")
+    p.add_argument("--single-threads", default=None,
+                   help="thread counts of the 1-process runs on CPU, e.g. 1,2 (default: 1 and all "
+                        "cores)")
     p.add_argument("--csv", default=None, help="output table (data/results/distributed_cpu.csv)")
     args = p.parse_args()
     if args.worker:
@@ -123,19 +131,23 @@ def main() -> None:
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count()
     if gpus:
-        settings = [(1, 1), (min(args.nproc, gpus), 1)]
+        settings = [(1, 1, False), (1, 1, True), (min(args.nproc, gpus), 1, False)]
     else:  # the same cores in every setting: 1 process x all threads, N processes x cores/N
-        settings = [(1, 1), (1, cores), (args.nproc, max(1, cores // args.nproc))]
+        single = [int(t) for t in args.single_threads.split(",")] if args.single_threads \
+            else sorted({1, cores})
+        settings = [(1, t, False) for t in single] + [(1, single[0], True)] + [
+            (args.nproc, max(1, cores // args.nproc), False)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ref = None
-        for nproc, threads in settings:
+        for nproc, threads, reverse in settings:
             best = None
-            for r in range(args.repeats):
-                res = run_one(args, nproc, threads, Path(tmp) / f"r{nproc}_{threads}_{r}.json")
+            tag = f"{nproc}_{threads}_{int(reverse)}"
+            for r in range(1 if reverse else args.repeats):
+                res = run_one(args, nproc, threads, Path(tmp) / f"r{tag}_{r}.json", reverse)
                 if best is None or res["seconds"] < best["seconds"]:
                     best = res
-            state = torch.load(Path(tmp) / f"r{nproc}_{threads}_0.pt")
+            state = torch.load(Path(tmp) / f"r{tag}_0.pt")
             if ref is None:
                 ref = state
             diff = max(float((state[k] - ref[k]).abs().max()) for k in ref)
@@ -145,21 +157,24 @@ def main() -> None:
                              f"({best['params'] / 1e6:.1f}M)", calibration=f"{args.nsamples}x"
                              f"{args.seqlen}", method="sparsegpt 50% + gptq 4-bit g128",
                              device=best["device"], processes=nproc, threads_per_process=threads,
+                             windows="reversed (control)" if reverse else "as drawn",
                              compress_s=round(best["seconds"], 2), startup_s=round(best["startup"], 2),
                              wall_s=round(best["wall"], 2), max_abs_diff_vs_1proc=f"{diff:.2g}",
                              frac_weights_changed=f"{changed:.2g}"))
     base = rows[0]["compress_s"]
-    best_single = min(r["compress_s"] for r in rows if r["processes"] == 1)
+    best_single = min(r["compress_s"] for r in rows if r["processes"] == 1 and
+                      r["windows"] == "as drawn")
     for r in rows:
         r["speedup_vs_1proc_1thread"] = round(base / r["compress_s"], 2)
         r["speedup_vs_best_1proc"] = round(best_single / r["compress_s"], 2)
     cols = list(rows[0])
     print(f"machine: {rows[0]['machine']}; model {rows[0]['model']}; calibration "
           f"{rows[0]['calibration']}; best of {args.repeats}")
-    print(f"{'processes':>9} {'threads':>7} {'compress s':>10} {'startup s':>9} {'speedup':>8} "
-          f"{'vs best 1p':>10} {'max |dW|':>9} {'changed':>8}")
+    print(f"{'processes':>9} {'threads':>7} {'windows':>19} {'compress s':>10} {'startup s':>9} "
+          f"{'speedup':>8} {'vs best 1p':>10} {'max |dW|':>9} {'changed':>8}")
     for r in rows:
-        print(f"{r['processes']:>9} {r['threads_per_process']:>7} {r['compress_s']:>10.2f} "
+        print(f"{r['processes']:>9} {r['threads_per_process']:>7} {r['windows']:>19} "
+              f"{r['compress_s']:>10.2f} "
               f"{r['startup_s']:>9.2f} {r['speedup_vs_1proc_1thread']:>8.2f} "
               f"{r['speedup_vs_best_1proc']:>10.2f} {r['max_abs_diff_vs_1proc']:>9} "
               f"{r['frac_weights_changed']:>8}")
