@@ -228,24 +228,39 @@ class _Source:
         return h.hexdigest()
 
     def read(self, keys: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The tensors ``keys`` (floating ones converted to ``dtype``), opening each shard once."""
-        from safetensors import safe_open
+        """The tensors ``keys`` (floating ones converted to ``dtype``).
 
+        Read with plain file reads straight into the tensors' memory, not through a memory map:
+        mapped pages of the shards would count in the process's resident memory next to the
+        copies (twice the embeddings at the start)."""
         out = {}
-        by_file: dict[Path, list[str]] = OrderedDict()
         for k in keys:
-            by_file.setdefault(self.where[k], []).append(k)
-        for file, ks in by_file.items():
+            file = self.where[k]
+            info = self.headers[file][k]
+            st_dtype = _ST_DTYPES.get(info["dtype"])
+            if st_dtype is None:
+                raise CheckpointError(f"{file}: tensor {k!r} has dtype {info['dtype']}, not "
+                                      "supported by streaming")
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=st_dtype)
             try:
-                with safe_open(str(file), framework="pt") as f:
-                    for k in ks:
-                        t = f.get_tensor(k)
-                        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                with open(file, "rb", buffering=0) as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    f.seek(8 + n + start)
+                    if t.numel():
+                        view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                        got = 0
+                        while got < end - start:
+                            r = f.readinto(view[got:])
+                            if not r:
+                                break
+                            got += r
+                        if got != end - start:
+                            raise CheckpointError(f"{file}: truncated while reading {k!r}")
             except FileNotFoundError:
                 raise CheckpointError(f"{file}: shard disappeared while streaming") from None
-            except (OSError, RuntimeError) as e:
-                raise CheckpointError(f"{file}: cannot be read ({e})") from None
-        return {k: out[k] for k in keys}
+            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,6 +805,18 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
                 pass
 
 
+def _peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes (0 where unknown)."""
+    try:
+        import resource
+        import sys
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(r if sys.platform == "darwin" else r * 1024)
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        return 0
+
+
 def _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0):
     import pandas as pd
 
@@ -820,6 +847,7 @@ def _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0)
         "params compressed": n_comp,
         "sparsity (compressed)": pruned / n_comp if n_comp else 0.0,
         "blocks resumed": resumed,
+        "peak host memory (RSS)": _peak_rss(),
         "seconds": time.perf_counter() - t0,
     }
     return CompressionReport(config=config, layers=layers, summary=summary)
