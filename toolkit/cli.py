@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--owl-lambda", type=float, default=0.08,
                    help="owl: largest deviation of a block's sparsity from --sparsity (0.08)")
     c.add_argument("--out", default=None, help="write the compressed checkpoint to this folder")
+    c.add_argument("--stream", action="store_true",
+                   help="for models larger than memory: --model is a folder of safetensors "
+                        "shards, read one block at a time; needs --out, which is resumable "
+                        "(re-run the same command after a crash or Ctrl-C); no perplexity")
 
     e = sub.add_parser("eval", help="perplexity of a model on a text",
                        description="Perplexity on non-overlapping windows (SparseGPT/GPTQ "
@@ -221,6 +225,8 @@ def _cmd_compress(args) -> int:
                          seed=args.seed, verbose=not args.quiet,
                          refine_iters=args.refine_iters, allocation=args.allocation,
                          owl_m=args.owl_m, owl_lambda=args.owl_lambda)
+    if args.stream:
+        return _compress_streaming(args, cfg)
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     text, text_name = _eval_text(args.eval_text) if distributed.is_main() else (None, "none")
     ppl_kw = dict(seqlen=args.eval_seqlen, max_windows=args.eval_windows, verbose=not args.quiet)
@@ -238,6 +244,35 @@ def _cmd_compress(args) -> int:
 
         save_compressed(model, args.out, report=report, tokenizer=tok)
         print(f"{'checkpoint':>22}: {args.out}")
+    return 0
+
+
+def _compress_streaming(args, cfg) -> int:
+    """``compress --stream``: block by block from the shards of ``--model`` into ``--out``."""
+    from pathlib import Path
+
+    import torch
+
+    from .stream import compress_streaming
+
+    if not args.out:
+        raise ValueError("--stream writes the checkpoint block by block: give --out DIR")
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--stream reads a local model folder of safetensors shards; "
+                         f"{args.model!r} is not a folder")
+    try:
+        report = compress_streaming(args.model, args.out, config=cfg,
+                                    dtype=getattr(torch, args.dtype))
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        print(f"toolkit compress: error: {e}", file=sys.stderr)
+        return 1
+    print(report)
+    if args.eval_text != "none" and not args.quiet:
+        print(f"{'perplexity':>22}: not measured with --stream (the model is never whole in "
+              f"memory); load the result with toolkit.load_compressed to evaluate it")
+    print(f"{'checkpoint':>22}: {args.out}")
     return 0
 
 
