@@ -23,7 +23,8 @@ group sees the outputs of the already-compressed groups before it), so a group o
 
 Supported: GPU onloading (one block at a time on each rank's GPU), CPU ranks with gloo, every
 pruning/quantization setting (the results match one process up to float rounding).
-Not supported yet: the streaming mode (blocks loaded from disk), which does not exist yet.
+Not supported yet: the streaming mode (``compress --stream``, blocks read from and written to
+disk), which refuses to run under several processes with a clear error.
 
 A rank that fails while solving sends its exception to the others, which all raise it. A rank
 that dies, or fails elsewhere, makes the others raise :class:`DistributedError` when the
