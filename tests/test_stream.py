@@ -17,7 +17,7 @@ from conftest import random_ids, tiny_model
 
 import toolkit
 from toolkit import stream
-from toolkit.export import CheckpointError, load_compressed, save_compressed
+from toolkit.export import CheckpointError, describe_checkpoint, load_compressed, save_compressed
 from toolkit.stream import JOURNAL_NAME, InjectedFailure, StreamError, compress_streaming
 
 IDS = random_ids(8, 32)
@@ -100,7 +100,7 @@ def test_stream_equals_in_memory(tmp_path, family):
     j = _journal(out)
     assert j["complete"] and sorted(j["blocks"], key=int) == [str(b) for b in range(N_BLOCKS)]
     assert not (out / stream.WORK_DIR).exists()  # the saved activations are gone
-    assert "on disk" in toolkit.describe_checkpoint(out)
+    assert "on disk" in describe_checkpoint(out)
 
 
 def test_resume_after_injected_failure(tmp_path, llama_src, llama_reference, monkeypatch):

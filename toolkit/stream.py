@@ -281,6 +281,8 @@ def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # from_config ties, but not under init_empty_weights
     model.eval()
     return model
 
@@ -576,7 +578,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         acc = _LayerAccumulator(layout)
         for full, rec in records.items():
             acc.add(full, rec)
-        acc.check(partial_groups)
+        if acc.actorder_bad or (acc.partial and partial_groups == "error"):
+            acc.check(partial_groups)  # raises now; warnings are logged once, at the end
         for n in block_keys[b]:
             if n not in comp_names:
                 live = _get_tensor(model, n)
