@@ -153,6 +153,17 @@ def _launch(case: str, tmp_path: Path, timeout_s: float = 60, wait_s: float = 12
     return result
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_forkserver():
+    """Stop the forkserver when the module is done (it would otherwise linger until exit)."""
+    yield
+    from multiprocessing import forkserver
+
+    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        stop()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One 2-process run and one single-process run of the same compression."""
