@@ -262,3 +262,12 @@ def test_report_summary_is_consistent():
     assert s["bytes after"] < s["bytes before (fp16)"]
     text = str(report)
     assert "model.layers.1.mlp.down_proj" in text and "bits/weight" in text
+
+
+def test_float64_hessians_agree_with_float32():
+    reports = {}
+    for hd in ("float32", "float64"):
+        model = tiny_model("llama")
+        reports[hd] = _compress_tiny(model, sparsity=0.5, bits=4, group_size=32, hessian_dtype=hd)
+    e32, e64 = reports["float32"].layers.error, reports["float64"].layers.error
+    assert ((e32 - e64).abs() <= 1e-3 * e64.abs() + 1e-6).mean() > 0.9

@@ -280,7 +280,7 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
             ref.set_weight(w.to(ref.module.weight.device))
             new = ref.get_weight().to(device=device, dtype=torch.float32)
             if H is not None:
-                d = originals[j].to(H.device) - new.to(H.device)
+                d = (originals[j].to(H.device) - new.to(H.device)).to(H.dtype)
                 comp.error = float(((d @ H) * d).sum())
             else:
                 comp.error = float("nan")
