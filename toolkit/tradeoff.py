@@ -39,6 +39,8 @@ log = logging.getLogger("toolkit")
 COLUMNS = ["method", "sparsity", "bits", "group_size", "bytes", "bits_per_weight", "perplexity",
            "compress_seconds", "model_bits_per_weight", "packed_bits_per_weight", "note"]
 DENSE = "dense"
+JOINT_NOTE = ("kept codes + bitmask (save_compressed layout='compact'; transformers cannot load "
+              "it, toolkit.load_compressed can)")
 
 
 def config_label(config) -> str:
@@ -214,8 +216,7 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
             log.warning("%s: %s", label, row["note"])
         if isinstance(config, CompressConfig) and config._settings.prunes and \
                 config._settings.bits is not None:
-            row["note"] = row["note"] or ("compressed-tensors stores pruned+quantized weights as "
-                                          "codes; packed_bits_per_weight counts a bitmask")
+            row["note"] = row["note"] or JOINT_NOTE
         del model
         rows.append(row)
         if on_row is not None:
@@ -299,13 +300,22 @@ def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
     if logy is None:
         logy = len(ppl) > 0 and float(ppl.max()) > 3 * float(ppl.min())
     if logy:
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
     ax.set_xlabel(xlabels[x])
     ax.set_ylabel("perplexity (lower is better" + (", log scale)" if logy else ")"))
     ax.set_title(title or "Accuracy against size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    if footnote:
+    if footnote:  # below the axes, with room reserved for it
+        lines = footnote.count("\n") + 1
+        height = (lines * 7 * 1.35 + 6) / 72 / fig.get_figheight()
+        fig.get_layout_engine().set(rect=(0, height, 1, 1 - height))
         fig.text(0.01, 0.005, footnote, fontsize=7, color="0.3", ha="left", va="bottom")
     if path is not None:
         fig.savefig(path, dpi=150)
