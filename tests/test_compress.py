@@ -271,3 +271,13 @@ def test_float64_hessians_agree_with_float32():
         reports[hd] = _compress_tiny(model, sparsity=0.5, bits=4, group_size=32, hessian_dtype=hd)
     e32, e64 = reports["float32"].layers.error, reports["float64"].layers.error
     assert ((e32 - e64).abs() <= 1e-3 * e64.abs() + 1e-6).mean() > 0.9
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_baseline_rules_on_transposed_conv1d_weights(method):
+    """GPT-2 keeps its weights transposed (Conv1D): the baselines must handle the strides."""
+    model = tiny_model("gpt2")
+    report = _compress_tiny(model, sparsity=0.5, method=method, bits=4, group_size=32, quant="rtn")
+    assert (report.layers.sparsity == 0.5).all()
+    w = model.transformer.h[0].mlp.c_fc.weight
+    assert int((w == 0).sum()) >= w.numel() // 2

@@ -40,7 +40,7 @@ def check_pattern(pattern, name: str = "pattern") -> tuple[int, int] | None:
 
 def prune_lowest(score: torch.Tensor, count: int) -> torch.Tensor:
     """Keep-mask that prunes exactly ``count`` entries of ``score`` with the lowest values."""
-    keep = torch.ones_like(score, dtype=torch.bool)
+    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)  # contiguous
     if count <= 0:
         return keep
     flat = keep.view(-1)
