@@ -18,7 +18,7 @@ nbclient = pytest.importorskip("nbclient")
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("[0-9][0-9]_*.ipynb"))
 WHOLE_MODEL = {"05_accuracy_vs_size.ipynb"}   # compresses the whole model several times
-CELL_TIMEOUT = int(os.environ.get("TOOLKIT_NOTEBOOK_CELL_TIMEOUT", "900"))
+CELL_TIMEOUT = int(os.environ.get("TOOLKIT_NOTEBOOK_CELL_TIMEOUT", "1800"))
 
 
 def test_five_numbered_notebooks():
