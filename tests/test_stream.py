@@ -265,7 +265,7 @@ def test_several_processes_refused(tmp_path, llama_src, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 _MEASURE = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     import psutil, torch
     import transformers, compressed_tensors.compressors, compressed_tensors.quantization
     import toolkit, toolkit.stream, toolkit.cli
@@ -284,7 +284,9 @@ _MEASURE = textwrap.dedent("""
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         rep = toolkit.compress(model, tok, verbose=False, **kw)
         toolkit.save_compressed(model, out, report=rep, tokenizer=tok)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a child of the pytest
+    # process (which holds SmolLM2) would report the parent's peak
+    peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
     print("RESULT " + json.dumps({"baseline": base, "peak": peak, "seconds": time.time() - t}))
 """)
 

@@ -809,7 +809,14 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
 
 
 def _peak_rss() -> int:
-    """Peak resident memory of this process so far, in bytes (0 where unknown)."""
+    """Peak resident memory of this process so far, in bytes (0 where unknown).
+
+    Linux: VmHWM (ru_maxrss survives fork+exec and would report a parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
     try:
         import resource
         import sys
