@@ -250,7 +250,7 @@ def to_markdown(df: pd.DataFrame) -> str:
         mb = "n/a" if pd.isna(r["bytes"]) else f"{r['bytes'] / 1e6:.1f}"
         bpw = "n/a" if pd.isna(r["bits_per_weight"]) else f"{r['bits_per_weight']:.2f}"
         lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {r['bits']} | {g} | {bpw} | {mb} "
-                     f"| {ppl} | {r['compress_seconds']:.0f} | {r['note'] or ''} |")
+                     f"| {ppl} | {r['compress_seconds']:.0f} | {r['note'] if isinstance(r['note'], str) else ''} |")
     return "\n".join(lines)
 
 
