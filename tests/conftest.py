@@ -140,3 +140,14 @@ def smollm2_results(_smollm2, wikitext_valid, wikitext_test):
         out[name] = perplexity(m, tok, wikitext_test, verbose=False, **SMOLLM2_EVAL)
         del m
     return out
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With TOOLKIT_FAIL_ON_SKIP=1 (set by CI) a skipped test is a failure: every dependency of
+    the suite is installed there, so a skip would only hide a test that did not run."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("TOOLKIT_FAIL_ON_SKIP") == "1" and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and TOOLKIT_FAIL_ON_SKIP=1 forbids skips: {report.longrepr}"

@@ -109,7 +109,7 @@ def test_invalid_arguments():
     (33, 256, 3, 128, False), (40, 96, 4, 32, True), (7, 64, 8, None, False), (16, 64, 2, 16, False),
 ])
 def test_matches_compressed_tensors_pack_quantized(rows, cols, bits, group_size, sym):
-    pq = pytest.importorskip("compressed_tensors.compressors.pack_quantized.base")
+    import compressed_tensors.compressors.pack_quantized.base as pq
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     groups = cols // group_size if group_size else 1
@@ -126,7 +126,7 @@ def test_matches_compressed_tensors_pack_quantized(rows, cols, bits, group_size,
 
 def test_matches_compressed_tensors_block_strategy():
     """Partial last group: what the export writes with the format's block strategy."""
-    pq = pytest.importorskip("compressed_tensors.compressors.pack_quantized.base")
+    import compressed_tensors.compressors.pack_quantized.base as pq
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     rows, cols, bits, g = 33, 200, 4, 128
@@ -142,7 +142,7 @@ def test_matches_compressed_tensors_block_strategy():
 
 
 def test_matches_compressed_tensors_bitmask_packing():
-    helpers = pytest.importorskip("compressed_tensors.utils.helpers")
+    import compressed_tensors.utils.helpers as helpers
     mask = torch.rand(5, 13) > 0.5
     packed = helpers.pack_bitmasks(mask)
     t = linear_bytes(5, 13, nnz=int(mask.sum()))
@@ -226,8 +226,9 @@ def test_model_bytes_rtn4_per_layer_by_hand():
 ])
 def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts):
     """The bytes of every tensor save_compressed writes (fp16) equal model_bytes."""
-    export = pytest.importorskip("toolkit.export")
-    safetensors = pytest.importorskip("safetensors")
+    import safetensors
+
+    import toolkit.export as export
     model = tiny_model("llama")
     compress(model, calibration=random_ids(2, 16), nsamples=2, seqlen=16, verbose=False,
              **settings)

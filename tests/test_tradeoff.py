@@ -14,8 +14,10 @@ from toolkit import compress
 from toolkit.quant import group_bounds
 from toolkit.tradeoff import COLUMNS, plot_tradeoff, to_markdown, tradeoff
 
-bnb_missing = not __import__("toolkit.bnb", fromlist=["bnb_available"]).bnb_available()[0]
-needs_bnb = pytest.mark.skipif(bnb_missing, reason="bitsandbytes does not import here")
+
+def needs_bnb(test):
+    """bitsandbytes is a test dependency: a test that needs it fails (not skips) without it."""
+    return test
 
 
 def _linears(model):
@@ -120,7 +122,7 @@ BNB = [dict(bnb="nf4"), dict(bnb="int8")]
 @pytest.fixture(scope="module")
 def table():
     base = tiny_model("llama")
-    configs = CONFIGS + ([] if bnb_missing else BNB)
+    configs = CONFIGS + BNB
     return tradeoff(lambda: copy.deepcopy(base), None, configs,
                     random_ids(1, 256, seed=3).reshape(-1), eval_seqlen=32, eval_windows=4,
                     calibration=random_ids(4, 32, seed=1), nsamples=4, seqlen=32)
@@ -128,7 +130,7 @@ def table():
 
 def test_tradeoff_rows_and_columns(table):
     assert list(table.columns) == COLUMNS
-    n = 1 + len(CONFIGS) + (0 if bnb_missing else len(BNB))
+    n = 1 + len(CONFIGS) + len(BNB)
     assert len(table) == n
     assert table["method"].tolist()[:6] == [
         "dense", "magnitude 50%", "SparseGPT 2:4", "RTN 4-bit g32", "GPTQ 3-bit g32",
@@ -142,9 +144,8 @@ def test_tradeoff_rows_and_columns(table):
     joint = by.loc["SparseGPT 50% + GPTQ 4-bit g32"]
     assert joint["bytes"] < by.loc["RTN 4-bit g32", "bytes"]  # kept codes + bitmask
     assert joint["packed_bits_per_weight"] < joint["bits_per_weight"]
-    if not bnb_missing:
-        assert by.loc["NF4", "bits"] == 4 and by.loc["NF4", "group_size"] == 64
-        assert by.loc["LLM.int8", "bits"] == 8 and pd.isna(by.loc["LLM.int8", "group_size"])
+    assert by.loc["NF4", "bits"] == 4 and by.loc["NF4", "group_size"] == 64
+    assert by.loc["LLM.int8", "bits"] == 8 and pd.isna(by.loc["LLM.int8", "group_size"])
     md = to_markdown(table)
     assert md.count("\n") == n + 1 and "| dense |" in md
 
