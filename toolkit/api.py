@@ -369,9 +369,35 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     finally:
         model.train(was_training)
     after = model_bytes(model)
-    layers = pd.DataFrame(rows, columns=["block", "layer", "shape", "sparsity", "zeros", "bits",
-                                         "group_size", "method", "error", "seconds"])
-    n_comp = sum(int(torch.tensor(s).prod()) for s in layers["shape"]) if len(layers) else 0
+    extra = {
+        "processes": distributed.world_size(),
+        "refine_iters": config.refine_iters,
+        "allocation": config.allocation + (
+            f" (layer sparsity {min(allocated.values()):.3f}..{max(allocated.values()):.3f})"
+            if allocated else ""),
+        "bytes before (fp16)": before["bytes"],
+        "bytes after": after["bytes"],
+        "bits/weight (compressed)": after["bits_per_weight"],
+    }
+    report = build_report(config, rows, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
+                          device=device, extra=extra)
+    report.summary["seconds"] = time.perf_counter() - t0
+    summary = report.summary
+    log.info("compressed %d layers (%s) in %.1fs", len(report.layers), summary["method"],
+             summary["seconds"])
+    return report
+
+
+REPORT_COLUMNS = ["block", "layer", "shape", "sparsity", "zeros", "bits", "group_size", "method",
+                  "error", "seconds"]
+
+
+def build_report(config: CompressConfig, rows: list[dict], *, calibration, nsamples: int,
+                 seqlen: int, device, extra: dict | None = None) -> CompressionReport:
+    """A :class:`CompressionReport` from the sweep's per-layer rows; ``extra`` entries are added
+    to the summary after the common ones (method, calibration, sizes, sparsity)."""
+    layers = pd.DataFrame(rows, columns=REPORT_COLUMNS)
+    n_comp = int(sum(s[0] * s[1] for s in layers["shape"])) if len(layers) else 0
     pruned = float((layers["sparsity"] * layers["shape"].map(lambda s: s[0] * s[1])).sum())
     source = calibration if isinstance(calibration, str) else (
         "token ids" if isinstance(calibration, torch.Tensor) else "given text")
@@ -381,21 +407,11 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         "nsamples": nsamples,
         "seqlen": seqlen,
         "device": str(device),
-        "processes": distributed.world_size(),
         "layers compressed": len(layers),
         "params compressed": n_comp,
         "sparsity (compressed)": pruned / n_comp if n_comp else 0.0,
-        "refine_iters": config.refine_iters,
-        "allocation": config.allocation + (
-            f" (layer sparsity {min(allocated.values()):.3f}..{max(allocated.values()):.3f})"
-            if allocated else ""),
-        "bytes before (fp16)": before["bytes"],
-        "bytes after": after["bytes"],
-        "bits/weight (compressed)": after["bits_per_weight"],
-        "seconds": time.perf_counter() - t0,
+        **(extra or {}),
     }
-    log.info("compressed %d layers (%s) in %.1fs", len(layers), summary["method"],
-             summary["seconds"])
     return CompressionReport(config=config, layers=layers, summary=summary)
 
 

@@ -828,9 +828,7 @@ def _peak_rss() -> int:
 
 
 def _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0):
-    import pandas as pd
-
-    from .api import CompressionReport
+    from .api import build_report
 
     rows = []
     for b in range(journal["blocks_total"]):
@@ -840,24 +838,10 @@ def _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0)
             r["shape"] = tuple(r["shape"])
             r["error"] = float(r["error"])
             rows.append(r)
-    layers = pd.DataFrame(rows, columns=["block", "layer", "shape", "sparsity", "zeros", "bits",
-                                         "group_size", "method", "error", "seconds"])
-    n_comp = int(sum(s[0] * s[1] for s in layers["shape"])) if len(layers) else 0
-    pruned = float((layers["sparsity"] * layers["shape"].map(lambda s: s[0] * s[1])).sum())
-    source = calibration if isinstance(calibration, str) else (
-        "token ids" if isinstance(calibration, torch.Tensor) else "given text")
-    summary = {
-        "method": config.describe(),
-        "calibration": source,
-        "nsamples": nsamples,
-        "seqlen": seqlen,
-        "device": str(device),
-        "mode": "streaming",
-        "layers compressed": len(layers),
-        "params compressed": n_comp,
-        "sparsity (compressed)": pruned / n_comp if n_comp else 0.0,
-        "blocks resumed": resumed,
-        "peak host memory (RSS)": _peak_rss(),
-        "seconds": time.perf_counter() - t0,
-    }
-    return CompressionReport(config=config, layers=layers, summary=summary)
+    return build_report(config, rows, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
+                        device=device, extra={
+                            "mode": "streaming",
+                            "blocks resumed": resumed,
+                            "peak host memory (RSS)": _peak_rss(),
+                            "seconds": time.perf_counter() - t0,
+                        })
