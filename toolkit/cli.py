@@ -242,6 +242,11 @@ def _cmd_compress(args) -> int:
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     text, text_name = _eval_text(args.eval_text) if distributed.is_main() else (None, "none")
     ppl_kw = dict(seqlen=args.eval_seqlen, max_windows=args.eval_windows, verbose=not args.quiet)
+    windows = None
+    if text is not None:
+        from .data import tokenize_text
+
+        windows = min(args.eval_windows, tokenize_text(tok, text).numel() // args.eval_seqlen)
     before = perplexity(model, tok, text, **ppl_kw) if text is not None else None
     report = compress(model, tok, config=cfg)
     if not distributed.is_main():
@@ -250,7 +255,7 @@ def _cmd_compress(args) -> int:
     print(report)
     if text is not None:
         print(f"{'perplexity':>22}: {before:.3f} -> {after:.3f}  ({text_name}, "
-              f"{args.eval_windows} x {args.eval_seqlen} tokens)")
+              f"{windows} x {args.eval_seqlen} tokens)")
     if args.out:
         from .export import save_compressed
 

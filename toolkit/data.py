@@ -6,7 +6,8 @@ Sources accepted by :func:`get_calibration` and :func:`load_text`:
   carries: the Python Language Reference as shipped in ``pydoc_data.topics`` (about 465 KB,
   the text behind ``help()``), followed by the docstrings of a fixed list of standard-library
   modules (about 750 KB). Nothing is downloaded; the text depends only on the Python version.
-  Its ``"test"`` split (a held-out fifth of the Language Reference) serves offline evaluation.
+  Its ``"test"`` split (the last fifth of the Language Reference, held out) serves offline
+  evaluation.
 * ``"wikitext2"``, ``"c4"``, ``"ptb"``: the usual calibration sets of the SparseGPT/GPTQ
   papers, through ``datasets`` (needs the hub or a local ``datasets`` cache).
 * a path to a local text file (UTF-8), the text itself (a string of more than 256
@@ -46,18 +47,18 @@ _DOC_MODULES = (
 def python_docs_text(split: str = "train") -> str:
     """The offline default text (see the module docstring).
 
-    ``split="test"`` is a held-out fifth of the Language Reference topics (every fifth topic in
-    sorted order, about 95 KB), for an offline perplexity check; ``"train"`` is everything else.
+    ``split="test"`` is the last fifth of the Language Reference (cut at a paragraph break,
+    about 93 KB), held out for an offline perplexity check; ``"train"`` is everything else.
     """
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    held_out = [k for i, k in enumerate(keys) if i % 5 == 4]
+    reference = "\n\n".join(topics[k] for k in sorted(topics))
+    cut = reference.rfind("\n\n", 0, int(0.8 * len(reference)))
     if split == "test":
-        return "\n\n".join(topics[k] for k in held_out)
+        return reference[cut:].strip()
     if split != "train":
         raise ValueError(f"split must be 'train' or 'test' for python-docs, got {split!r}")
-    parts = [topics[k] for k in keys if k not in held_out]
+    parts = [reference[:cut]]
     seen: set[int] = set()
     for name in _DOC_MODULES:
         try:
