@@ -256,6 +256,19 @@ def _find_tokenizer(model):
         return None
 
 
+def calibration_plan(config: CompressConfig, model, device) -> tuple[object, int, int]:
+    """``(calibration, nsamples, seqlen)`` after defaults: the offline text, the device's
+    calibration size, ``seqlen`` capped at (and checked against) the model's context."""
+    calibration = config.calibration if config.calibration is not None else DEFAULT_CALIBRATION
+    default_n, default_len = default_calibration_size(device)
+    nsamples = config.nsamples or default_n
+    context = _context_length(model)
+    seqlen = config.seqlen or (min(default_len, context) if context else default_len)
+    if context is not None and seqlen > context:
+        raise ValueError(f"seqlen={seqlen} is longer than the model's context ({context} tokens)")
+    return calibration, nsamples, seqlen
+
+
 def _context_length(model) -> int | None:
     c = getattr(model, "config", None)
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -320,13 +333,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     device = distributed.rank_device(device)  # cuda:LOCAL_RANK under a process group
     blocks_name, blocks = find_blocks(model)
 
-    calibration = config.calibration if config.calibration is not None else DEFAULT_CALIBRATION
-    default_n, default_len = default_calibration_size(device)
-    nsamples = config.nsamples or default_n
-    context = _context_length(model)
-    seqlen = config.seqlen or (min(default_len, context) if context else default_len)
-    if context is not None and seqlen > context:
-        raise ValueError(f"seqlen={seqlen} is longer than the model's context ({context} tokens)")
+    calibration, nsamples, seqlen = calibration_plan(config, model, device)
     if tokenizer is None and not isinstance(calibration, torch.Tensor):
         tokenizer = _find_tokenizer(model)
         if tokenizer is None:

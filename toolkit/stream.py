@@ -380,13 +380,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     blocks found finished).
     """
 
-    from .api import (
-        CompressConfig,
-        _context_length,
-        config_dict,
-        default_calibration_size,
-    )
-    from .data import DEFAULT_CALIBRATION, get_calibration
+    from .api import CompressConfig, calibration_plan, config_dict
+    from .data import get_calibration
     from .models import find_blocks, find_linears
     from .sweep import capture_block_inputs, resolve_settings, sweep_block
 
@@ -441,13 +436,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     rest_keys = [n for n, _ in table if n not in in_block]
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    calibration = config.calibration if config.calibration is not None else DEFAULT_CALIBRATION
-    default_n, default_len = default_calibration_size(device)
-    nsamples = config.nsamples or default_n
-    context = _context_length(model)
-    seqlen = config.seqlen or (min(default_len, context) if context else default_len)
-    if context is not None and seqlen > context:
-        raise ValueError(f"seqlen={seqlen} is longer than the model's context ({context} tokens)")
+    calibration, nsamples, seqlen = calibration_plan(config, model, device)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
