@@ -39,6 +39,8 @@ over the whole model first).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
@@ -166,6 +168,28 @@ def _write_safetensors(path: Path, items: list, metadata: dict | None = None) ->
 
 def _tensor_items(tensors: dict) -> list:
     return [(k, v.dtype, list(v.shape), (lambda v=v: v)) for k, v in tensors.items()]
+
+
+_LIBC = None
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory freed by the last block back to the operating system.
+
+    glibc keeps freed allocations of up to 32 MB in its heap for reuse (its mmap threshold
+    rises to the largest block freed), so without this the resident memory of a streaming run
+    creeps up block after block and at the end holds about twice what it uses. No-op where
+    ``malloc_trim`` does not exist (macOS, Windows, musl)."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            lib = ctypes.CDLL(name) if name else None
+            _LIBC = lib if lib is not None and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,6 +550,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         inputs = capture_block_inputs(model, blocks, ids, device)
         for n in front:
             _set_tensor(model, n, None)  # the embeddings are not needed until the end
+        _return_freed_memory()
         if first > 0:
             inputs.hidden = _load_inputs(out, journal, first, device)
 
@@ -591,6 +616,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         _atomic_json(journal_path, journal)
         _remove_old_inputs(out, journal)
         log.info("block %d/%d persisted (%s)", b + 1, n_blocks, shard)
+        _return_freed_memory()
         _injected(b)
 
     # ---- finalize ------------------------------------------------------------------------------
