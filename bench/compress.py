@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import torch
+from _machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = Path(os.environ.get("TOOLKIT_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext2"))
@@ -99,9 +99,7 @@ def main(argv=None) -> int:
         data = "python-docs (train split for calibration, test split for perplexity)"
     calib = get_calibration(calib_text, tok, nsamples=args.nsamples, seqlen=args.seqlen)
     eval_ids = tokenize_text(tok, eval_text)
-    machine = (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} CPUs, torch {torch.__version__}, device {device}"
-               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    machine = describe(device)
     print(f"machine: {machine}\ndata: {data}\ncalibration: {args.nsamples} x {args.seqlen} "
           f"tokens; evaluation: {args.eval_windows} x {args.eval_seqlen} tokens\n"
           "SmolLM2-135M weights came from a 4-bit GGUF grid (Q4_1, blocks of 32).", flush=True)

@@ -24,30 +24,15 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _machine import describe
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def worker(args) -> None:
@@ -153,7 +138,7 @@ def main() -> None:
             diff = max(float((state[k] - ref[k]).abs().max()) for k in ref)
             changed = sum(int(((state[k] - ref[k]).abs() > 1e-5).sum()) for k in ref) / sum(
                 ref[k].numel() for k in ref)
-            rows.append(dict(machine=_machine(), model=f"llama h{args.hidden} x{args.blocks} "
+            rows.append(dict(machine=describe(), model=f"llama h{args.hidden} x{args.blocks} "
                              f"({best['params'] / 1e6:.1f}M)", calibration=f"{args.nsamples}x"
                              f"{args.seqlen}", method="sparsegpt 50% + gptq 4-bit g128",
                              device=best["device"], processes=nproc, threads_per_process=threads,

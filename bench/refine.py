@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from _machine import describe
 
 import toolkit.sweep as sweep
 from toolkit import compress, load_model, perplexity
@@ -77,9 +77,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(REPO / "data" / "results" / "refine_smollm2.csv"))
     args = p.parse_args(argv)
 
-    machine = (f"{platform.platform()} | {platform.processor() or platform.machine()} | "
-               f"{os.cpu_count()} CPUs | torch {torch.__version__} | threads "
-               f"{torch.get_num_threads()} | device {args.device}")
+    machine = describe(args.device)
     print(machine, flush=True)
     model, tok = load_model("smollm2", dtype=torch.float32)
     dense = copy.deepcopy(model.state_dict())

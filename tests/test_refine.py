@@ -85,6 +85,36 @@ def test_compress_with_refine_lowers_errors_and_keeps_sparsity():
     assert (rc.layers["sparsity"] == 0.5).all()
 
 
+def test_refine_iters_per_layer_through_overrides():
+    """Only the layers an override names are re-solved: in block 0 (same inputs in both runs)
+    the attention layers come out bitwise as without re-solve, the MLP layers with lower error."""
+    ids = random_ids(8, 32)
+    kw = dict(calibration=ids, nsamples=8, seqlen=32, sparsity=0.6, verbose=False)
+    plain = compress(tiny_model("llama"), **kw).layers
+    mixed = compress(tiny_model("llama"), overrides={r"\.mlp\.": {"refine_iters": 10}},
+                     **kw).layers
+    b0 = plain["layer"].str.contains(r"layers\.0\.")
+    mlp = plain["layer"].str.contains(r"\.mlp\.")
+    assert (b0 & mlp).sum() == 3 and (b0 & ~mlp).sum() == 4
+    assert list(mixed["error"][b0 & ~mlp]) == list(plain["error"][b0 & ~mlp])
+    assert (mixed["error"][b0 & mlp] <= plain["error"][b0 & mlp] * (1 + 1e-6)).all()
+    assert mixed["error"][b0 & mlp].sum() < 0.99 * plain["error"][b0 & mlp].sum()
+    assert list(mixed["sparsity"]) == list(plain["sparsity"])
+    # and the other way round: on everywhere, off for attention
+    off = compress(tiny_model("llama"), refine_iters=10,
+                   overrides={"self_attn": {"refine_iters": 0}}, **kw).layers
+    assert list(off["error"][b0 & ~mlp]) == list(plain["error"][b0 & ~mlp])
+    assert list(off["error"][b0 & mlp]) == list(mixed["error"][b0 & mlp])
+
+
+def test_refine_override_on_a_layer_that_is_not_pruned_is_refused():
+    with pytest.raises(ValueError, match=r"overrides\['mlp'\].*refine_iters=5.*sparsity or "
+                                         r"pattern"):
+        CompressConfig(bits=4, overrides={"mlp": {"refine_iters": 5}})
+    with pytest.raises(ValueError, match=r"overrides\['mlp'\].*refine_iters"):
+        CompressConfig(sparsity=0.5, overrides={"mlp": {"refine_iters": -2}})
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, "3", True])
 def test_refine_iters_validation_names_the_argument(bad):
     with pytest.raises(ValueError, match="refine_iters"):

@@ -33,7 +33,7 @@ log = logging.getLogger("toolkit")
 METHODS = ("sparsegpt", "wanda", "magnitude")
 QUANTS = ("gptq", "rtn")
 OVERRIDE_KEYS = ("sparsity", "pattern", "bits", "group_size", "sym", "mse", "act_order",
-                 "method", "quant")
+                 "method", "quant", "refine_iters")
 
 
 def default_calibration_size(device) -> tuple[int, int]:
@@ -165,11 +165,16 @@ class CompressConfig:
                                      f"{', '.join(OVERRIDE_KEYS)}")
                 merged = dict(sparsity=sparsity, pattern=pattern, bits=bits,
                               group_size=group_size, sym=self.sym, mse=self.mse,
-                              act_order=self.act_order, method=self.method, quant=self.quant)
+                              act_order=self.act_order, method=self.method, quant=self.quant,
+                              refine_iters=self.refine_iters)
                 merged.update(changes)
                 # validate the combination through a config of its own
-                sub = CompressConfig(**{k: merged[k] for k in OVERRIDE_KEYS},
-                                     block_size=self.block_size)
+                try:
+                    sub = CompressConfig(**{k: merged[k] for k in OVERRIDE_KEYS},
+                                         block_size=self.block_size)
+                except ValueError as e:
+                    raise ValueError(f"overrides[{p!r}] (merged with the global settings): "
+                                     f"{e}") from None
                 clean[p] = {k: getattr(sub._settings, k) for k in changes}
             set_(self, "overrides", clean)
         set_(self, "sparsity", sparsity)
@@ -306,7 +311,9 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         device: where each block is solved (None: CUDA when available, else CPU). The rest of
             the model stays where it is.
         ignore: regexes of layer names to leave alone. overrides: ``{regex: {setting: value}}``,
-            e.g. ``{"down_proj": {"bits": 8}}``.
+            e.g. ``{"down_proj": {"bits": 8}}`` or ``{"mlp": {"refine_iters": 20}}``; allowed
+            keys: sparsity, pattern, bits, group_size, sym, mse, act_order, method, quant,
+            refine_iters.
         block_size: solver column block (128). percdamp: Hessian damping (0.01). seed: window
             draw. verbose: progress bar and per-layer log. hessian_dtype: "float32"/"float64".
         refine_iters: after each layer's mask is chosen, re-solve its kept weights for the least

@@ -1,0 +1,48 @@
+"""The one line every benchmark prints and stores with its results: what it ran on.
+
+The scripts in ``bench/`` are run as ``python bench/NAME.py``, so this module is importable as
+``_machine`` from them (their folder is first on ``sys.path``)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: str | torch.device | None = None) -> str:
+    """``"Linux 6.8 x86_64 | AMD EPYC ... | 2 usable CPU cores, 24 GiB | Python 3.11, torch 2.13
+    (threads 2) | device cpu | load average 1.2, 0.9, 0.8"`` (GPU name and count on CUDA)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    try:
+        import psutil
+
+        ram = f", {psutil.virtual_memory().total / 2**30:.0f} GiB"
+    except ImportError:
+        ram = ""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        dev = f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}"
+    else:
+        dev = str(device)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (f"{platform.system()} {platform.release()} {platform.machine()} | {cpu_name()} | "
+            f"{cores} usable CPU cores{ram} | Python {platform.python_version()}, torch "
+            f"{torch.__version__} (threads {torch.get_num_threads()}) | device {dev} | "
+            f"load average {load}")
