@@ -64,7 +64,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "data" / "results" / "tradeoff_smollm2.csv"))
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     p.add_argument("--only", nargs="+", default=None, help="run only these rows (labels)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own); results at small calibration "
+                        "sizes move with it, since the float summation order changes")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from toolkit import load_model
     from toolkit.bnb import bnb_available

@@ -1,0 +1,44 @@
+"""The benchmark scripts start (their imports and arguments hold), and bench/stream.py runs end
+to end on a tiny model: a CSV with both paths, bitwise-equal checkpoints, the machine line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+
+
+def test_every_script_is_listed():
+    assert {"compress.py", "distributed.py", "refine.py", "solver.py", "stream.py",
+            "tradeoff.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    r = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage:" in r.stdout
+
+
+def test_stream_bench_tiny(tmp_path):
+    out = tmp_path / "stream.csv"
+    r = subprocess.run([sys.executable, str(BENCH / "stream.py"), "--hidden", "64",
+                        "--intermediate", "128", "--blocks", "2", "--heads", "4", "--vocab", "500",
+                        "--nsamples", "4", "--seqlen", "32", "--threads", "1", "--out", str(out),
+                        "--workdir", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_csv(out)
+    assert list(df["mode"]) == ["stream", "memory"]
+    assert df["bitwise_equal"].all()
+    assert (df["peak_MiB"] > df["libraries_MiB"]).all()
+    assert df["share_vs_memory"].iloc[1] == 1.0
+    assert "CPU cores" in df["machine"].iloc[0] and "torch" in df["machine"].iloc[0]
+    assert (tmp_path / "work" / "out-stream" / "config.json").is_file()
