@@ -105,7 +105,8 @@ def main(argv=None) -> int:
                   device="cpu", dense=False, on_row=show)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    df[COLUMNS].to_csv(out, index=False, float_format="%.6g")
+    df[COLUMNS].assign(settings=settings, machine=where).to_csv(out, index=False,
+                                                                float_format="%.6g")
     png = Path(args.plot) if args.plot else out.with_suffix(".png")
     plot_tradeoff(df, png, title="SmolLM2-135M: WikiText-2 perplexity against size",
                   footnote=f"{settings}.\n{GGUF_NOTE}\n{where}")
