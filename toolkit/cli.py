@@ -68,28 +68,27 @@ def _pattern(value: str) -> str:
     return value
 
 
-def _positive(name):
+def _int_at_least(name: str, low: int):
+    """An argparse type: an integer >= ``low``, the error naming the flag."""
+    what = "a positive integer" if low == 1 else f"an integer >= {low}"
+
     def parse(value: str) -> int:
         try:
             v = int(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {value!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {v}")
         return v
     return parse
+
+
+def _positive(name):
+    return _int_at_least(name, 1)
 
 
 def _positive_or_zero(name):
-    def parse(value: str) -> int:
-        try:
-            v = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {value!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {v}")
-        return v
-    return parse
+    return _int_at_least(name, 0)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -49,6 +49,7 @@ import os
 import struct
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -109,11 +110,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_json(path: Path, data) -> None:
+@contextmanager
+def _atomic_file(path: Path, mode: str):
+    """Open ``path.tmp`` for writing; on success fsync it, rename it to ``path`` and fsync the
+    folder; on any failure remove it (``path`` is never half-written)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -121,6 +125,11 @@ def _atomic_json(path: Path, data) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _atomic_json(path: Path, data) -> None:
+    with _atomic_file(path, "w") as f:
+        json.dump(data, f, indent=1)
 
 
 def _write_safetensors(path: Path, items: list, metadata: dict | None = None) -> dict:
@@ -139,30 +148,21 @@ def _write_safetensors(path: Path, items: list, metadata: dict | None = None) ->
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
     digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in (struct.pack("<Q", len(raw)), raw):
-                f.write(chunk)
-                digest.update(chunk)
-            for name, dtype, shape, get in items:
-                t = get().detach().to("cpu").contiguous()
-                if t.dtype != dtype or list(t.shape) != list(shape):
-                    raise RuntimeError(f"{name}: got {t.dtype} {list(t.shape)}, announced "
-                                       f"{dtype} {list(shape)}")
-                if t.numel():
-                    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                    f.write(buf)
-                    digest.update(buf)
-                del t
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with _atomic_file(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            digest.update(chunk)
+        for name, dtype, shape, get in items:
+            t = get().detach().to("cpu").contiguous()
+            if t.dtype != dtype or list(t.shape) != list(shape):
+                raise RuntimeError(f"{name}: got {t.dtype} {list(t.shape)}, announced "
+                                   f"{dtype} {list(shape)}")
+            if t.numel():
+                buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                f.write(buf)
+                digest.update(buf)
+            del t
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
