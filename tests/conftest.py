@@ -10,17 +10,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = Path(os.environ.get("TOOLKIT_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext2"))
+WIKITEXT = REPO / "data" / "wikitext2"  # bundled with the project (data/README.md)
 
 
 def wikitext_file(name: str) -> Path:
-    path = WIKITEXT / name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the tests read WikiText-2 from ../shared/data/wikitext2 "
-            "(or TOOLKIT_WIKITEXT)"
-        )
-    return path
+    return WIKITEXT / name
 
 
 @pytest.fixture(scope="session")

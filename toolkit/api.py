@@ -18,7 +18,7 @@ from torch import nn
 
 from . import distributed
 from .allocation import allocate, apply_allocation, check_allocation
-from .data import DEFAULT_CALIBRATION, get_calibration
+from .data import DEFAULT_CALIBRATION, describe_source, get_calibration
 from .masks import check_pattern, check_sparsity
 from .models import find_blocks
 from .quant import check_bits, check_group_size
@@ -413,8 +413,7 @@ def build_report(config: CompressConfig, rows: list[dict], *, calibration, nsamp
     layers = pd.DataFrame(rows, columns=REPORT_COLUMNS)
     n_comp = int(sum(s[0] * s[1] for s in layers["shape"])) if len(layers) else 0
     pruned = float((layers["sparsity"] * layers["shape"].map(lambda s: s[0] * s[1])).sum())
-    source = calibration if isinstance(calibration, str) else (
-        "token ids" if isinstance(calibration, torch.Tensor) else "given text")
+    source = describe_source(calibration, "train")
     summary = {
         "method": config.describe(),
         "calibration": source,

@@ -212,12 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _eval_text(spec: str):
     """The evaluation text and its name; test splits where the source has one."""
-    from .data import load_text
+    from .data import describe_source, load_text
 
     if spec == "none":
         return None, "none"
     split = "validation" if spec == "c4" else "test"
-    return load_text(spec, split=split), (f"{spec} test split" if split == "test" else spec)
+    return load_text(spec, split=split), describe_source(spec, split)
 
 
 def _cmd_compress(args) -> int:

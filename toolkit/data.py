@@ -9,25 +9,40 @@ Sources accepted by :func:`get_calibration` and :func:`load_text`:
   Its ``"test"`` split (the last fifth of the Language Reference, held out) serves offline
   evaluation.
 * ``"wikitext2"``, ``"c4"``, ``"ptb"``: the usual calibration sets of the SparseGPT/GPTQ
-  papers, through ``datasets`` (needs the hub or a local ``datasets`` cache).
+  papers, through ``datasets`` (needs the hub or a local ``datasets`` cache). ``"wikitext2"``
+  also works offline: when the hub cannot be reached (or ``HF_DATASETS_OFFLINE``/
+  ``HF_HUB_OFFLINE`` is set) the copy bundled in the repository's ``data/wikitext2`` is read
+  (test split: ``wiki.test.raw``; calibration: ``wiki.valid.tokens``, the bundled copy has no
+  train split), and :func:`describe_source` names the copy that was used.
 * a path to a local text file (UTF-8), the text itself (a string of more than 256
   characters), a list of strings, or a tensor of token ids.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import logging
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 __all__ = ["load_text", "get_calibration", "tokenize_text", "DEFAULT_CALIBRATION",
-           "HUB_SOURCES", "python_docs_text"]
+           "HUB_SOURCES", "python_docs_text", "bundled_wikitext2", "describe_source",
+           "hub_reachable"]
+
+log = logging.getLogger("toolkit")
 
 DEFAULT_CALIBRATION = "python-docs"
 HUB_SOURCES = ("wikitext2", "c4", "ptb")
+# WikiText-2 shipped with the project (data/README.md: source, licence, checksums)
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data" / "wikitext2"
+_BUNDLED_FILES = {"test": "wiki.test.raw", "validation": "wiki.valid.tokens",
+                  "train": "wiki.valid.tokens"}
 
 # Pure-Python standard-library modules whose docstrings extend the offline default text.
 _DOC_MODULES = (
@@ -86,11 +101,85 @@ def python_docs_text(split: str = "train") -> str:
     return "\n\n".join(parts)
 
 
+def bundled_wikitext2(split: str = "test") -> Path:
+    """Path of the WikiText-2 file bundled in ``data/wikitext2`` for ``split``: ``"test"`` ->
+    ``wiki.test.raw``; ``"validation"`` and ``"train"`` -> ``wiki.valid.tokens`` (the bundled
+    copy has no train split). Raises ``FileNotFoundError`` when the package runs outside its
+    repository (a wheel install) and the files are not there."""
+    if split not in _BUNDLED_FILES:
+        raise ValueError(f"split must be one of {', '.join(_BUNDLED_FILES)}, got {split!r}")
+    path = BUNDLED_DIR / _BUNDLED_FILES[split]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the bundled WikiText-2 file {path.name} is not where the repository keeps it "
+            f"({BUNDLED_DIR}); install from a clone of the repository (pip install -e .) or "
+            "pass the text as a file path")
+    return path
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds
+    (``False`` at once with ``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE`` set). Asked once per
+    process."""
+    if _offline_env():
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _use_bundled(name: str) -> bool:
+    return name == "wikitext2" and not hub_reachable()
+
+
+def describe_source(source, split: str = "train") -> str:
+    """A short name of where a text comes from, for reports: the source name, the bundled copy
+    used offline, a file name, or ``"given text"`` / ``"token ids"``."""
+    import torch
+
+    if isinstance(source, torch.Tensor):
+        return "token ids"
+    if isinstance(source, (list, tuple)):
+        return "given text"
+    if source in HUB_SOURCES:
+        if _use_bundled(source):
+            return (f"{source} (bundled copy data/wikitext2/{_BUNDLED_FILES[split]}, "
+                    "hub not reachable)")
+        return f"{source} (hub, {split} split)"
+    if source == DEFAULT_CALIBRATION:
+        return f"{source} ({split} split)" if split == "test" else source
+    try:
+        if Path(source).is_file():
+            return Path(source).name
+    except (OSError, ValueError, TypeError):
+        pass
+    return "given text"
+
+
 def _hub_text(name: str, split: str) -> str:
+    if _use_bundled(name):
+        path = bundled_wikitext2(split)
+        log.info("wikitext2: the hub is not reachable, reading the bundled copy %s", path.name)
+        return path.read_text(encoding="utf-8").replace("\r\n", "\n")
     try:
         from datasets import load_dataset
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise ImportError("calibration from the hub needs the 'datasets' package") from e
+    if name in ("c4", "ptb") and not hub_reachable():
+        raise ValueError(
+            f"{name!r} is read from the Hugging Face hub, which cannot be reached from here "
+            "(offline, or HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set); offline sources: "
+            "'wikitext2' (bundled copy), 'python-docs', or a text file path")
     if name == "wikitext2":
         ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
         return "\n\n".join(ds["text"])
