@@ -38,7 +38,7 @@ import torch
 from _machine import describe
 
 from toolkit.baselines import apply_mask, magnitude_mask, rtn_quantize, wanda_mask
-from toolkit.hessian import HessianAccumulator, reconstruction_error
+from toolkit.hessian import HessianAccumulator, capture_hessians, reconstruction_error
 from toolkit.solver import factorize, solve
 
 DEFAULT_SHAPES = ["576x576", "1536x576", "576x1536", "4096x4096", "11008x4096"]
@@ -131,14 +131,10 @@ def smollm2_problems(device: torch.device, nsamples: int = 16, seqlen: int = 256
     block = model.model.layers[3]
     layers = {"q_proj": block.self_attn.q_proj, "gate_proj": block.mlp.gate_proj,
               "down_proj": block.mlp.down_proj}
-    accs = {k: HessianAccumulator(m.in_features, name=k) for k, m in layers.items()}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, k=k: accs[k].add(inp[0]))
-             for k, m in layers.items()]
-    with torch.no_grad():
-        for i in range(0, nsamples, 4):
-            model(ids[i:i + 4])
-    for h in hooks:
-        h.remove()
+    names = {"q_proj": "model.layers.3.self_attn.q_proj", "gate_proj": "model.layers.3.mlp.gate_proj",
+             "down_proj": "model.layers.3.mlp.down_proj"}
+    got = capture_hessians(model, list(names.values()), ids)
+    accs = {k: got[n] for k, n in names.items()}
     return {tuple(m.weight.shape): (m.weight.data.clone().to(device), accs[k].H.to(device))
             for k, m in layers.items()}
 

@@ -105,7 +105,7 @@ def test_config_describe_and_cli_flags():
 
 def test_model_untouched_by_prepass():
     from toolkit.allocation import allocate
-    from toolkit.sweep import LayerSettings
+    from toolkit.options import LayerSettings
 
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

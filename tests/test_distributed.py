@@ -61,12 +61,12 @@ def _hessian(model, ids, dtype):
     """The Hessian of block 0's first group (q/k/v), as the sweep computes it."""
     from toolkit import distributed
     from toolkit.models import find_blocks, find_linears
-    from toolkit.sweep import _group_hessian, capture_block_inputs, find_groups
+    from toolkit.sweep import capture_block_inputs, find_groups, group_hessian
 
     name, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks, distributed.local_share(ids), "cpu")
     groups = find_groups(blocks[0], find_linears(blocks[0], f"{name}.0"), inputs)
-    acc = _group_hessian(blocks[0], groups[0], inputs, dtype)
+    acc = group_hessian(blocks[0], groups[0], inputs, dtype)
     return acc.H.clone(), acc.nsamples
 
 

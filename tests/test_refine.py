@@ -128,7 +128,7 @@ def test_resolve_never_worse_on_real_smollm2_layers(smollm2_shared, wikitext_val
     """Block 0 and 5 of SmolLM2-135M with their real calibration Hessians."""
     from toolkit.data import get_calibration
     from toolkit.models import find_blocks, find_linears
-    from toolkit.sweep import _group_hessian, _run_block, capture_block_inputs, find_groups
+    from toolkit.sweep import capture_block_inputs, find_groups, group_hessian, run_block
 
     model, tok = smollm2_shared
     ids = get_calibration(wikitext_valid, tok, nsamples=8, seqlen=256)
@@ -139,7 +139,7 @@ def test_resolve_never_worse_on_real_smollm2_layers(smollm2_shared, wikitext_val
             if b in (0, 5):
                 refs = find_linears(blocks[b], f"{name}.{b}")
                 for group in find_groups(blocks[b], refs, inputs):
-                    H = _group_hessian(blocks[b], group, inputs, torch.float32).H
+                    H = group_hessian(blocks[b], group, inputs, torch.float32).H
                     ws = [r.get_weight().float().clone() for r in group]
                     for kw in (dict(sparsity=0.7), dict(pattern="2:4"),
                                dict(sparsity=0.5, bits=4, group_size=128)):
@@ -151,4 +151,4 @@ def test_resolve_never_worse_on_real_smollm2_layers(smollm2_shared, wikitext_val
                             assert torch.equal(o.mask, a.mask)
                         if kw.get("sparsity") == 0.7:
                             assert sum(o.error for o in out) < sum(a.error for a in res)
-            inputs.hidden = [_run_block(blocks[b], inputs, h) for h in inputs.hidden]
+            inputs.hidden = [run_block(blocks[b], inputs, h) for h in inputs.hidden]

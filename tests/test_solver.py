@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from toolkit import capture_hessians
 from toolkit.baselines import apply_mask, magnitude_mask, rtn_quantize, wanda_mask
 from toolkit.hessian import (
     HessianAccumulator,
@@ -456,16 +457,8 @@ def smollm2_layer_errors(smollm2_shared, wikitext_valid):
     ids = get_calibration(tokenize_text(tok, wikitext_valid[:200_000]), nsamples=8, seqlen=256)
     block = model.model.layers[3]
     mods = {name: block.get_submodule(name) for name in REAL_LAYERS}
-    accs = {name: HessianAccumulator(m.in_features, name=name) for name, m in mods.items()}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: accs[name].add(inp[0]))
-             for name, m in mods.items()]
-    try:
-        with torch.no_grad():
-            for i in range(0, 8, 4):
-                model(ids[i:i + 4])
-    finally:
-        for h in hooks:
-            h.remove()
+    got = capture_hessians(model, [f"model.layers.3.{n}" for n in REAL_LAYERS], ids)
+    accs = {n: got[f"model.layers.3.{n}"] for n in REAL_LAYERS}
 
     table = {}
     for name, m in mods.items():

@@ -239,12 +239,12 @@ def test_disk_full_while_finishing(tmp_path, llama_src, llama_reference, monkeyp
     def full(*a, **kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(stream, "_write_config", full)
+    monkeypatch.setattr(stream, "write_model_config", full)
     with pytest.raises(OSError, match="No space left.*no config.json yet"):
         compress_streaming(llama_src, out, **KW)
     j = _journal(out)
     assert len(j["blocks"]) == N_BLOCKS and not j["complete"] and not _looks_complete(out)
-    monkeypatch.setattr(stream, "_write_config", export._write_config)
+    monkeypatch.setattr(stream, "write_model_config", export.write_model_config)
     report = compress_streaming(llama_src, out, **KW)
     assert report.summary["blocks resumed"] == N_BLOCKS
     _assert_same_tensors(llama_reference, out)
@@ -309,10 +309,10 @@ def test_smollm2_stream_memory_and_equality(tmp_path, smollm2):
     interpreter with torch/transformers/compressed-tensors imported, ~480 MB, identical in both
     processes) below 40% of the in-memory path's. Printed: the absolute peaks too, which cannot
     be below 40% for this model: see the README section "Large models"."""
-    from toolkit.export import _plain_config
+    from toolkit.export import plain_config
 
     model, tok = smollm2
-    model.config = _plain_config(model)
+    model.config = plain_config(model)
     model.hf_quantizer = None  # loaded from GGUF: transformers refuses to save it otherwise
     src = tmp_path / "smollm2"
     model.save_pretrained(src, max_shard_size="100MB")

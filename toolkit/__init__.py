@@ -9,15 +9,18 @@ decoder-only ``transformers`` model::
     print(report)
 """
 
-from .api import CompressConfig, CompressionReport, compress
+from .api import compress
 from .evaluate import perplexity
 from .export import load_compressed, save_compressed
+from .hessian import capture_hessian, capture_hessians
 from .models import load_model
+from .options import CompressConfig, LayerSettings
+from .records import CompressionReport
 from .size import model_bytes
 from .solver import solve, solve_layers
 from .tradeoff import plot_tradeoff, tradeoff
 
-__all__ = ["compress", "CompressConfig", "CompressionReport", "perplexity", "load_model",
-           "model_bytes", "solve", "solve_layers", "save_compressed", "load_compressed",
-           "tradeoff", "plot_tradeoff"]
+__all__ = ["compress", "CompressConfig", "LayerSettings", "CompressionReport", "perplexity",
+           "load_model", "model_bytes", "solve", "solve_layers", "save_compressed",
+           "load_compressed", "tradeoff", "plot_tradeoff", "capture_hessian", "capture_hessians"]
 __version__ = "0.1.0"

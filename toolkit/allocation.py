@@ -88,7 +88,7 @@ def block_outlier_ratios(model: nn.Module, ids: torch.Tensor, pool: dict[str, ob
     without a pool layer are skipped. The model is not changed.
     """
     from .models import find_blocks, find_linears
-    from .sweep import _run_block, capture_block_inputs
+    from .sweep import capture_block_inputs, run_block
 
     name, blocks = find_blocks(model)
     refs_of = [[r for r in find_linears(blk, prefix=f"{name}.{b}") if r.name in pool]
@@ -112,7 +112,7 @@ def block_outlier_ratios(model: nn.Module, ids: torch.Tensor, pool: dict[str, ob
 
         handles = [r.module.register_forward_pre_hook(make_hook(sq[id(r)])) for r in refs]
         try:
-            inputs.hidden = [_run_block(block, inputs, h) for h in inputs.hidden]
+            inputs.hidden = [run_block(block, inputs, h) for h in inputs.hidden]
         finally:
             for h in handles:
                 h.remove()

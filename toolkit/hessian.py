@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from .models import is_conv1d
+
 __all__ = ["HessianAccumulator", "inverse_cholesky_factor", "reconstruction_error",
-           "SolverError"]
+           "row_errors", "SolverError", "capture_hessians", "capture_hessian"]
 
 
 class SolverError(ValueError):
@@ -100,7 +102,48 @@ def inverse_cholesky_factor(
     )
 
 
+def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per-row ``((W - W_hat) H (W - W_hat)^T)_rr``, in ``H``'s dtype; their sum is
+    :func:`reconstruction_error`."""
+    D = W.to(H.dtype) - W_hat.to(H.dtype)
+    return ((D @ H) * D).sum(1)
+
+
 def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """``tr((W - W_hat) H (W - W_hat)^T)`` = ``2/n * ||(W - W_hat) X||^2`` for ``H = 2/n X X^T``."""
-    D = (W.to(H.dtype) - W_hat.to(H.dtype))
-    return float(((D @ H) * D).sum())
+    return float(row_errors(W, W_hat, H).sum())
+
+
+@torch.no_grad()
+def capture_hessians(model, layer_names, calibration: torch.Tensor, *, batch_size: int = 4,
+                     dtype: torch.dtype = torch.float32) -> dict[str, HessianAccumulator]:
+    """The input Hessians of the layers ``layer_names`` (full module names) of ``model`` on the
+    calibration token windows ``calibration`` (nsamples x seqlen), from forward hooks on the
+    unchanged model, ``batch_size`` windows per forward. Returns ``{name: accumulator}``
+    (``acc.H``, ``acc.nsamples`` tokens). For experiments on single layers (tests, benchmarks,
+    tutorials); :func:`toolkit.compress` builds its Hessians block by block instead."""
+    names = [layer_names] if isinstance(layer_names, str) else list(layer_names)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"no layer named {missing[0]!r} in {type(model).__name__}")
+    accs, hooks = {}, []
+    for n in names:
+        w = modules[n].weight
+        cols = w.shape[0] if is_conv1d(modules[n]) else w.shape[1]
+        accs[n] = HessianAccumulator(cols, dtype=dtype, name=n)
+        hooks.append(modules[n].register_forward_pre_hook(
+            lambda _m, args, acc=accs[n]: acc.add(args[0])))
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, calibration.shape[0], batch_size):
+            model(calibration[i:i + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return accs
+
+
+def capture_hessian(model, layer_name: str, calibration: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The input Hessian ``H = 2/n sum x x^T`` of one layer (see :func:`capture_hessians`)."""
+    return capture_hessians(model, [layer_name], calibration, **kwargs)[layer_name].H

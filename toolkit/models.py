@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["find_blocks", "find_linears", "LinearRef", "smollm2_gguf_path", "load_model",
-           "DEFAULT_MODEL"]
+           "DEFAULT_MODEL", "is_conv1d"]
 
 DEFAULT_MODEL = "smollm2"
 
@@ -24,6 +24,11 @@ try:  # GPT-2 style transposed linear layer
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover
     Conv1D = None
+
+
+def is_conv1d(module) -> bool:
+    """True for GPT-2's transposed linear layer (``transformers.pytorch_utils.Conv1D``)."""
+    return Conv1D is not None and isinstance(module, Conv1D)
 
 
 @dataclass
@@ -35,7 +40,7 @@ class LinearRef:
 
     @property
     def transposed(self) -> bool:
-        return Conv1D is not None and isinstance(self.module, Conv1D)
+        return is_conv1d(self.module)
 
     @property
     def in_features(self) -> int:

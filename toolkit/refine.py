@@ -39,24 +39,13 @@ import time
 
 import torch
 
+from .hessian import row_errors
+from .options import check_refine_iters
 from .quant import dequantize, quantize
 from .solver import Factor, SolveResult, solve_layers
 
 __all__ = ["refine_layers", "pcg_masked_lstsq", "row_errors", "check_refine_iters",
            "masked_results"]
-
-
-def check_refine_iters(iters, name: str = "refine_iters") -> int:
-    """Validate the number of re-solve iterations (0 = off)."""
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (0 = plain SparseGPT), got {iters!r}")
-    return iters
-
-
-def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """Per-row ``(ΔW H ΔW^T)_rr``; their sum is :func:`toolkit.hessian.reconstruction_error`."""
-    D = W.to(H.dtype) - W_hat.to(H.dtype)
-    return ((D @ H) * D).sum(1)
 
 
 @torch.no_grad()

@@ -62,6 +62,8 @@ import math
 import torch
 from torch import nn
 
+from .models import is_conv1d
+
 __all__ = ["linear_bits", "linear_bytes", "model_bytes", "SizeBreakdown", "LAYOUTS"]
 
 LAYOUTS = ("compressed-tensors", "transformers", "packed")
@@ -250,7 +252,7 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
 def _compressed_weight_bytes(module, p, info, dense_bits, layout):
     s = info.settings
     w = p.detach()
-    rows, cols = (w.shape[1], w.shape[0]) if _is_conv1d(module) else w.shape
+    rows, cols = (w.shape[1], w.shape[0]) if is_conv1d(module) else w.shape
     nnz = int(torch.count_nonzero(w)) if s.prunes else None
     g_idx = getattr(info, "g_idx", None)
     out_of_order = s.bits is not None and g_idx is not None and s.group_size is not None and \
@@ -260,9 +262,3 @@ def _compressed_weight_bytes(module, p, info, dense_bits, layout):
                      group_size=s.group_size, sym=s.sym, act_order=out_of_order,
                      dense_bits=dense_bits, layout=layout)
     return t, rows * cols
-
-
-def _is_conv1d(module) -> bool:
-    from .models import Conv1D
-
-    return Conv1D is not None and isinstance(module, Conv1D)

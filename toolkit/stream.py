@@ -55,18 +55,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, sweep
+from .data import calibration_plan, get_calibration
 from .export import (
+    SAFETENSORS_DTYPES,
+    SAFETENSORS_NAMES,
     TOOLKIT_NAME,
     WEIGHTS_NAME,
     CheckpointError,
-    _compressed_layers,
-    _layer_record,
-    _LayerAccumulator,
-    _read_header,
-    _sha256,
-    _write_config,
+    LayerTable,
+    compressed_layers,
+    encode_layer,
+    file_sha256,
+    plain_config,
+    read_header,
+    stored_tensors,
+    write_model_config,
 )
+from .models import find_blocks, find_linears
+from .options import CompressConfig
+from .records import build_report, config_dict
 
 __all__ = ["compress_streaming", "InjectedFailure", "JOURNAL_NAME", "StreamError"]
 
@@ -78,10 +86,6 @@ JOURNAL_VERSION = 1
 FAIL_ENV = "TOOLKIT_FAIL_AFTER_BLOCK"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 
-_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-             torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-_ST_DTYPES = {v: k for k, v in _ST_NAMES.items()}
 
 
 class InjectedFailure(RuntimeError):
@@ -141,7 +145,7 @@ def _write_safetensors(path: Path, items: list, metadata: dict | None = None) ->
     header, offset = {}, 0
     for name, dtype, shape, _ in items:
         n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + n]}
         offset += n
     if metadata:
@@ -224,7 +228,7 @@ class _Source:
                                   "reads safetensors only")
         else:
             raise FileNotFoundError(f"{folder}: no {INDEX_NAME} nor {WEIGHTS_NAME}")
-        self.headers = {file: _read_header(file) for file in self.files}
+        self.headers = {file: read_header(file) for file in self.files}
         self.where: dict[str, Path] = {}
         for file, header in self.headers.items():
             for key in header:
@@ -261,7 +265,7 @@ class _Source:
         for k in keys:
             file = self.where[k]
             info = self.headers[file][k]
-            st_dtype = _ST_DTYPES.get(info["dtype"])
+            st_dtype = SAFETENSORS_DTYPES.get(info["dtype"])
             if st_dtype is None:
                 raise CheckpointError(f"{file}: tensor {k!r} has dtype {info['dtype']}, not "
                                       "supported by streaming")
@@ -309,27 +313,6 @@ def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
         model.tie_weights()  # from_config ties, but not under init_empty_weights
     model.eval()
     return model
-
-
-def _tensor_table(model: nn.Module):
-    """Every stored tensor of the model once: ``[(name, tensor)]`` in module order, and the tied
-    names ``{alias: name}`` (what :func:`~toolkit.export.save_compressed` writes)."""
-    seen: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    table = []
-    for mname, module in model.named_modules():
-        for pname, p in list(module.named_parameters(recurse=False)) + [
-                (b, t) for b, t in module.named_buffers(recurse=False)
-                if b not in module._non_persistent_buffers_set]:
-            if p is None:
-                continue
-            full = f"{mname}.{pname}" if mname else pname
-            if id(p) in seen:
-                tied[full] = seen[id(p)]
-                continue
-            seen[id(p)] = full
-            table.append((full, p))
-    return table, tied
 
 
 def _config_tied(model) -> dict[str, str]:
@@ -404,11 +387,6 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     blocks found finished).
     """
 
-    from .api import CompressConfig, calibration_plan, config_dict
-    from .data import get_calibration
-    from .models import find_blocks, find_linears
-    from .sweep import capture_block_inputs, resolve_settings, sweep_block
-
     t0 = time.perf_counter()
     if config is None:
         config = CompressConfig(**kwargs)
@@ -435,7 +413,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     model = _skeleton(model_dir, dtype, trust_remote_code)
     blocks_name, blocks = find_blocks(model)
     n_blocks = len(blocks)
-    table, tied = _tensor_table(model)
+    table, tied = stored_tensors(model)
     config_tied = _config_tied(model)
     aliases: dict[str, list[str]] = {}
     for a, b in list(tied.items()) + list(config_tied.items()):
@@ -479,10 +457,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         raise ValueError(f"calibration token id {int(ids.max())} is outside the model's "
                          f"vocabulary ({vocab}): wrong tokenizer?")
 
-    def settings(name):
-        return resolve_settings(name, config._settings, config.ignore, config.overrides)
-
-    plans = [[(r, settings(r.name)) for r in find_linears(blk, prefix=f"{blocks_name}.{b}")]
+    plans = [[(r, config.layer_settings(r.name))
+              for r in find_linears(blk, prefix=f"{blocks_name}.{b}")]
              for b, blk in enumerate(blocks)]
     if not any(s is not None and s.active for p in plans for _, s in p):
         raise ValueError("nothing to do: give sparsity, pattern or bits (or overrides that set "
@@ -547,7 +523,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         for n in front:
             _set_tensor(model, n, loaded[source_key[n]])
         del loaded
-        inputs = capture_block_inputs(model, blocks, ids, device)
+        inputs = sweep.capture_block_inputs(model, blocks, ids, device)
         for n in front:
             _set_tensor(model, n, None)  # the embeddings are not needed until the end
         _return_freed_memory()
@@ -573,23 +549,23 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         del local
         for p in block.parameters():
             p.requires_grad_(False)
-        rows = sweep_block(block, b, plans[b], inputs, device=device,
+        rows = sweep.sweep_block(block, b, plans[b], inputs, device=device,
                            block_size=config.block_size, percdamp=config.percdamp,
                            hessian_dtype=getattr(torch, config.hessian_dtype))
         # the block's stored tensors: compressed layers, then its dense tensors
         tensors: dict[str, torch.Tensor] = OrderedDict()
         records = OrderedDict()
         comp_names = set()
-        for name, module in _compressed_layers(block):
+        for name, module in compressed_layers(block):
             full = f"{blocks_name}.{b}.{name}"
-            rec = _layer_record(full, module, layout, partial_groups, dtype)
+            rec = encode_layer(full, module, layout, partial_groups, dtype)
             if rec is None:
                 continue
             tensors.update(rec.pop("tensors"))
             records[full] = rec
             if not rec["problem"]:
                 comp_names.add(f"{full}.weight")
-        acc = _LayerAccumulator(layout)
+        acc = LayerTable(layout)
         for full, rec in records.items():
             acc.add(full, rec)
         if acc.actorder_bad or (acc.partial and partial_groups == "error"):
@@ -601,11 +577,11 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         shard = _shard_name(b + 2, n_shards)
         _persist(out, shard, tensors, what=f"block {b}")
         del tensors
-        for _, module in _compressed_layers(block):
+        for _, module in compressed_layers(block):
             del module.compression
         block.to("meta")
         info = {"bytes": (out / shard).stat().st_size}
-        info["sha256"] = _sha256(out / shard)
+        info["sha256"] = file_sha256(out / shard)
         if inputs is not None and b + 1 < n_blocks:
             journal["inputs"] = _save_inputs(out, b + 1, inputs.hidden)
         elif b + 1 >= n_blocks:
@@ -682,7 +658,7 @@ def _load_inputs(out: Path, journal: dict, b: int, device) -> list[torch.Tensor]
         raise StreamError(f"{out / JOURNAL_NAME}: no saved inputs for block {b} (journal "
                           "inconsistent); delete the folder to start again")
     path = out / rec["file"]
-    if not path.is_file() or path.stat().st_size != rec["bytes"] or _sha256(path) != rec["sha256"]:
+    if not path.is_file() or path.stat().st_size != rec["bytes"] or file_sha256(path) != rec["sha256"]:
         raise StreamError(f"{path}: the saved inputs of block {b} are missing or corrupt; delete "
                           f"{out} to start again")
     with safe_open(str(path), framework="pt") as f:
@@ -726,8 +702,6 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
     """The rest shard, then the metadata; config.json is renamed into place last."""
     from transformers import GenerationConfig
 
-    from .export import _plain_config
-
     journal_path = out / JOURNAL_NAME
     tensors_meta = dict(table)
     rest = _shard_name(1, n_shards)
@@ -755,31 +729,26 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
         _atomic_json(journal_path, journal)
 
     # the metadata of every layer, in the model's order, from the journal
-    acc = _LayerAccumulator(layout)
+    acc = LayerTable(layout)
     files = {rest: {"bytes": journal["rest"]["bytes"], "sha256": journal["rest"]["sha256"]}}
     weight_map = {n: rest for n in rest_keys}
     for b in range(n_blocks):
         rec = journal["blocks"][str(b)]
         p = out / rec["file"]
-        if _sha256(p) != rec["sha256"]:
+        if file_sha256(p) != rec["sha256"]:
             raise StreamError(f"{p}: SHA-256 differs from the one recorded when block {b} was "
                               f"written (corrupt); delete the file and the block's entry, or "
                               f"start again")
         files[rec["file"]] = {"bytes": rec["bytes"], "sha256": rec["sha256"]}
         for name, r in rec["records"].items():
             acc.add(name, r)
-        header = _read_header(p)
+        header = read_header(p)
         weight_map.update({k: rec["file"] for k in header if k != "__metadata__"})
     acc.check(partial_groups)
     qcfg, sparsity_cfg = acc.configs()
 
-    class _R:  # what export's metadata reads from a report
-        pass
-
-    rep = _R()
-    rep.config = config
-    rep.summary = {"streamed": True, "blocks": n_blocks, "attempts": journal["attempts"]}
-    meta = acc.meta(dtype, tied, rep)
+    meta = acc.meta(dtype, tied, config=config,
+                    summary={"streamed": True, "blocks": n_blocks, "attempts": journal["attempts"]})
     meta["files"] = files
     stage = out / WORK_DIR / "final"
     stage.mkdir(parents=True, exist_ok=True)
@@ -787,7 +756,7 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
         gen = None
         if (model_dir / "generation_config.json").is_file():
             gen = GenerationConfig.from_pretrained(model_dir)
-        _write_config(stage, _plain_config(model), gen, qcfg, sparsity_cfg, dtype)
+        write_model_config(stage, plain_config(model), gen, qcfg, sparsity_cfg, dtype)
         with open(stage / TOOLKIT_NAME, "w") as f:
             json.dump(meta, f, indent=2)
         with open(stage / INDEX_NAME, "w") as f:
@@ -843,8 +812,6 @@ def _peak_rss() -> int:
 
 
 def _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0):
-    from .api import build_report
-
     rows = []
     for b in range(journal["blocks_total"]):
         rec = journal["blocks"].get(str(b))

@@ -15,7 +15,6 @@ Only one block and the calibration activations live on the device at a time.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -25,62 +24,18 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .baselines import apply_mask, magnitude_mask, wanda_mask
-from .hessian import HessianAccumulator
+from .hessian import HessianAccumulator, reconstruction_error
 from .models import LinearRef, find_blocks, find_linears
+from .options import LayerSettings
 from .quant import rtn_quantize
+from .records import LayerCompression
 from .refine import masked_results, refine_layers
 from .solver import factorize, solve_layers
 
-__all__ = ["LayerSettings", "LayerCompression", "run_sweep", "sweep_block",
-           "capture_block_inputs", "find_groups"]
+__all__ = ["run_sweep", "sweep_block", "capture_block_inputs", "find_groups", "group_hessian",
+           "run_block", "BlockInputs"]
 
 log = logging.getLogger("toolkit")
-
-
-@dataclass(frozen=True)
-class LayerSettings:
-    """What to do to one layer (the config after ``overrides``)."""
-
-    sparsity: float = 0.0
-    pattern: tuple[int, int] | None = None
-    bits: int | None = None
-    group_size: int | None = 128
-    sym: bool = False
-    mse: bool = False
-    act_order: bool = False
-    method: str = "sparsegpt"
-    quant: str = "gptq"
-    refine_iters: int = 0  # > 0: mask-fixed re-solve of the kept weights (toolkit.refine)
-
-    @property
-    def prunes(self) -> bool:
-        return self.sparsity > 0 or self.pattern is not None
-
-    @property
-    def active(self) -> bool:
-        return self.prunes or self.bits is not None
-
-    @property
-    def needs_hessian(self) -> bool:
-        """Magnitude pruning and round-to-nearest need no calibration data; the rest do."""
-        return (self.prunes and (self.method != "magnitude" or self.refine_iters > 0)) or (
-            self.bits is not None and self.quant == "gptq")
-
-
-@dataclass
-class LayerCompression:
-    """What was done to a layer; kept on the module as ``module.compression`` for export.
-
-    ``scale``/``zero`` are (out, n_groups) float32 on the CPU; ``g_idx`` maps each input column
-    to its group (only needed with act_order).
-    """
-
-    settings: LayerSettings
-    scale: torch.Tensor | None = None
-    zero: torch.Tensor | None = None
-    g_idx: torch.Tensor | None = None
-    error: float = 0.0
-    sparsity: float = 0.0
 
 
 class _Stop(Exception):
@@ -139,7 +94,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
     return BlockInputs(hidden=hidden, args=extra["args"], kwargs=kwargs)
 
 
-def _run_block(block: nn.Module, inputs: BlockInputs, h: torch.Tensor) -> torch.Tensor:
+def run_block(block: nn.Module, inputs: BlockInputs, h: torch.Tensor) -> torch.Tensor:
+    """The block's output hidden states for the input ``h`` (with the shared arguments)."""
     out = block(h, *inputs.args, **inputs.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -177,7 +133,7 @@ def find_groups(block: nn.Module, layers: list[LinearRef], inputs: BlockInputs) 
     for ref in layers:
         handles.append(ref.module.register_forward_pre_hook(make_hook(ref)))
     try:
-        _run_block(block, inputs, inputs.hidden[0])
+        run_block(block, inputs, inputs.hidden[0])
     finally:
         for h in handles:
             h.remove()
@@ -188,9 +144,10 @@ def find_groups(block: nn.Module, layers: list[LinearRef], inputs: BlockInputs) 
 
 
 @torch.no_grad()
-def _group_hessian(block: nn.Module, group: list[LinearRef], inputs: BlockInputs,
+def group_hessian(block: nn.Module, group: list[LinearRef], inputs: BlockInputs,
                    dtype: torch.dtype) -> HessianAccumulator:
-    """One Hessian for the group's shared input, over all calibration samples."""
+    """One Hessian for the group's shared input, over all calibration samples (each forward
+    stops as soon as the group's input is seen)."""
     acc = HessianAccumulator(group[0].in_features, device=inputs.hidden[0].device, dtype=dtype,
                              name=group[0].name)
 
@@ -202,7 +159,7 @@ def _group_hessian(block: nn.Module, group: list[LinearRef], inputs: BlockInputs
     try:
         for h in inputs.hidden:
             try:
-                _run_block(block, inputs, h)
+                run_block(block, inputs, h)
             except _Stop:
                 pass
     finally:
@@ -280,8 +237,7 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
             ref.set_weight(w.to(ref.module.weight.device))
             new = ref.get_weight().to(device=device, dtype=torch.float32)
             if H is not None:
-                d = (originals[j].to(H.device) - new.to(H.device)).to(H.dtype)
-                comp.error = float(((d @ H) * d).sum())
+                comp.error = reconstruction_error(originals[j].to(H.device), new.to(H.device), H)
             else:
                 comp.error = float("nan")
             pruned = int((~masks[j]).sum()) if masks is not None else 0
@@ -297,24 +253,6 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
                 seconds=(time.perf_counter() - t0) / len(refs),
             ))
     return rows
-
-
-def resolve_settings(name: str, base: LayerSettings, ignore, overrides) -> LayerSettings | None:
-    """Settings for the layer ``name``: None when ignored; ``overrides`` (regex -> dict) apply in
-    order, later ones winning."""
-    if any(re.search(p, name) for p in ignore):
-        return None
-    s = base
-    for pattern, changes in (overrides or {}).items():
-        if re.search(pattern, name):
-            s = _replace(s, changes)
-    return s
-
-
-def _replace(s: LayerSettings, changes: dict) -> LayerSettings:
-    from dataclasses import replace
-
-    return replace(s, **changes)
 
 
 def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None, *, device,
@@ -339,7 +277,7 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
         for group in groups:
             H = None
             if any(chosen[id(r)].needs_hessian for r in group):
-                H = _group_hessian(block, group, inputs, hessian_dtype).H
+                H = group_hessian(block, group, inputs, hessian_dtype).H
             new_rows = dist.solve_group(_solve_group, group, [chosen[id(r)] for r in group],
                                         H, block_size, percdamp, device)
             for r in new_rows:
@@ -350,7 +288,7 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
             del H
     if calibrate:
         with torch.no_grad():
-            inputs.hidden = [_run_block(block, inputs, h) for h in inputs.hidden]
+            inputs.hidden = [run_block(block, inputs, h) for h in inputs.hidden]
     block.to(home)
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

@@ -26,10 +26,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .api import CompressConfig, compress, default_calibration_size
+from .api import CompressConfig, compress
 from .bnb import BnbConfig, bnb_quantize
-from .data import DEFAULT_CALIBRATION, get_calibration, load_text, tokenize_text
+from .data import (
+    DEFAULT_CALIBRATION,
+    default_calibration_size,
+    get_calibration,
+    load_text,
+    tokenize_text,
+)
 from .evaluate import perplexity
+from .options import label as settings_label
 from .size import model_bytes
 
 __all__ = ["tradeoff", "plot_tradeoff", "config_label", "COLUMNS", "to_markdown"]
@@ -49,23 +56,7 @@ def config_label(config) -> str:
         return DENSE
     if isinstance(config, BnbConfig):
         return config.describe().replace("bnb ", "")
-    s = config._settings
-    names = {"sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "magnitude",
-             "gptq": "GPTQ", "rtn": "RTN"}
-    parts = []
-    if s.pattern is not None:
-        parts.append(f"{names[s.method]} {s.pattern[0]}:{s.pattern[1]}")
-    elif s.sparsity:
-        parts.append(f"{names[s.method]} {s.sparsity:.0%}")
-    if s.bits is not None:
-        g = f"g{s.group_size}" if s.group_size else "per-row"
-        parts.append(f"{names[s.quant]} {s.bits}-bit {g}" + (" sym" if s.sym else "")
-                     + (" act-order" if s.act_order else ""))
-    if config.refine_iters:
-        parts.append(f"re-solve {config.refine_iters}")
-    if config.allocation != "uniform":
-        parts.append(f"{config.allocation.upper()} allocation")
-    return " + ".join(parts) or DENSE
+    return settings_label(config.settings, extra=config) or DENSE
 
 
 def _as_config(spec, defaults: dict):
@@ -96,7 +87,7 @@ def _row_fields(config) -> dict:
         return dict(sparsity=0.0, bits=16, group_size=None)
     if isinstance(config, BnbConfig):
         return dict(sparsity=0.0, bits=config.bits, group_size=config.group_size)
-    s = config._settings
+    s = config.settings
     sparsity = 1 - s.pattern[0] / s.pattern[1] if s.pattern is not None else s.sparsity
     return dict(sparsity=sparsity, bits=s.bits if s.bits is not None else 16,
                 group_size=s.group_size if s.bits is not None else None)
@@ -218,8 +209,8 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
                 raise
             row["note"] = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             log.warning("%s: %s", label, row["note"])
-        if isinstance(config, CompressConfig) and config._settings.prunes and \
-                config._settings.bits is not None:
+        if isinstance(config, CompressConfig) and config.settings.prunes and \
+                config.settings.bits is not None:
             row["note"] = row["note"] or JOINT_NOTE
         del model
         rows.append(row)
