@@ -46,3 +46,19 @@ def describe(device: str | torch.device | None = None) -> str:
             f"{cores} usable CPU cores{ram} | Python {platform.python_version()}, torch "
             f"{torch.__version__} (threads {torch.get_num_threads()}) | device {dev} | "
             f"load average {load}")
+
+
+def add_threads_flag(parser, default: int = 1) -> None:
+    """``--threads N``: the torch CPU thread count every benchmark sets and records (results at
+    small calibration sizes move with it, since it changes the float summation order)."""
+    parser.add_argument("--threads", type=int, default=default,
+                        help=f"torch CPU threads, set before anything runs and recorded with the "
+                             f"results (default {default})")
+
+
+def apply_threads(args) -> int:
+    """Set the thread count of ``--threads`` and return it."""
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    return torch.get_num_threads()

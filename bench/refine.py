@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _machine import describe
+from _machine import add_threads_flag, apply_threads, describe
 
 import toolkit.sweep as sweep
 from toolkit import compress, load_model, perplexity
@@ -74,7 +74,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", default=None, help="comma-separated subset of 50%%,60%%,70%%,2:4")
     p.add_argument("--out", default=str(REPO / "data" / "results" / "refine_smollm2.csv"))
+    add_threads_flag(p)
     args = p.parse_args(argv)
+    apply_threads(args)
 
     machine = describe(args.device)
     print(machine, flush=True)

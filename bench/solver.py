@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _machine import describe
+from _machine import add_threads_flag, apply_threads, describe
 
 from toolkit.baselines import apply_mask, magnitude_mask, rtn_quantize, wanda_mask
 from toolkit.hessian import HessianAccumulator, capture_hessians, reconstruction_error
@@ -238,15 +238,14 @@ def main(argv=None):
                    help="timing repeats, best kept (default: 3 below 4M weights, else 1)")
     p.add_argument("--real", action="store_true",
                    help="use SmolLM2-135M weights and activations for its shapes (loads the model)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_flag(p)
     p.add_argument("--out", default=None, help="CSV path (default data/results/solver_<device>.csv)")
     args = p.parse_args(argv)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     if args.quick:
         shapes = [s for s in shapes if s not in BIG]

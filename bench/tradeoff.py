@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from _machine import describe
+from _machine import add_threads_flag, apply_threads, describe
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO / "data" / "wikitext2"  # bundled (data/README.md); toolkit.data.bundled_wikitext2
@@ -62,12 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "data" / "results" / "tradeoff_smollm2.csv"))
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     p.add_argument("--only", nargs="+", default=None, help="run only these rows (labels)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's own); results at small calibration "
-                        "sizes move with it, since the float summation order changes")
+    add_threads_flag(p)
     args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     from toolkit import load_model
     from toolkit.bnb import bnb_available
