@@ -28,8 +28,11 @@ Decisions mirror the documented rules:
   kept weights go to the nearest level, pruned ones to the zero point;
 * act_order: columns visited by descending ``diag H``, groups formed in that order, every
   output un-permuted at the end;
-* dead inputs (``diag H == 0``): unit diagonal, no coupling, then the damping
-  ``percdamp * mean(diag)`` of that matrix;
+* dead inputs (``diag H == 0``): their weights set to 0 before the sweep; in the Hessian no
+  coupling and the mean live diagonal, and the damping ``percdamp * mean(live diag)``, so the
+  result does not depend on the scale of ``H``;
+* static groups: every group's grid fitted before the sweep on the natural column ranges of the
+  weights as given; each column uses its natural group's grid, in any visiting order;
 * stacked layers: each layer equals the reference run on it alone (own sparsity budget).
 
 The solver computes in float32 whatever the input dtype (the weight is cast; a float64 ``H``
@@ -135,13 +138,15 @@ def sym_offset(kw):
 
 def damped(H, percdamp):
     """The damped Hessian as documented in ``inverse_cholesky_factor``: dead inputs (diag 0)
-    get a unit diagonal and no coupling, then ``percdamp * mean(diag)`` is added."""
+    get no coupling and the mean live diagonal, then ``percdamp * mean(live diag)`` is added."""
     H = H.to(F64).clone()
-    dead = torch.nonzero(torch.diagonal(H) == 0).flatten()
+    live = torch.diagonal(H) != 0
+    dead = torch.nonzero(~live).flatten()
+    mean = torch.diagonal(H)[live].mean()
     H[dead, :] = 0
     H[:, dead] = 0
-    H[dead, dead] = 1.0
-    return H + percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=F64)
+    H[dead, dead] = mean
+    return H + percdamp * mean * torch.eye(H.shape[0], dtype=F64)
 
 
 _INVERSES: dict = {}
@@ -235,7 +240,7 @@ class Ref:
 
 
 def reference(W, H, *, sparsity=0.0, pattern=None, bits=None, group_size=None, sym=False,
-              mse=False, act_order=False, block_size=128, percdamp=0.01,
+              mse=False, act_order=False, static_groups=False, block_size=128, percdamp=0.01,
               inblock_update=True, snapshot=True):
     """Greedy column-by-column OBS with explicit inverses (see the module docstring).
 
@@ -243,16 +248,16 @@ def reference(W, H, *, sparsity=0.0, pattern=None, bits=None, group_size=None, s
     ``snapshot=False`` (fit grids that reach past the block to fully updated values) are
     deliberate mutations for the tests that prove the comparison has teeth.
     """
-    W0 = W.to(F64)
+    W0 = W.to(F64).clone()
+    W0[:, torch.diagonal(H) == 0] = 0  # dead inputs: their weights go first, at no cost
     rows, cols = W0.shape
     if pattern is not None:
         pattern = tuple(int(p) for p in pattern.split(":")) if isinstance(pattern, str) else pattern
     perm = torch.arange(cols)
     if act_order:
         diag = torch.diagonal(H.to(F64))
-        # the solver's argsort is not stable: only tie-free data has one documented order
-        assert diag.unique().numel() == cols, "act_order test data must have distinct diag H"
-        perm = torch.argsort(diag, descending=True)
+        # ties keep their natural order (a stable sort)
+        perm = torch.argsort(diag, descending=True, stable=True)
     Hd = damped(H, percdamp)[perm][:, perm]
     Wc = W0[:, perm].clone()
     hinv = trailing_inverses(Hd)
@@ -270,6 +275,16 @@ def reference(W, H, *, sparsity=0.0, pattern=None, bits=None, group_size=None, s
         scales = torch.zeros(rows, n_groups, dtype=F64)
         zeros = torch.zeros(rows, n_groups, dtype=F64)
         pos_group = torch.arange(cols) // gs
+        natural_group = torch.arange(cols) // gs
+        if static_groups:  # natural ranges, fitted on the weights as given, before the sweep
+            for g in range(n_groups):
+                a, b = g * gs, min(g * gs + gs, cols)
+                sc, zp, raw, mgap = fit(W0[:, a:b], torch.ones(rows, b - a, dtype=torch.bool),
+                                        bits, sym, mse)
+                mse_margin = min(mse_margin, mgap)
+                if raw is not None:
+                    margin = min(margin, float((tie_distance(raw, maxq) * sc).min()))
+                scales[:, g], zeros[:, g] = sc, zp
     loss = loss_scale = 0.0
     pruned = 0
     scale = zero = None
@@ -301,7 +316,10 @@ def reference(W, H, *, sparsity=0.0, pattern=None, bits=None, group_size=None, s
                 margin = min(margin, float(gap * dsq[j:j + m].sqrt().min()))
             w = Wc[:, j].clone()
             if bits is not None:
-                if j % gs == 0:
+                if static_groups:
+                    g = int(natural_group[perm[j]])
+                    scale, zero = scales[:, g], zeros[:, g]
+                elif j % gs == 0:
                     g, end = j // gs, min(j + gs, cols)
                     vals = Wc[:, j:end].clone()
                     if snapshot and end > i2:
@@ -337,7 +355,7 @@ def reference(W, H, *, sparsity=0.0, pattern=None, bits=None, group_size=None, s
         codes=codes[:, inv] if bits is not None else None,
         scale=scales if bits is not None else None,
         zero=zeros if bits is not None else None,
-        g_idx=pos_group[inv] if bits is not None else None,
+        g_idx=(natural_group if static_groups else pos_group[inv]) if bits is not None else None,
         loss=loss,
         loss_scale=loss_scale,
         maxq=maxq if bits is not None else 0,
@@ -538,6 +556,31 @@ def test_act_order_with_a_factor_matches_obs():
     compare(res, ref, W, H)
 
 
+@pytest.mark.parametrize("act_order", [True, False], ids=["act", "natural"])
+@pytest.mark.parametrize("kw", [dict(bits=4, group_size=8), dict(bits=3, group_size=12, sym=True),
+                                dict(bits=4, group_size=None),
+                                dict(bits=4, group_size=8, sparsity=0.5)],
+                         ids=["4bit-g8", "3bit-g12-sym", "4bit-gNone", "joint50-4bit-g8"])
+def test_static_groups_match_obs(kw, act_order):
+    """Static groups: grids of the natural column ranges fitted before the sweep; with
+    act_order the visiting order still follows diag H, and g_idx stays col // group_size."""
+    res, _ = check(7, 40, static_groups=True, act_order=act_order, block_size=8, **kw)
+    if kw["group_size"]:
+        assert torch.equal(res.g_idx.long(), torch.arange(40) // kw["group_size"])
+
+
+def test_act_order_ties_keep_the_natural_order():
+    """diag H with ties: the visiting order is the stable one (documented), so equal-diagonal
+    columns are visited left to right and the result matches the reference."""
+    W, H = make_problem(8, 16, 3)
+    d = torch.diagonal(H).clone()
+    H = H / d.sqrt()[:, None] / d.sqrt()[None, :]
+    torch.diagonal(H).fill_(1.0)  # a unit diagonal, exactly: every column ties
+    res = solve(W, H, bits=4, group_size=8, act_order=True, block_size=8)
+    assert torch.equal(factorize(H, act_order=True).perm, torch.arange(16))
+    compare(res, reference(W, H, bits=4, group_size=8, act_order=True, block_size=8), W, H)
+
+
 def test_nm_with_act_order_is_refused():
     W, H = make_problem(4, 16, 0)
     with pytest.raises(ValueError, match="act_order"):
@@ -607,16 +650,22 @@ def test_stacked_layers_each_match_their_own_obs(kw, block_size):
                                 dict(bits=4, group_size=12, act_order=True)],
                          ids=["s50", "2of4", "4bit-g8", "joint50-3bit-g12", "4bit-g12-act"])
 def test_dead_input_matches_documented_treatment(kw):
-    """Column 9 never fires (diag H = 0): documented as unit diagonal with no coupling before
-    the damping is added. Its weights are pruned/rounded without compensation and no other
-    column's error reaches it."""
+    """Column 9 never fires (diag H = 0): its weights are set to 0 before the sweep (pruned
+    first, stored exactly), and no other column's error reaches it; the result does not depend
+    on the scale of H."""
     kw = dict(kw, block_size=8)
     W, H, ref = clear_case(12, 24, 0, kw, dead=(9,))
     res = solve(W, H, **kw)
     compare(res, ref, W, H)
-    kept = ref.mask[:, 9] if ref.mask is not None else torch.ones(12, dtype=torch.bool)
-    if "bits" not in kw:  # untouched where kept: no other column's error flows into it
-        assert torch.equal(res.weight[kept, 9], W[kept, 9])
+    assert torch.equal(res.weight[:, 9], torch.zeros(12))
+    if ref.mask is not None and "sparsity" in kw:  # the free zeros are the first pruned
+        assert not res.mask[:, 9].any()
+    for c in (1e-6, 1e4):  # same decisions at any scale of H
+        scaled = solve(W, c * H, **kw)
+        if res.mask is not None:
+            assert torch.equal(scaled.mask, res.mask)
+        if res.codes is not None:
+            assert torch.equal(scaled.codes, res.codes)
 
 
 # ----------------------------------------------------------------------------- teeth
