@@ -281,3 +281,24 @@ def test_baseline_rules_on_transposed_conv1d_weights(method):
     assert (report.layers.sparsity == 0.5).all()
     w = model.transformer.h[0].mlp.c_fc.weight
     assert int((w == 0).sum()) >= w.numel() // 2
+
+
+def test_report_relative_error_and_static_groups():
+    """rel_error = error / tr(W H W^T): in (0, 1) for a real compression, 0 where nothing
+    changed; static groups with act-order give every layer contiguous groups and a layer error
+    within a factor of the dynamic ones (same solver, another grid schedule)."""
+    kw = dict(calibration=random_ids(4, 32), nsamples=4, seqlen=32, bits=3, group_size=32,
+              act_order=True, verbose=False)
+    dyn = compress(tiny_model("llama"), **kw).layers
+    sta_model = tiny_model("llama")
+    sta = compress(sta_model, static_groups=True, **kw).layers
+    for df in (dyn, sta):
+        assert ((df["rel_error"] > 0) & (df["rel_error"] < 1)).all()
+        assert list(df.columns)[-3:] == ["error", "rel_error", "seconds"]
+    ratio = sta["error"] / dyn["error"]
+    assert ((ratio > 0.5) & (ratio < 2.0)).all()
+    for m in sta_model.modules():
+        comp = getattr(m, "compression", None)
+        if comp is not None:
+            assert torch.equal(comp.g_idx.long(), torch.arange(comp.g_idx.numel()) // 32)
+    assert "static groups" in CompressConfig(bits=4, act_order=True, static_groups=True).describe()

@@ -68,9 +68,10 @@ def inverse_cholesky_factor(
 ) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp*I)^-1``, so that ``H^-1 = U^T U``, in float32.
 
-    Dead inputs (``diag H == 0``) get a unit diagonal: their weights are then handled with no
-    error propagation (they never influenced the calibration outputs). The damping is
-    ``percdamp * mean(diag H)``; if a factorisation fails it is retried with 10x more damping,
+    Dead inputs (``diag H == 0``) get the mean live diagonal and no off-diagonal terms: their
+    weights are then handled with no error propagation (they never influenced the calibration
+    outputs). The damping is ``percdamp * mean(diag H)`` over the live inputs, so the result
+    does not depend on the scale of ``H``; if a factorisation fails it is retried with 10x more damping,
     ``retries`` times, before a ``SolverError`` naming the layer is raised.
     """
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
@@ -82,8 +83,10 @@ def inverse_cholesky_factor(
     dead = diag == 0
     H[dead, :] = 0
     H[:, dead] = 0
-    diag[dead] = 1
-    mean_diag = diag.mean()
+    # the scale of the live inputs sets the damping; a dead input gets that scale on its
+    # diagonal (its weights are zeroed by the solver, so it propagates nothing either way)
+    mean_diag = diag[~dead].mean() if bool((~dead).any()) else torch.ones((), dtype=H.dtype)
+    diag[dead] = mean_diag
     damp = percdamp * mean_diag
     for _ in range(retries + 1):
         Hd = H.clone()

@@ -226,6 +226,13 @@ OPTIONS: tuple[Option, ...] = (
            scope="layer", flag="--act-order", parse=_parse_bool,
            label=lambda v, s, long: "act-order" if v else None, part="quant",
            annotation="bool"),
+    Option("static_groups", False, _bool,
+           "quantization groups on the natural column ranges, every grid fitted before the "
+           "sweep (GPTQ's static groups); with act_order the columns are still visited by "
+           "descending Hessian diagonal, and the result can be saved in the standard format "
+           "(compressed-tensors actorder 'weight')", scope="layer", flag="--static-groups",
+           parse=_parse_bool, label=lambda v, s, long: "static groups" if v else None,
+           part="quant", annotation="bool"),
     Option("mse", False, _bool, "search each grid's clipping range for the smallest error",
            scope="layer", flag="--mse", parse=_parse_bool,
            label=lambda v, s, long: "mse" if v else None, part="quant", annotation="bool"),

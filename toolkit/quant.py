@@ -79,7 +79,8 @@ def fit_grid(
 
     ``keep`` (bool, same shape) marks the weights that survive pruning; the others are treated
     as 0 (they are fitted as zeros and excluded from the clipping error). With ``mse=True`` the
-    range is shrunk by factors down to ``1 - max_shrink`` and the factor with the smallest
+    range is shrunk by the factors ``1 - i / grid_points`` for ``i < max_shrink * grid_points``
+    (1, 0.99, ..., 0.21 by default) and the factor with the smallest
     ``sum |w - deq(q(w))|**norm`` over the kept weights is chosen per row (clipping search).
     """
     maxq = 2**bits - 1

@@ -43,9 +43,11 @@ class LayerCompression:
 #: ``2/n * ||(W - W_new) X||^2`` over the n calibration tokens X it saw (NaN when no calibration
 #: was needed), in the squared units of the layer's outputs, so it grows with the layer's output
 #: scale and is comparable between settings of the same layer, not between layers;
-#: ``seconds`` (solve time).
+#: ``rel_error``: ``error / tr(W H W^T)``, the fraction of the layer's output energy on the
+#: calibration inputs that the change lost (0 = exact, 1 = as bad as zeroing the layer),
+#: comparable between layers; ``seconds`` (solve time).
 REPORT_COLUMNS = ["block", "layer", "shape", "sparsity", "zeros", "bits", "group_size", "method",
-                  "error", "seconds"]
+                  "error", "rel_error", "seconds"]
 
 
 @dataclass
@@ -58,7 +60,8 @@ class CompressionReport:
     summary: dict
 
     def __str__(self) -> str:
-        cols = ["block", "layer", "shape", "sparsity", "bits", "group_size", "error", "seconds"]
+        cols = ["block", "layer", "shape", "sparsity", "bits", "group_size", "error", "rel_error",
+                "seconds"]
         with pd.option_context("display.max_rows", 400, "display.width", 160,
                                "display.float_format", "{:.4g}".format):
             table = self.layers[cols].to_string(index=False) if len(self.layers) else "(no layers)"

@@ -109,8 +109,8 @@ def _requantize_rtn(X: torch.Tensor, keep: torch.Tensor, res: SolveResult, bits:
 def refine_layers(originals: list[torch.Tensor], results: list[SolveResult],
                   H: torch.Tensor | Factor, *, iters: int, bits: int | None = None,
                   group_size: int | None = None, sym: bool = False, mse: bool = False,
-                  act_order: bool = False, block_size: int = 128, percdamp: float = 0.01,
-                  names: list[str] | None = None) -> list[SolveResult]:
+                  act_order: bool = False, static_groups: bool = False, block_size: int = 128,
+                  percdamp: float = 0.01, names: list[str] | None = None) -> list[SolveResult]:
     """Re-solve the kept weights of layers that share ``H``, never raising a row's error.
 
     Args:
@@ -119,7 +119,8 @@ def refine_layers(originals: list[torch.Tensor], results: list[SolveResult],
             A result without a mask (nothing pruned) is returned unchanged.
         H: the undamped Hessian of their shared input, or the solver's :class:`Factor` of it.
         iters: conjugate-gradient iterations (0: return ``results`` unchanged).
-        bits, group_size, sym, mse, act_order, block_size: the quantization settings the results
+        bits, group_size, sym, mse, act_order, static_groups, block_size: the quantization
+            settings the results
             were made with (``bits=None``: no re-quantization).
         percdamp: the ridge ``λ`` of the re-solve (relative to ``mean(diag H)``).
 
@@ -160,7 +161,8 @@ def refine_layers(originals: list[torch.Tensor], results: list[SolveResult],
         cands.append((wq, codes, cands[0][2], cands[0][3]))
         masks = list(torch.split(keep, splits, 0))
         again = solve_layers(list(torch.split(X, splits, 0)), H, bits=bits, group_size=group_size,
-                             sym=sym, mse=mse, act_order=act_order, block_size=block_size,
+                             sym=sym, mse=mse, act_order=act_order,
+                             static_groups=static_groups, block_size=block_size,
                              percdamp=percdamp, names=names, masks=masks)
         cands.append((torch.cat([r.weight.float() for r in again], 0),
                       torch.cat([r.codes for r in again], 0),

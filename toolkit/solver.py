@@ -69,13 +69,14 @@ class Factor:
 
 def factorize(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False,
               name: str = "layer") -> Factor:
-    """Dampen and factorise ``H`` once; with ``act_order`` columns go by descending ``diag H``."""
+    """Dampen and factorise ``H`` once; with ``act_order`` columns go by descending ``diag H``
+    (ties keep their natural order)."""
     if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not percdamp >= 0:
         raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
     perm = None
     Hp = H
     if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         Hp = H[perm][:, perm]
     U = inverse_cholesky_factor(Hp, percdamp=percdamp, name=name)
     return Factor(H=H, U=U, perm=perm)
@@ -112,7 +113,8 @@ def check_solver_args(sparsity=0.0, pattern=None, bits=None, group_size=None, ac
 def solve(weight: torch.Tensor, H: torch.Tensor | Factor, *, sparsity: float = 0.0,
           pattern=None, bits: int | None = None, group_size: int | None = None,
           sym: bool = False, mse: bool = False, act_order: bool = False,
-          block_size: int = 128, percdamp: float = 0.01, name: str = "layer") -> SolveResult:
+          static_groups: bool = False, block_size: int = 128, percdamp: float = 0.01,
+          name: str = "layer") -> SolveResult:
     """Prune and/or quantize one layer's weight (rows x cols) against its input Hessian.
 
     Args:
@@ -135,6 +137,11 @@ def solve(weight: torch.Tensor, H: torch.Tensor | Factor, *, sparsity: float = 0
         mse: search the grid's clipping range for the smallest rounding error.
         act_order: visit columns by descending ``diag H`` (groups follow that order; see
             ``SolveResult.g_idx``). Not allowed with ``pattern``.
+        static_groups: the groups are the natural column ranges and every group's grid is
+            fitted before the sweep, to the weights as given (GPTQ's static groups). With
+            ``act_order`` the columns are still visited by descending ``diag H``, but each uses
+            the grid of its natural group, so ``g_idx`` stays ``col // group_size``: the layout
+            checkpoint formats store (compressed-tensors' ``actorder="weight"``).
         block_size: columns per lazy-update block (128).
         percdamp: dampening ``percdamp * mean(diag H)`` added to the diagonal (ignored when a
             ``Factor`` is passed).
@@ -142,14 +149,15 @@ def solve(weight: torch.Tensor, H: torch.Tensor | Factor, *, sparsity: float = 0
     """
     return solve_layers([weight], H, sparsity=sparsity, pattern=pattern, bits=bits,
                         group_size=group_size, sym=sym, mse=mse, act_order=act_order,
-                        block_size=block_size, percdamp=percdamp, names=[name])[0]
+                        static_groups=static_groups, block_size=block_size, percdamp=percdamp,
+                        names=[name])[0]
 
 
 @torch.no_grad()
 def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, sparsity: float = 0.0,
                  pattern=None, bits: int | None = None, group_size: int | None = None,
                  sym: bool = False, mse: bool = False, act_order: bool = False,
-                 block_size: int = 128, percdamp: float = 0.01,
+                 static_groups: bool = False, block_size: int = 128, percdamp: float = 0.01,
                  names: list[str] | None = None,
                  masks: list[torch.Tensor] | None = None) -> list[SolveResult]:
     """Solve several layers that read the same input (q/k/v; gate/up) in one sweep.
@@ -159,6 +167,11 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
 
     ``masks``: fixed keep-masks (one per layer, True = kept) instead of choosing them: the sweep
     then only compensates (and quantizes) with that mask; ``sparsity``/``pattern`` must be unset.
+
+    Inputs that never fired (``diag H == 0``, e.g. a dead feature in the calibration data) have
+    no effect on the calibration outputs: their weights are set to 0 before the sweep (as the
+    SparseGPT and GPTQ reference code does), so pruning takes them first, whatever the scale of
+    ``H``, and quantization stores them exactly.
     """
     t0 = time.perf_counter()
     sparsity, pattern, bits, group_size = check_solver_args(
@@ -199,6 +212,11 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
 
     splits = [w.shape[0] for w in weights]
     W = torch.cat([w.float() for w in weights], 0)
+    dead = torch.diagonal(factor.H).to(device) == 0
+    if bool(dead.any()):
+        W[:, dead] = 0
+    static = static_groups and bits is not None
+    W_natural = W  # the grids of static groups are fitted on it, before the sweep changes W
     if perm is not None:
         W = W[:, perm]
     rows = W.shape[0]
@@ -227,6 +245,21 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
         codes = torch.empty(rows, cols, dtype=torch.uint8, device=device)
         scales = torch.empty(rows, len(bounds), dtype=torch.float32, device=device)
         zeros = torch.empty_like(scales)
+        natural_group = torch.empty(cols, dtype=torch.int32, device=device)
+        for g, (a, b) in enumerate(bounds):
+            natural_group[a:b] = g
+        if static:  # every grid fitted now, on the natural column ranges
+            keep_nat = None
+            if masks is not None:
+                keep_nat = torch.cat([m.to(device=device, dtype=torch.bool) for m in masks], 0)
+            for g, (a, b) in enumerate(bounds):
+                scales[:, g], zeros[:, g] = fit_grid(
+                    W_natural[:, a:b], bits, sym=sym, mse=mse,
+                    keep=None if keep_nat is None else keep_nat[:, a:b])
+            # the group of the column at each visiting position
+            static_of = (natural_group if perm is None else natural_group[perm]).tolist()
+            current_group = -1
+    del W_natural
     loss = torch.zeros(rows, dtype=torch.float32, device=device)
     scale = zero = None
 
@@ -258,7 +291,11 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
                 score = W1[:, i:i + m].pow(2) / d[i:i + m].pow(2)[None, :]
                 keep1[:, i:i + m] = nm_mask(score, n, m)
             if bits is not None:
-                if col in starts:
+                if static:
+                    if static_of[col] != current_group:
+                        current_group = static_of[col]
+                        scale, zero = scales[:, current_group], zeros[:, current_group]
+                elif col in starts:
                     g, gend = starts[col]
                     inblock = min(gend, i2) - i1
                     gw = W1[:, i:inblock]
@@ -292,10 +329,8 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
 
     g_idx = None
     if bits is not None:
-        pos_group = torch.empty(cols, dtype=torch.int32, device=device)
-        for g, (a, b) in enumerate(bounds):
-            pos_group[a:b] = g
-        g_idx = pos_group
+        # dynamic: groups are ranges of visiting positions; static: natural column ranges
+        g_idx = natural_group
     if perm is not None:
         inv = torch.argsort(perm)
         W = W[:, inv]
@@ -303,7 +338,8 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
             keep = keep[:, inv]
         if bits is not None:
             codes = codes[:, inv]
-            g_idx = g_idx[inv]
+            if not static:
+                g_idx = g_idx[inv]
 
     results = []
     seconds = time.perf_counter() - t0

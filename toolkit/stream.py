@@ -818,7 +818,9 @@ def _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0)
         for r in (rec or {}).get("rows", []):
             r = dict(r)
             r["shape"] = tuple(r["shape"])
-            r["error"] = float(r["error"])
+            for k in ("error", "rel_error"):
+                if k in r:
+                    r[k] = float(r[k])
             rows.append(r)
     return build_report(config, rows, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
                         device=device, extra={

@@ -205,14 +205,15 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
             if masks is not None:
                 results = solve_layers(weights, factors[s.act_order], bits=solver_bits,
                                        group_size=s.group_size, sym=s.sym, mse=s.mse,
-                                       act_order=s.act_order, block_size=block_size,
-                                       names=[r.name for r in refs], masks=masks)
+                                       act_order=s.act_order, static_groups=s.static_groups,
+                                       block_size=block_size, names=[r.name for r in refs],
+                                       masks=masks)
             else:
                 results = solve_layers(weights, factors[s.act_order], sparsity=s.sparsity,
                                        pattern=s.pattern, bits=solver_bits,
                                        group_size=s.group_size, sym=s.sym, mse=s.mse,
-                                       act_order=s.act_order, block_size=block_size,
-                                       names=[r.name for r in refs])
+                                       act_order=s.act_order, static_groups=s.static_groups,
+                                       block_size=block_size, names=[r.name for r in refs])
             weights = [r.weight for r in results]
             if masks is None and results[0].mask is not None:
                 masks = [r.mask for r in results]
@@ -221,7 +222,8 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
                 originals, results or masked_results(weights, masks), factors.get(s.act_order, H),
                 iters=s.refine_iters, bits=s.bits if s.quant == "gptq" else None,
                 group_size=s.group_size, sym=s.sym, mse=s.mse, act_order=s.act_order,
-                block_size=block_size, percdamp=percdamp, names=[r.name for r in refs])
+                static_groups=s.static_groups, block_size=block_size, percdamp=percdamp,
+                names=[r.name for r in refs])
             weights = [r.weight for r in results]
         for j, (ref, w) in enumerate(zip(refs, weights)):
             comp = LayerCompression(settings=s)
@@ -237,9 +239,12 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
             ref.set_weight(w.to(ref.module.weight.device))
             new = ref.get_weight().to(device=device, dtype=torch.float32)
             if H is not None:
-                comp.error = reconstruction_error(originals[j].to(H.device), new.to(H.device), H)
+                orig = originals[j].to(H.device)
+                comp.error = reconstruction_error(orig, new.to(H.device), H)
+                energy = reconstruction_error(orig, torch.zeros_like(orig), H)
+                rel_error = comp.error / energy if energy > 0 else 0.0
             else:
-                comp.error = float("nan")
+                comp.error = rel_error = float("nan")
             pruned = int((~masks[j]).sum()) if masks is not None else 0
             comp.sparsity = pruned / new.numel()
             ref.module.compression = comp
@@ -250,6 +255,7 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
                 group_size=s.group_size if s.bits is not None else None,
                 method=(s.method if s.prunes else "-") + "+" + (s.quant if s.bits else "-"),
                 error=comp.error,
+                rel_error=rel_error,
                 seconds=(time.perf_counter() - t0) / len(refs),
             ))
     return rows
