@@ -47,4 +47,19 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"{path.name}: a cell raised:\n{e}", pytrace=False)
     nbformat.write(nb, tmp_path / path.name)   # the executed copy, for inspection on failure
-    assert not (path.stat().st_size == 0)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors, f"{path.name}: error outputs {errors}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_with_the_outputs_of_one_run(path):
+    """The committed notebook was executed top to bottom in one kernel: every code cell has an
+    execution count, numbered 1, 2, 3, ... in order, and no cell's output is an error."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    counts = [c.execution_count for c in code]
+    assert counts == list(range(1, len(code) + 1)), f"{path.name}: execution counts {counts}"
+    assert any(c.outputs for c in code), f"{path.name}: no outputs at all"
+    errors = [o.get("ename") for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{path.name}: committed with errors {errors}"
