@@ -2,38 +2,36 @@
 
 Every stored number counts, at the width it is stored with. Three layouts:
 
-``layout="compressed-tensors"`` (the default) is what :func:`toolkit.export.save_compressed`
-writes (its default ``layout="compact"``): compressed-tensors tensors, byte for byte, without
-the safetensors header and the JSON files. For a linear layer of ``rows x cols`` (out x in), with
-dense tensors and scales in a ``d``-byte float (``dense_bits / 8``; 2 for fp16/bf16):
+``layout="standard"`` (the default) is what :func:`toolkit.export.save_compressed` writes by
+default: compressed-tensors tensors, byte for byte, without the safetensors header and the JSON
+files. For a linear layer of ``rows x cols`` (out x in), with dense tensors and scales in a
+``d``-byte float (``dense_bits / 8``; 2 for fp16/bf16):
 
-* left dense: ``weight`` = ``rows * cols * d``.
-* pruned, not quantized, unstructured (``sparse-bitmask``; also n:m other than 2:4):
-  ``compressed`` = the non-zero values, ``nnz * d``; ``bitmask`` = one bit per weight packed
-  along each row (``pack_bitmasks``, i.e. ``numpy.packbits``), ``rows * ceil(cols / 8)`` bytes;
-  ``row_offsets`` = where each row starts in ``compressed``, int64, ``rows * 8``;
-  ``shape`` = int64[2], 16 bytes.
-* pruned 2:4, not quantized (``sparse-24-bitmask``): ``compressed`` = exactly half the values,
-  ``rows * cols / 2 * d``; ``bitmask`` = ``rows * ceil(cols / 8)``; ``shape`` = 16 bytes.
-* quantized to ``b`` bits, groups of ``g`` columns (``pack-quantized``, packed by the library's
-  ``pack_to_int32``): ``weight_packed`` = int32 words holding the ``b``-bit codes of each row
-  densely (no padding between codes), ``rows * ceil(cols * b / 32) * 4``;
-  ``weight_scale`` = one scale per row and group in the dense float, ``rows * G * d`` with
-  ``G = ceil(cols / g)`` (a narrower last group has its own scale; ``G = 1`` for one grid per
-  row); ``weight_zero_point`` (asymmetric only) = the ``b``-bit zero points packed into int32
-  along the rows, ``ceil(rows * b / 32) * G * 4`` -- except when ``g`` does not divide
-  ``cols``: the export then uses the format's ``block`` strategy, whose zero points stay int8,
-  ``rows * G``; ``weight_shape`` = int64[2], 16 bytes; ``weight_g_idx`` = int32 group index per
-  input column, ``cols * 4``, only when act-order left the groups out of column order
-  (compressed-tensors 0.20 cannot store it and the export refuses such layers; it is counted as
-  older compressed-tensors and GPTQ checkpoints store it).
-* pruned *and* quantized (the toolkit's joint layout): as pack-quantized, but ``weight_packed``
-  holds only the kept codes, ``ceil(nnz * b / 32) * 4``, plus ``weight_bitmask``,
-  ``rows * ceil(cols / 8)``.
+* left dense, or pruned and not quantized: ``weight`` = ``rows * cols * d`` (zeros included).
+* quantized to ``b`` bits, groups of ``g`` columns, pruned or not (``pack-quantized``, packed by
+  the library's ``pack_to_int32``): ``weight_packed`` = int32 words holding the ``b``-bit codes
+  of each row densely (no padding between codes; pruned weights are the zero-point code),
+  ``rows * ceil(cols * b / 32) * 4``; ``weight_scale`` = one scale per row and group in the dense
+  float, ``rows * G * d`` with ``G = ceil(cols / g)`` (a narrower last group has its own scale;
+  ``G = 1`` for one grid per row); ``weight_zero_point`` (asymmetric only) = the ``b``-bit zero
+  points packed into int32 along the rows, ``ceil(rows * b / 32) * G * 4`` -- except when ``g``
+  does not divide ``cols``: the export then uses the format's ``block`` strategy, whose zero
+  points stay int8, ``rows * G``; ``weight_shape`` = int64[2], 16 bytes; ``weight_g_idx`` =
+  int32 group index per input column, ``cols * 4``, only when act-order left the groups out of
+  column order (compressed-tensors 0.20 cannot store it and the export refuses such layers; it
+  is counted as older compressed-tensors and GPTQ checkpoints store it).
 
-``layout="transformers"`` is what ``save_compressed(layout="transformers")`` writes, the layout
-``transformers`` itself loads: pruned-only layers dense, pruned+quantized layers as plain
-pack-quantized (every code stored; the pruned weights are the zero-point code).
+``layout="compact"`` is what ``save_compressed(layout="compact")`` writes, the smallest file:
+
+* pruned, not quantized, unstructured (and n:m other than 2:4): ``compressed`` = the non-zero
+  values, ``nnz * d``; ``bitmask`` = one bit per weight packed along each row
+  (``pack_bitmasks``, i.e. ``numpy.packbits``), ``rows * ceil(cols / 8)`` bytes; ``row_offsets``
+  = where each row starts in ``compressed``, int64, ``rows * 8``; ``shape`` = int64[2], 16 bytes.
+* pruned 2:4, not quantized: ``compressed`` = exactly half the values, ``rows * cols / 2 * d``;
+  ``bitmask`` = ``rows * ceil(cols / 8)``; ``shape`` = 16 bytes.
+* pruned *and* quantized: as pack-quantized, but ``weight_packed`` holds only the kept codes,
+  ``ceil(nnz * b / 32) * 4``, plus ``weight_bitmask``, ``rows * ceil(cols / 8)``.
+* quantized only: as in the standard layout.
 
 ``layout="packed"``: the information itself, bit-packed with no container overhead -- the
 least a format needs:
@@ -66,7 +64,7 @@ from .models import is_conv1d
 
 __all__ = ["linear_bits", "linear_bytes", "model_bytes", "SizeBreakdown", "LAYOUTS"]
 
-LAYOUTS = ("compressed-tensors", "transformers", "packed")
+LAYOUTS = ("standard", "compact", "packed")
 _INT64, _INT32 = 8, 4
 
 
@@ -80,7 +78,7 @@ def linear_bytes(rows: int, cols: int, *, nnz: int | None = None,
                  pattern: tuple[int, int] | None = None, sparse: bool | None = None,
                  bits: int | None = None, group_size: int | None = None, sym: bool = False,
                  act_order: bool = False, dense_bits: int = 16,
-                 layout: str = "compressed-tensors") -> dict[str, float]:
+                 layout: str = "standard") -> dict[str, float]:
     """The stored terms of one linear weight (``rows x cols``), in bytes, by tensor name.
 
     ``nnz``: weights kept (non-zero); ``sparse`` (default: ``nnz < rows * cols`` or a pattern)
@@ -125,7 +123,7 @@ def linear_bytes(rows: int, cols: int, *, nnz: int | None = None,
         return out
     bitmask = rows * math.ceil(cols / 8)
     if bits is not None:  # pack-quantized
-        if sparse and layout == "compressed-tensors":  # kept codes only + a bitmask
+        if sparse and layout == "compact":  # kept codes only + a bitmask
             out = {"weight_packed": math.ceil(nnz * bits / 32) * _INT32,
                    "weight_bitmask": bitmask}
         else:  # every code, pruned weights as the zero-point code
@@ -140,7 +138,7 @@ def linear_bytes(rows: int, cols: int, *, nnz: int | None = None,
             out["weight_g_idx"] = cols * _INT32
         out["weight_shape"] = 2 * _INT64
         return out
-    if not sparse or layout == "transformers":
+    if not sparse or layout == "standard":
         return {"weight": numel * d}
     if pattern == (2, 4):  # sparse-24-bitmask
         return {"compressed": numel // 2 * d, "bitmask": bitmask, "shape": 2 * _INT64}
@@ -201,7 +199,7 @@ def _bnb_weight_bytes(module: nn.Module) -> tuple[dict[str, float], int] | None:
 
 
 def model_bytes(model: nn.Module, dense_bits: int = 16,
-                layout: str = "compressed-tensors") -> SizeBreakdown:
+                layout: str = "standard") -> SizeBreakdown:
     """Bytes of a checkpoint of ``model`` with dense tensors at ``dense_bits`` (16: fp16/bf16).
 
     Layers compressed by :func:`toolkit.compress` carry ``module.compression`` and are counted

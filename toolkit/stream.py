@@ -67,6 +67,7 @@ from .export import (
     compressed_layers,
     encode_layer,
     file_sha256,
+    linear_names,
     plain_config,
     read_header,
     stored_tensors,
@@ -365,7 +366,7 @@ def _injected(b: int) -> None:
 
 @torch.no_grad()
 def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
-                       dtype: torch.dtype = torch.float32, layout: str = "compact",
+                       dtype: torch.dtype = torch.float32, layout: str = "standard",
                        partial_groups: str = "block", trust_remote_code: bool = False,
                        **kwargs):
     """Compress the checkpoint folder ``model_dir`` block by block into the folder ``out``.
@@ -399,8 +400,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     if config.allocation != "uniform":
         raise ValueError(f"allocation={config.allocation!r} needs a dense pass over the whole "
                          "model before compressing: not available with streaming")
-    if layout not in ("compact", "transformers"):
-        raise ValueError(f"layout must be 'compact' or 'transformers', got {layout!r}")
+    if layout not in ("standard", "compact"):
+        raise ValueError(f"layout must be 'standard' or 'compact', got {layout!r}")
     if partial_groups not in ("block", "error"):
         raise ValueError(f"partial_groups must be 'block' or 'error', got {partial_groups!r}")
     model_dir, out = Path(model_dir), Path(out)
@@ -745,9 +746,9 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
         header = read_header(p)
         weight_map.update({k: rec["file"] for k in header if k != "__metadata__"})
     acc.check(partial_groups)
-    qcfg, sparsity_cfg = acc.configs()
+    qcfg = acc.configs(linear_names(model))
 
-    meta = acc.meta(dtype, tied, config=config,
+    meta = acc.meta(dtype, tied, config=config, model=model,
                     summary={"streamed": True, "blocks": n_blocks, "attempts": journal["attempts"]})
     meta["files"] = files
     stage = out / WORK_DIR / "final"
@@ -756,7 +757,7 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
         gen = None
         if (model_dir / "generation_config.json").is_file():
             gen = GenerationConfig.from_pretrained(model_dir)
-        write_model_config(stage, plain_config(model), gen, qcfg, sparsity_cfg, dtype)
+        write_model_config(stage, plain_config(model), gen, qcfg, dtype)
         with open(stage / TOOLKIT_NAME, "w") as f:
             json.dump(meta, f, indent=2)
         with open(stage / INDEX_NAME, "w") as f:
