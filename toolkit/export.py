@@ -637,6 +637,19 @@ def _model_description(model: nn.Module) -> dict:
                           getattr(model, "name_or_path", None) or "") or None}
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where Linux allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _mkdir_private_free(parent: Path, prefix: str) -> Path:
     """A new folder in ``parent`` created with the user's umask (``mkdtemp`` would make it
     0700 and every file in the checkpoint unreadable to the user's group)."""
@@ -726,6 +739,10 @@ def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwri
             json.dump(meta, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        mode = 0o666 & ~_umask()  # safetensors writes through a 0600 temporary file
+        for p in tmp.iterdir():
+            if p.is_file():
+                os.chmod(p, mode)
         _fsync_tree(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -139,6 +139,7 @@ class LayerPlan:
     shape: tuple[int, int] | None = None  # (out, in) of the logical weight
     activations: bool = False  # input activations are quantized
     sparse: str | None = None  # the sparsity_config format also covering this layer
+    declared: str | None = None  # the format config.json declares, when the layer is not in it
     notes: list[str] = field(default_factory=list)
 
 
@@ -218,6 +219,7 @@ def plan_layers(model, qc: dict, meta_layers: dict | None, tensor_names) -> dict
                 shape=tuple(e["shape"]) if e.get("shape") else None)
         if fmt in _KINDS and fmt != p.fmt:  # a layout of ours declared under a standard name
             p.notes.append(f"declared {p.fmt!r} in config.json, stored as {fmt!r}")
+            p.declared = p.fmt
             p.kind, p.fmt = _KINDS[fmt], fmt
         if p.shape is None and e.get("shape"):
             p.shape = tuple(e["shape"])
@@ -456,7 +458,9 @@ def predict_readers(config_data: dict, plan: dict[str, LayerPlan], shapes: dict[
                         and p.group is None]
         mismatched = []
         for p in layers:
-            for local, shape in expected_shapes(p, version).items():
+            seen = replace(p, kind=_KINDS.get(p.declared, "other"), fmt=p.declared) \
+                if p.declared else p  # what a reader of the config expects
+            for local, shape in expected_shapes(seen, version).items():
                 key = f"{p.name}.{local}"
                 if key in shapes and list(shapes[key]) != list(shape):
                     mismatched.append((p, key, list(shapes[key]), shape))
