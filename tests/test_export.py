@@ -313,10 +313,8 @@ def test_cli_info(saved, capsys):
 def test_default_dtype_is_the_source_checkpoint_dtype(tmp_path):
     """A model loaded in float32 from a bfloat16 checkpoint is saved in bfloat16 (scales and
     dense tensors), so the bytes on disk are what model_bytes (16-bit dense) says."""
-    from transformers import AutoModelForCausalLM
-
     from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     tiny_model("llama", hidden=128).to(torch.bfloat16).save_pretrained(tmp_path / "src")
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(

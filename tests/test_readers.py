@@ -46,6 +46,7 @@ SCHEMES = {
                                                    act_order=True, static_groups=True)),
     "partial last group (block)": ("llama", dict(hidden=96), dict(bits=4, group_size=64,
                                                                   sym=True)),
+    "partial last group, asym": ("llama", dict(hidden=96), dict(bits=4, group_size=64)),
     "mixed: 4-bit, down_proj 8-bit": ("llama", {}, dict(bits=4, group_size=32, sym=True,
                                                         overrides={"down_proj": {"bits": 8}})),
     "GPT-2 Conv1D 4-bit sym": ("gpt2", {}, dict(bits=4, group_size=32, sym=True)),
@@ -148,19 +149,26 @@ def test_load_compressed_reads_everything(matrix):
     assert all(r["readers"]["load_compressed"][0] == "loads" for r in matrix.values())
 
 
+#: the standard layout's promise, (plain from_pretrained, dequantize=True), cell by cell:
+#: symmetric and pruned-only folders load plainly, asymmetric ones with dequantize=True
+STANDARD = {
+    "4-bit sym g32": ("loads", "loads"), "4-bit asym g32": ("error", "loads"),
+    "3-bit sym g32": ("loads", "loads"), "8-bit sym per-row": ("loads", "loads"),
+    "50%": ("loads", "error"), "2:4": ("loads", "error"),
+    "50% + 4-bit asym": ("error", "loads"), "2:4 + 4-bit sym": ("loads", "loads"),
+    "act-order, static groups": ("loads", "loads"),
+    "partial last group (block)": ("loads", "loads"),
+    "partial last group, asym": ("loads", "loads"),
+    "mixed: 4-bit, down_proj 8-bit": ("loads", "wrong"),
+    "GPT-2 Conv1D 4-bit sym": ("error", "error"), "GPT-2 Conv1D 50%": ("loads", "error"),
+}
+
+
 def test_standard_layout_loads_in_transformers(matrix):
-    """The point of the standard layout: plain from_pretrained loads every symmetric scheme
-    and every pruned-only one; the asymmetric ones load with dequantize=True."""
-    for (label, layout), r in matrix.items():
-        if layout != "standard" or label.startswith("GPT-2 Conv1D 4-bit"):
-            continue
-        plain, deq = r["readers"]["transformers"][0], r["readers"]["dequantize"][0]
-        if "asym" in label:
-            assert plain == "error" and deq == "loads", (label, plain, deq)
-        elif "%" in label.split("+")[0] and "bit" not in label or label == "2:4":
-            assert plain == "loads", (label, plain)
-        else:
-            assert plain == "loads", (label, plain)
+    assert set(STANDARD) == set(SCHEMES)
+    got = {label: (r["readers"]["transformers"][0], r["readers"]["dequantize"][0])
+           for (label, layout), r in matrix.items() if layout == "standard"}
+    assert got == STANDARD
 
 
 def test_compact_layout_refused_by_others(matrix):

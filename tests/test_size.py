@@ -51,6 +51,9 @@ def test_pack_quantized_partial_last_group_by_hand():
     assert sum(t.values()) == 3300 + 132 + 66 + 16
     # a dividing group size: zero points packed along the rows, 33 * 4 bits -> 5 words per group
     assert linear_bytes(33, 256, bits=4, group_size=128)["weight_zero_point"] == 5 * 2 * 4
+    # ... unless other layers of these settings need the block strategy (int8, unpacked)
+    assert linear_bytes(33, 256, bits=4, group_size=128, block=True)["weight_zero_point"] == \
+        33 * 2
 
 
 def test_pack_quantized_sym_act_order_by_hand():
@@ -224,21 +227,23 @@ def test_model_bytes_rtn4_per_layer_by_hand():
     assert size["compressed_bytes"] == 2 * per_block
 
 
-@pytest.mark.parametrize("settings,layouts", [
-    (dict(method="magnitude", sparsity=0.5), ("standard", "compact")),
-    (dict(method="magnitude", pattern="2:4"), ("standard", "compact")),
-    (dict(quant="rtn", bits=4, group_size=48), ("standard", "compact")),  # partial last group
+@pytest.mark.parametrize("settings,layouts,hidden", [
+    (dict(method="magnitude", sparsity=0.5), ("standard", "compact"), 64),
+    (dict(method="magnitude", pattern="2:4"), ("standard", "compact"), 64),
+    (dict(quant="rtn", bits=4, group_size=48), ("standard", "compact"), 64),  # partial groups
+    # 96 columns partial, down_proj's 192 divisible: all 14 layers in the block strategy
+    (dict(quant="rtn", bits=4, group_size=64), ("standard", "compact"), 96),
     (dict(method="magnitude", sparsity=0.5, quant="rtn", bits=3, group_size=32),
-     ("standard", "compact")),
+     ("standard", "compact"), 64),
     (dict(method="magnitude", sparsity=0.5, quant="rtn", bits=4, group_size=32, sym=True,
-          overrides={"down_proj": {"bits": None}}), ("standard", "compact")),
+          overrides={"down_proj": {"bits": None}}), ("standard", "compact"), 64),
 ])
-def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts):
+def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts, hidden):
     """The bytes of every tensor save_compressed writes (fp16) equal model_bytes."""
     import safetensors
 
     import toolkit.export as export
-    model = tiny_model("llama")
+    model = tiny_model("llama", hidden=hidden)
     compress(model, calibration=random_ids(2, 16), nsamples=2, seqlen=16, verbose=False,
              **settings)
     for layout in layouts:
@@ -251,3 +256,9 @@ def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts):
                     t = fh.get_tensor(k)
                     on_disk += t.numel() * t.element_size()
         assert model_bytes(model, dense_bits=16, layout=layout)["bytes"] == on_disk
+        if hidden == 96:
+            import json
+
+            meta = json.loads((out / export.TOOLKIT_NAME).read_text())
+            assert {e["strategy"] for e in meta["layers"].values()} == {"block"}
+            assert len(meta["partial_group_layers"]) == 12  # down_proj's 192 columns divide

@@ -19,9 +19,11 @@ and pruned+quantized  per row and group (``weight_scale``), asymmetric zero poin
                       ``group`` strategy, one grid per row ``channel``.
 partial last group    The ``group`` strategy needs ``group_size`` to divide the columns (SmolLM2:
                       576 columns at g128). ``partial_groups="block"`` (default) stores these
-                      layers with the format's ``block`` strategy, blocks of 1 x group_size (the
-                      same grids, exactly); transformers loads it, vLLM refuses the strategy.
-                      ``partial_groups="error"`` refuses instead.
+                      layers, and every layer quantized with the same settings (one config
+                      group, see :func:`toolkit.formats.partial_group_keys`), with the format's
+                      ``block`` strategy, blocks of 1 x group_size (the same grids, exactly);
+                      transformers loads it (asymmetric too: block zero points are unpacked),
+                      vLLM refuses the strategy. ``partial_groups="error"`` refuses instead.
 act-order             ``static_groups=True`` keeps each column in its natural group: stored as
                       ``actorder="weight"``. Dynamic act-order with groups scatters the columns
                       over the groups (``g_idx``), which compressed-tensors >= 0.20 no longer
@@ -81,7 +83,6 @@ from torch import nn
 from .formats import (
     CONV1D_FORMAT,
     JOINT_FORMAT,
-    LEGACY_SPARSE_FORMATS,
     MEASURED_WITH,
     MIXED_FORMAT,
     READERS,
@@ -89,9 +90,11 @@ from .formats import (
     SPARSE_FORMAT,
     TOOLKIT_FORMATS,
     Verdict,
+    block_key,
     column_groups,
     dequantize,
     pack_layout,
+    partial_group_keys,
     plan_layers,
     predict_readers,
     unpack_codes,
@@ -105,7 +108,8 @@ __all__ = ["save_compressed", "load_compressed", "describe_checkpoint", "check_s
            "is_checkpoint", "checkpoint_readers", "source_dtype", "CheckpointError",
            "WEIGHTS_NAME", "TOOLKIT_NAME", "LAYOUTS",
            # the writer/reader pieces that save_compressed and toolkit.stream share
-           "compressed_layers", "encode_layer", "LayerTable", "stored_tensors", "plain_config",
+           "compressed_layers", "encode_layer", "block_keys", "LayerTable", "stored_tensors",
+           "plain_config",
            "linear_names", "write_model_config", "read_header", "file_sha256",
            "SAFETENSORS_DTYPES", "SAFETENSORS_NAMES"]
 
@@ -185,8 +189,11 @@ def _weight_out_in(module) -> torch.Tensor:
     return w.T if is_conv1d(module) else w
 
 
-def _quant_args(comp, cols: int):
-    """compressed-tensors QuantizationArgs for one layer, and the strategy name."""
+def _quant_args(comp, cols: int, block: bool = False):
+    """compressed-tensors QuantizationArgs for one layer, and the strategy name: ``channel``
+    for one grid per row, ``group`` when the group size divides the columns, ``block``
+    (1 x group size) for a partial last group or when ``block`` (see
+    :func:`toolkit.formats.partial_group_keys`)."""
     from compressed_tensors.quantization import QuantizationArgs
 
     s = comp.settings
@@ -196,7 +203,7 @@ def _quant_args(comp, cols: int):
         common["actorder"] = "weight"
     if n_groups == 1:
         return QuantizationArgs(strategy="channel", **common), "channel"
-    if cols % s.group_size == 0:
+    if cols % s.group_size == 0 and not block:
         return QuantizationArgs(strategy="group", group_size=s.group_size, **common), "group"
     return (QuantizationArgs(strategy="block", block_structure=[1, s.group_size], **common),
             "block")
@@ -237,15 +244,16 @@ def _codes(w: torch.Tensor, comp, name: str) -> tuple[torch.Tensor, torch.Tensor
     return q.long(), zero.long()
 
 
-def _pack_quantized(w: torch.Tensor, comp, name: str, partial_groups: str, dtype) -> tuple:
+def _pack_quantized(w: torch.Tensor, comp, name: str, partial_groups: str, dtype,
+                    block: bool = False) -> tuple:
     """(state dict of the layer with local names, QuantizationArgs, strategy, codes)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import QuantizationScheme
 
     rows, cols = w.shape
-    args, strategy = _quant_args(comp, cols)
-    if strategy == "block" and partial_groups != "block":
+    args, strategy = _quant_args(comp, cols, block)
+    if strategy == "block" and cols % comp.settings.group_size and partial_groups != "block":
         raise ValueError("partial groups")  # caught and reported by the caller
     q, zero = _codes(w, comp, name)
     half = 2 ** (comp.settings.bits - 1)
@@ -455,9 +463,17 @@ class LayerTable:
         return meta
 
 
+def block_keys(model: nn.Module) -> set[tuple]:
+    """The settings whose layers the standard layout stores with the ``block`` strategy
+    (:func:`toolkit.formats.partial_group_keys`) for the compressed layers of ``model``."""
+    return partial_group_keys((m.compression.settings, _weight_out_in(m).shape[1])
+                              for _, m in compressed_layers(model))
+
+
 def encode_layer(name: str, module: nn.Module, layout: str, partial_groups: str,
-                 dtype: torch.dtype) -> dict | None:
+                 dtype: torch.dtype, blocks: set | frozenset = frozenset()) -> dict | None:
     """The stored form of one compressed layer, or None when it is stored as a plain weight.
+    ``blocks``: the settings stored with the block strategy (:func:`block_keys`).
 
     Returns ``{"tensors": {full name: tensor (CPU)}, "entry": toolkit_compression.json entry,
     "scheme": (QuantizationArgs json | None, format) | None, "dense_sparse": bool,
@@ -483,7 +499,8 @@ def encode_layer(name: str, module: nn.Module, layout: str, partial_groups: str,
     local: dict[str, torch.Tensor]
     if s.bits is not None:
         try:
-            local, args, strategy, q = _pack_quantized(w, comp, name, partial_groups, dtype)
+            local, args, strategy, q = _pack_quantized(w, comp, name, partial_groups, dtype,
+                                                       block_key(s) in blocks)
         except ValueError as e:
             if str(e) == "partial groups":
                 rec.update(partial=f"{name} ({cols} columns)", problem="partial")
@@ -492,7 +509,7 @@ def encode_layer(name: str, module: nn.Module, layout: str, partial_groups: str,
                 rec.update(problem="actorder")
                 return rec
             raise
-        if strategy == "block":
+        if strategy == "block" and cols % s.group_size:
             rec["partial"] = f"{name} ({cols} columns)"
         fmt = "pack-quantized"
         if prunes and layout == "compact":
@@ -703,8 +720,9 @@ def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwri
     # ---- per-layer compression, checked before anything is written ------------------------
     tensors: dict[str, torch.Tensor] = OrderedDict()
     acc = LayerTable(layout)
+    blocks = block_keys(model)
     for name, module in layers:
-        rec = encode_layer(name, module, layout, partial_groups, dtype)
+        rec = encode_layer(name, module, layout, partial_groups, dtype, blocks)
         if rec is not None:
             acc.add(name, rec)
             tensors.update(rec["tensors"])
@@ -739,6 +757,11 @@ def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwri
             json.dump(meta, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for key, verdict in checkpoint_readers(tmp).items():
+            if verdict.status == "wrong":  # a reader's own limitation (e.g. transformers'
+                # dequantizing path with several schemes): said once, in one line
+                log.warning("%s would load this folder with other weights and no error (%s)",
+                            READERS[key], verdict.reason)
         mode = 0o666 & ~_umask()  # safetensors writes through a 0600 temporary file
         for p in tmp.iterdir():
             if p.is_file():
@@ -1175,10 +1198,6 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
     model.load_state_dict(state, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    for name, p in plan.items():  # pruned layers stored dense: their sparsity, as loaded
-        module = modules[name]
-        if p.kind == "dense" and name not in meta_layers:
-            module.compression.sparsity = float((module.weight == 0).float().mean())
     if device is not None:
         model.to(device)
     return model

@@ -34,7 +34,7 @@ __all__ = ["JOINT_FORMAT", "SPARSE_FORMAT", "SPARSE24_FORMAT", "CONV1D_FORMAT", 
            "TOOLKIT_FORMATS", "LEGACY_SPARSE_FORMATS", "READERS", "Group", "LayerPlan",
            "Verdict", "parse_groups", "matches", "plan_layers", "unpack_codes", "pack_layout",
            "unpack_zero_point", "column_groups", "dequantize", "expected_shapes",
-           "predict_readers", "version_tuple"]
+           "predict_readers", "version_tuple", "block_key", "partial_group_keys"]
 
 # ---- format names ------------------------------------------------------------------------------
 
@@ -73,6 +73,27 @@ def version_tuple(text) -> tuple[int, ...]:
             break
         out.append(int(m.group()))
     return tuple(out)
+
+
+# ---- which layers share the block strategy -------------------------------------------------------
+
+def block_key(settings) -> tuple | None:
+    """The per-layer settings that make one ``pack-quantized`` config group of the standard
+    layout (``None``: not quantized in groups)."""
+    if settings is None or settings.bits is None or settings.group_size is None:
+        return None
+    return (settings.bits, settings.group_size, bool(settings.sym), bool(settings.act_order))
+
+
+def partial_group_keys(items) -> set[tuple]:
+    """``items``: ``(settings, cols)`` of every layer of a model. The :func:`block_key` of the
+    settings some layer of which has a partial last group (``cols > group_size`` and not a
+    multiple of it). The standard layout stores *every* layer of such settings with the
+    ``block`` strategy, so that each setting is one config group: transformers' dequantizing
+    load decompresses every layer with the first group's scheme, and its plain loader reads
+    asymmetric zero points only in the block strategy's unpacked form."""
+    return {block_key(s) for s, cols in items
+            if block_key(s) is not None and cols > s.group_size and cols % s.group_size}
 
 
 # ---- config groups and target resolution --------------------------------------------------------
@@ -406,6 +427,12 @@ def _dequantize_other_scheme(first: LayerPlan, p: LayerPlan) -> str:
     cols = p.shape[1]
     if not a.get("symmetric", True) and b.get("symmetric", True):
         return "error"  # "Asymmetric quant requires zero-point values"
+    packed = ("group", "channel")  # zero points packed into int32 down the rows
+    if not a.get("symmetric", True) and not b.get("symmetric", True) and \
+            (a.get("strategy") in packed) != (b.get("strategy") in packed):
+        # measured: a block scheme first fails on packed zero points (shape); the reverse
+        # (unpacking int8 zero points as int32 words) was not measured: assume the worst
+        return "error" if a.get("strategy") == "block" else "wrong"
     if a.get("strategy") == "group" and cols % int(a["group_size"]):
         return "error"  # "tensor column shape must be divisible by the given group_size"
     same = (a.get("num_bits") == b.get("num_bits") and
@@ -547,6 +574,13 @@ def predict_readers(config_data: dict, plan: dict[str, LayerPlan], shapes: dict[
                                            f"schemes here; {p.name} differs)")
             out["dequantize"] = deq or Verdict("loads")
 
+    blocks = [p for p in layers if p.group is not None and (p.args or {}).get("strategy") == "block"]
+    for key in ("transformers", "dequantize"):
+        if blocks and out.get(key) and out[key].status == "loads":
+            note = ("only with transformers 5 / compressed-tensors >= 0.15: 0.14 ignores the "
+                    "'block' strategy and can load wrong weights")
+            out[key] = Verdict("loads", "; ".join(x for x in (out[key].reason, note) if x))
+
     # ---- vLLM, from its scheme selection rules (not run) ----
     out["vllm"] = _vllm_verdict(qc, layers, linear_names)
     return {k: out[k] for k in READERS}
@@ -613,7 +647,7 @@ def _vllm_verdict(qc: dict, layers: list[LayerPlan], linear_names) -> Verdict:
                 if len(ks) > 1:
                     return Verdict("error", f"{head}.{'/'.join(fused)} are fused in vLLM but have "
                                             "different schemes")
-    bits = sorted({(p.args or {}).get("num_bits") for p in layers})
+    bits = sorted({p.args["num_bits"] for p in layers if p.args and p.args.get("num_bits")})
     note = "WNA16 (pack-quantized, " + "/".join(f"{b}-bit" for b in bits) + ")"
     if any(b not in (4, 8) for b in bits):
         note += "; widths other than 4/8 need a recent vLLM (older releases: 4 and 8 only)"
