@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _machine import describe
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
         for row in json.loads(line[len("RESULT "):]):
             scheme, layout = names[row.pop("folder")]
             rows.append(dict(scheme=scheme, layout=layout, **row))
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).assign(machine=describe())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)

@@ -1310,8 +1310,9 @@ def describe_checkpoint(path, verify: bool = False) -> str:
                   f"{meta.get('layout', 'compact')}), compressed-tensors "
                   f"{meta.get('compressed_tensors', qc.get('version', '?'))}")
     elif qc:
-        writer = (f"{qc.get('quant_method')} {qc.get('version', '?')}, format "
-                  f"{qc.get('format', '?')} (not the toolkit: llm-compressor or another tool)")
+        fmt = qc.get("format") or (qc.get("sparsity_config") or {}).get("format") or "?"
+        writer = (f"{qc.get('quant_method')} {qc.get('version', '?')}, format {fmt} (not the "
+                  "toolkit: llm-compressor or another tool)")
     else:
         writer = "a plain model folder (no quantization_config)"
 

@@ -468,8 +468,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     plans = [[(r, config.layer_settings(r.name))
               for r in find_linears(blk, prefix=f"{blocks_name}.{b}")]
              for b, blk in enumerate(blocks)]
-    blocks = partial_group_keys((s, r.module.weight.shape[0] if is_conv1d(r.module) else
-                                 r.module.weight.shape[1]) for p in plans for r, s in p)
+    block_strategy = partial_group_keys((s, r.module.weight.shape[0] if is_conv1d(r.module) else
+                                         r.module.weight.shape[1]) for p in plans for r, s in p)
     if not any(s is not None and s.active for p in plans for _, s in p):
         raise ValueError("nothing to do: give sparsity, pattern or bits (or overrides that set "
                          "them), and make sure ignore does not exclude every layer")
@@ -570,7 +570,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         comp_names = set()
         for name, module in compressed_layers(block):
             full = f"{blocks_name}.{b}.{name}"
-            rec = encode_layer(full, module, layout, partial_groups, write_dtype, blocks)
+            rec = encode_layer(full, module, layout, partial_groups, write_dtype,
+                               block_strategy)
             if rec is None:
                 continue
             tensors.update(rec.pop("tensors"))
