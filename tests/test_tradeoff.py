@@ -146,7 +146,11 @@ def test_tradeoff_rows_and_columns(table):
     assert joint["bytes"] == by.loc["RTN 4-bit g32", "bytes"]
     assert joint["packed_bits_per_weight"] < joint["compact_bits_per_weight"] < \
         joint["bits_per_weight"]
-    assert f"{joint['compact_bits_per_weight']:.2f} bits/weight" in joint["note"]
+    assert f"every code stored; layout='compact' (kept codes + bitmask; " \
+        f"toolkit.load_compressed only): {joint['compact_bits_per_weight']:.2f}" in joint["note"]
+    pruned = by.loc["magnitude 50%"]  # stored dense in the standard layout
+    assert pruned["bits_per_weight"] == 16 and pruned["compact_bits_per_weight"] < 10
+    assert "pruned weights stored dense" in pruned["note"]
     assert by.loc["GPTQ 3-bit g32", "compact_bits_per_weight"] == \
         by.loc["GPTQ 3-bit g32", "bits_per_weight"]  # nothing pruned: the same file
     assert by.loc["NF4", "bits"] == 4 and by.loc["NF4", "group_size"] == 64

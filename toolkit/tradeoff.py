@@ -47,9 +47,10 @@ COLUMNS = ["method", "sparsity", "bits", "group_size", "bytes", "bits_per_weight
            "compress_seconds", "model_bits_per_weight", "packed_bits_per_weight",
            "compact_bits_per_weight", "note"]
 DENSE = "dense"
-JOINT_NOTE = ("standard layout: every code stored ({standard:.2f} bits/weight; transformers "
-              "and vLLM load it); layout='compact' stores the kept codes + a bitmask: "
-              "{compact:.2f} bits/weight (toolkit.load_compressed only)")
+#: the note of a row whose layouts differ in size (pruned layers): what each one stores
+LAYOUT_NOTE = ("standard layout (the default; transformers and vLLM load it): {standard:.2f} "
+               "bits/weight, {what}; layout='compact' (kept {kept} + bitmask; "
+               "toolkit.load_compressed only): {compact:.2f}")
 
 
 def config_label(config) -> str:
@@ -216,10 +217,13 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
                 raise
             row["note"] = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             log.warning("%s: %s", label, row["note"])
-        if isinstance(config, CompressConfig) and config.settings.prunes and \
-                config.settings.bits is not None and not row["note"]:
-            row["note"] = JOINT_NOTE.format(standard=row["bits_per_weight"],
-                                            compact=row["compact_bits_per_weight"])
+        if isinstance(config, CompressConfig) and config.settings.prunes and not row["note"] \
+                and row["compact_bits_per_weight"] != row["bits_per_weight"]:
+            quantized = config.settings.bits is not None
+            row["note"] = LAYOUT_NOTE.format(
+                standard=row["bits_per_weight"], compact=row["compact_bits_per_weight"],
+                what="every code stored" if quantized else "pruned weights stored dense",
+                kept="codes" if quantized else "values")
         del model
         rows.append(row)
         if on_row is not None:
@@ -263,7 +267,7 @@ def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
     also writes it (PNG at 150 dpi).
 
     ``x``: the size column (``"bits_per_weight"``, ``"model_bits_per_weight"``,
-    ``"packed_bits_per_weight"`` or ``"bytes"``). ``logy``: log-scale perplexity (default: when
+    ``"packed_bits_per_weight"``, ``"compact_bits_per_weight"`` or ``"bytes"``). ``logy``: log-scale perplexity (default: when
     the perplexities span more than a factor 3). Rows without a perplexity are left out (their
     note says why).
     """
@@ -275,6 +279,8 @@ def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
                            "(scales, zero points, masks included)",
         "model_bits_per_weight": "bits per parameter of the whole checkpoint",
         "packed_bits_per_weight": "bits per weight of the compressed layers, packed layout",
+        "compact_bits_per_weight": "bits per weight of the compressed layers, compact layout "
+                                   "(save_compressed(layout='compact'))",
         "bytes": "checkpoint size (MB)",
     }
     if x not in xlabels:
