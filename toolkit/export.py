@@ -1322,7 +1322,7 @@ def describe_checkpoint(path, verify: bool = False) -> str:
     if not meta.get("files"):
         check = "no hashes recorded"
     elif not verify:
-        check = "SHA-256 recorded (not checked; toolkit info --verify checks it)"
+        check = "SHA-256 recorded, not checked (verify=True checks it)"
     else:
         problems = _verify_files(meta, files)
         check = "SHA-256 OK" if not problems else "DIFFERS: " + "; ".join(problems)
