@@ -103,7 +103,10 @@ def main(argv=None) -> int:
     df[COLUMNS].assign(settings=settings, machine=where).to_csv(out, index=False,
                                                                 float_format="%.6g")
     png = Path(args.plot) if args.plot else out.with_suffix(".png")
-    plot_tradeoff(df, png, title="SmolLM2-135M: WikiText-2 perplexity against size",
+    # the compact layout's sizes: what pruning saves (the standard layout stores pruned-only
+    # layers dense and pruned + quantized ones as every code)
+    plot_tradeoff(df, png, x="compact_bits_per_weight",
+                  title="SmolLM2-135M: WikiText-2 perplexity against size (compact layout)",
                   footnote=f"{settings}.\n{GGUF_NOTE}\n{where}")
     total = time.perf_counter() - t0
     import pandas as pd

@@ -260,6 +260,8 @@ def test_report_summary_is_consistent():
     assert s["nsamples"] == 8 and s["seqlen"] == 32 and s["calibration"] == "token ids"
     assert s["sparsity (compressed)"] == 0.5
     assert s["bytes after"] < s["bytes before (fp16)"]
+    # the standard layout stores every code, the compact one the kept codes and a bitmask
+    assert s["bytes after, compact"] < s["bytes after"]
     text = str(report)
     assert "model.layers.1.mlp.down_proj" in text and "bits/weight" in text
 

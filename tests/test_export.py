@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import subprocess
 import sys
 
@@ -13,12 +15,17 @@ from conftest import random_ids, tiny_model
 
 import toolkit
 from toolkit.export import (
+    TOOLKIT_NAME,
     WEIGHTS_NAME,
     CheckpointError,
+    check_savable,
+    checkpoint_readers,
     describe_checkpoint,
+    is_checkpoint,
     load_compressed,
     save_compressed,
 )
+from toolkit.options import CompressConfig
 
 CONFIGS = {
     "50%": dict(sparsity=0.5),
@@ -60,7 +67,10 @@ def test_round_trip_exact_and_sizes(tmp_path, family, name):
         got = loaded(BATCH).logits
     assert torch.equal(got, ref), (got - ref).abs().max()
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    if CONFIGS[name].get("bits"):
+        assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    else:  # pruned only: a plain dense folder
+        assert "quantization_config" not in cfg
     assert "on disk" in describe_checkpoint(out)
 
     # 2. float16 dense tensors and scales: bytes on disk vs the size accounting
@@ -72,16 +82,26 @@ def test_round_trip_exact_and_sizes(tmp_path, family, name):
         got16 = load_compressed(half, dtype=torch.float32)(BATCH).logits
     assert (got16 - ref).abs().max() < 2e-2
 
-    # 3. the compressed layers shrink as expected against the same layers in fp16
-    header = _header(half)
+    # 3. the compressed layers shrink as expected against the same layers in fp16: the
+    # standard layout stores pruned-only layers dense and every code of quantized ones, the
+    # compact layout the kept values / codes and a bitmask
     layers = {n for n, m in model.named_modules() if getattr(m, "compression", None) is not None}
-    comp_bytes = sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-                     if k.rsplit(".", 1)[0] in layers)
     dense_bytes = 2 * sum(m.weight.numel() for n, m in model.named_modules() if n in layers)
-    ratio = comp_bytes / dense_bytes
-    limit = {"50%": 0.6, "2:4": 0.6, "4bit-g128": 0.27, "3bit-g64": 0.22, "8bit": 0.52,
-             "50%+4bit": 0.25}[name]
-    assert ratio < limit, ratio
+    compact = save_compressed(model, tmp_path / "compact", dtype=torch.float16, layout="compact")
+    for folder, limits in ((half, {"50%": 1.0, "2:4": 1.0, "4bit-g128": 0.27, "3bit-g64": 0.22,
+                                   "8bit": 0.52, "50%+4bit": 0.27}),
+                           (compact, {"50%": 0.6, "2:4": 0.6, "4bit-g128": 0.27,
+                                      "3bit-g64": 0.22, "8bit": 0.52, "50%+4bit": 0.25})):
+        header = _header(folder)
+        comp_bytes = sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                         if k.rsplit(".", 1)[0] in layers and not k.endswith(".bias"))
+        ratio = comp_bytes / dense_bytes
+        assert ratio <= limits[name], (folder.name, ratio)
+        assert (folder / WEIGHTS_NAME).stat().st_size == pytest.approx(
+            toolkit.model_bytes(model, layout=folder.name if folder is compact else "standard")
+            ["bytes"], rel=0.06)
+    with torch.no_grad():
+        assert torch.equal(load_compressed(compact, dtype=torch.float32)(BATCH).logits, got16)
 
 
 def test_sizes_printed(tmp_path, capsys):
@@ -100,35 +120,50 @@ def test_transformers_from_pretrained_symmetric(tmp_path):
 
     model, _ = _compressed("llama", bits=4, group_size=128, sym=True)
     out = save_compressed(model, tmp_path / "ckpt")
-    assert json.loads((out / "toolkit_compression.json").read_text())["transformers_loadable"]
+    assert checkpoint_readers(out)["transformers"].status == "loads"
     plain = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(plain(BATCH).logits, model(BATCH).logits)
 
 
-def test_transformers_from_pretrained_asymmetric_fails_loudly(tmp_path):
-    """transformers 5.24 + compressed-tensors 0.20.1 expect an unpacked zero point: an error,
-    never garbage."""
+def test_transformers_asymmetric_needs_dequantize(tmp_path):
+    """transformers 5.24 + compressed-tensors 0.20.1 expect an unpacked zero point in their plain
+    loader: an error, never garbage; the dequantizing load reads the file (the format's, and
+    llm-compressor's, packed zero points)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
 
     model, _ = _compressed("llama", bits=4, group_size=128)
     out = save_compressed(model, tmp_path / "ckpt")
-    assert not json.loads((out / "toolkit_compression.json").read_text())["transformers_loadable"]
+    readers = checkpoint_readers(out)
+    assert readers["transformers"].status == "error" and readers["dequantize"].status == "loads"
     with pytest.raises(Exception, match="mismatch|size"):
         AutoModelForCausalLM.from_pretrained(out)
+    deq = AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    with torch.no_grad():
+        assert torch.equal(deq(BATCH).logits, model(BATCH).logits)
 
 
-def test_transformers_layout_stores_sparse_dense_and_loads(tmp_path):
+def test_standard_layout_stores_pruned_layers_dense(tmp_path):
+    """Pruned-only: a plain dense folder (no quantization stub), as llm-compressor 0.14 writes
+    it; the sparsity is in toolkit_compression.json."""
     from transformers import AutoModelForCausalLM
 
     model, _ = _compressed("llama", sparsity=0.5)
-    out = save_compressed(model, tmp_path / "ckpt", layout="transformers")
-    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["sparsity_config"]["format"] == "dense"
-    assert cfg["sparsity_config"]["global_sparsity"] == pytest.approx(0.5, abs=0.01)
+    out = save_compressed(model, tmp_path / "ckpt")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    meta = json.loads((out / TOOLKIT_NAME).read_text())
+    assert {e["format"] for e in meta["layers"].values()} == {"dense"}
+    assert all(e["sparsity"] == pytest.approx(0.5, abs=0.01) for e in meta["layers"].values())
+    assert len(meta["dense_sparse_layers"]) == 14
     plain = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(plain(BATCH).logits, model(BATCH).logits)
+    loaded = load_compressed(out)  # the records come back: model_bytes counts it as pruned
+    assert toolkit.model_bytes(loaded)["bytes"] == toolkit.model_bytes(model)["bytes"]
+    assert toolkit.model_bytes(loaded, layout="compact")["bytes"] == \
+        toolkit.model_bytes(model, layout="compact")["bytes"]
 
 
 def test_config_describes_layers(tmp_path):
@@ -140,10 +175,18 @@ def test_config_describes_layers(tmp_path):
     bits = {g["weights"]["num_bits"]: g["targets"] for g in groups}
     assert set(bits) == {4, 8}
     assert all(t.endswith("down_proj") for t in bits[8])
-    assert qc["sparsity_config"]["format"] == "sparse-bitmask"
+    assert {g["format"] for g in groups} == {"pack-quantized"} and qc["format"] == "pack-quantized"
+    assert qc["ignore"] == ["lm_head"]  # every other linear layer is a target
+    assert qc["sparsity_config"]["format"] == "dense"  # pruned + quantized, stored densely
+    assert sorted(qc["sparsity_config"]["targets"]) == sorted(bits[4] + bits[8])
     text = describe_checkpoint(out)
     assert "down_proj" in text and "dense fp16" in text and "64" in text
     assert torch.equal(load_compressed(out)(BATCH).logits, model(BATCH).logits)
+    compact = save_compressed(model, tmp_path / "compact", layout="compact")
+    qc = json.loads((compact / "config.json").read_text())["quantization_config"]
+    assert {g["format"] for g in qc["config_groups"].values()} == \
+        {"toolkit-sparse-bitmask-pack-quantized"}
+    assert torch.equal(load_compressed(compact)(BATCH).logits, model(BATCH).logits)
 
 
 def test_partial_last_group(tmp_path):
@@ -207,7 +250,7 @@ def test_atomic_write_and_overwrite(tmp_path, monkeypatch):
 @pytest.fixture()
 def saved(tmp_path):
     model, _ = _compressed("llama", hidden=64, sparsity=0.5, bits=4, group_size=32)
-    return save_compressed(model, tmp_path / "ckpt")
+    return save_compressed(model, tmp_path / "ckpt", layout="compact")
 
 
 def test_truncated_file(saved):
@@ -267,17 +310,165 @@ def test_cli_info(saved, capsys):
     assert "sparse" in out and "on disk" in out
 
 
+def test_default_dtype_is_the_source_checkpoint_dtype(tmp_path):
+    """A model loaded in float32 from a bfloat16 checkpoint is saved in bfloat16 (scales and
+    dense tensors), so the bytes on disk are what model_bytes (16-bit dense) says."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tiny_model("llama", hidden=128).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {"a": 0, "[UNK]": 1}, unk_token="[UNK]"))).save_pretrained(tmp_path / "src")
+    for model in (AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32),
+                  toolkit.load_model(str(tmp_path / "src"))[0]):
+        assert next(model.parameters()).dtype == torch.float32
+        report = toolkit.compress(model, bits=4, group_size=64, calibration=random_ids(8, 32),
+                                  nsamples=8, seqlen=32, verbose=False)
+        out = save_compressed(model, tmp_path / "out", report=report, overwrite=True)
+        assert json.loads((out / TOOLKIT_NAME).read_text())["dtype"] == "bfloat16"
+        header = _header(out)
+        floats = {v["dtype"] for v in header.values() if v["dtype"].startswith(("F", "BF"))}
+        assert floats == {"BF16"}
+        disk = (out / WEIGHTS_NAME).stat().st_size
+        assert abs(disk / toolkit.model_bytes(model)["bytes"] - 1) < 0.03
+        loaded = load_compressed(out)
+        assert next(loaded.parameters()).dtype == torch.bfloat16  # like from_pretrained "auto"
+        exact = save_compressed(model, tmp_path / "f32", dtype=torch.float32, overwrite=True)
+        with torch.no_grad():
+            assert torch.equal(load_compressed(exact)(BATCH).logits, model(BATCH).logits)
+
+
+def test_files_follow_the_umask(tmp_path):
+    import stat
+
+    model, _ = _compressed("llama", hidden=64, bits=4, group_size=32)
+    old = os.umask(0o022)
+    try:
+        out = save_compressed(model, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_warnings_are_one_short_line(tmp_path, caplog):
+    model, _ = _compressed("llama", hidden=96, bits=4, group_size=64)
+    with caplog.at_level(logging.INFO, logger="toolkit"):
+        out = save_compressed(model, tmp_path / "ckpt")
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and len(lines[0]) < 160, lines
+    assert "stored 12 layers with the 'block' strategy" in lines[0] and TOOLKIT_NAME in lines[0]
+    meta = json.loads((out / TOOLKIT_NAME).read_text())
+    assert len(meta["partial_group_layers"]) == 12
+
+
+def test_check_savable():
+    check_savable(CompressConfig(bits=4, act_order=True, static_groups=True))
+    check_savable(CompressConfig(bits=4, act_order=True, group_size=None))
+    check_savable(CompressConfig(bits=4, act_order=True, quant="rtn"))  # no g_idx
+    check_savable(CompressConfig(sparsity=0.5, act_order=True))  # pruning only
+    with pytest.raises(ValueError, match=r"^act_order with group_size 128 maps columns to "
+                                         r"groups out of order.*--static-groups") as e:
+        check_savable(CompressConfig(bits=4, act_order=True))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"^overrides\['down_proj'\]: act_order with "
+                                         r"group_size 32"):
+        check_savable(CompressConfig(bits=4, overrides={"down_proj": {"act_order": True,
+                                                                      "group_size": 32}}))
+    with pytest.raises(ValueError, match="layout must be one of 'standard', 'compact'"):
+        check_savable(CompressConfig(bits=4), layout="transformers")
+
+
+def test_is_checkpoint(tmp_path):
+    model, _ = _compressed("llama", hidden=64, sparsity=0.5)
+    assert is_checkpoint(save_compressed(model, tmp_path / "ours"))  # no quantization_config
+    tiny_model("llama").save_pretrained(tmp_path / "plain")
+    assert not is_checkpoint(tmp_path / "plain")
+    assert not is_checkpoint(tmp_path / "nothing")
+
+
+def test_describe_verifies_and_names_readers(tmp_path):
+    model, report = _compressed("llama", hidden=64, bits=4, group_size=32, sym=True)
+    model.toolkit_source = "tiny-llama"
+    out = save_compressed(model, tmp_path / "ckpt", report=report)
+    text = describe_checkpoint(out, verify=True)
+    assert "LlamaForCausalLM (llama), 2 blocks, 64 hidden, 128 vocab; from tiny-llama" in text
+    assert "SHA-256 OK" in text and "layout standard" in text
+    assert "from_pretrained" in text and "yes" in text
+    assert "not checked" in describe_checkpoint(out)
+    f = out / WEIGHTS_NAME
+    raw = bytearray(f.read_bytes())
+    raw[-50] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    assert f"DIFFERS: {f}: SHA-256 differs" in describe_checkpoint(out, verify=True)
+    # aligned columns: every layer row has its format at the same offset
+    rows = [line for line in describe_checkpoint(out).splitlines()
+            if line.startswith("  model.layers.")]
+    assert len(rows) == 14 and len({line.index("pack-quantized") for line in rows}) == 1
+
+
+def test_load_then_save_again(tmp_path):
+    """load_compressed restores each layer's record with its scales: the loaded model can be
+    saved again, to the same tensors."""
+    model, _ = _compressed("llama", hidden=64, sparsity=0.5, bits=4, group_size=32)
+    first = save_compressed(model, tmp_path / "a")
+    again = save_compressed(load_compressed(first), tmp_path / "b")
+    a, b = _header(first), _header(again)
+    assert a.keys() == b.keys()
+    assert {k: v["dtype"] for k, v in a.items()} == {k: v["dtype"] for k, v in b.items()}
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(first / WEIGHTS_NAME), load_file(again / WEIGHTS_NAME)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # (file bytes differ: safetensors writes
+    # its __metadata__ map in a random order)
+
+
+def test_files_of_format_version_1_are_flagged(tmp_path):
+    """Folders written before the standard layout declared 'pack-quantized' + 'sparse-bitmask'
+    over the toolkit's own tensors, which transformers' dequantizing load misread without an
+    error. load_compressed still reads them (toolkit_compression.json says what each layer is)
+    and toolkit info says which readers cannot."""
+    model, _ = _compressed("llama", hidden=64, sparsity=0.5, bits=4, group_size=32, sym=True)
+    out = save_compressed(model, tmp_path / "v1", layout="compact")
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    qc["format"] = "pack-quantized"
+    for g in qc["config_groups"].values():
+        g["format"] = "pack-quantized"
+    qc["sparsity_config"] = {"format": "sparse-bitmask", "targets": [], "ignore": [],
+                             "global_sparsity": 0.5, "sparsity_structure": "unstructured"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    meta = json.loads((out / TOOLKIT_NAME).read_text())
+    meta["format_version"] = 1
+    (out / TOOLKIT_NAME).write_text(json.dumps(meta))
+    with torch.no_grad():
+        assert torch.equal(load_compressed(out)(BATCH).logits, model(BATCH).logits)
+    readers = checkpoint_readers(out)
+    assert readers["transformers"].status == "error"
+    assert readers["dequantize"].status == "wrong"
+
+
 @pytest.mark.slow
 def test_smollm2_fresh_process(smollm2, wikitext_valid, wikitext_test, tmp_path):
     model, tok = smollm2
     report = toolkit.compress(model, tok, sparsity=0.5, bits=4, calibration=wikitext_valid,
                               nsamples=8, seqlen=128, verbose=False)
     ppl = toolkit.perplexity(model, tok, wikitext_test, seqlen=128, max_windows=8)
-    out = save_compressed(model, tmp_path / "smollm2", report=report, tokenizer=tok)
+    # the default: bfloat16 (what the source declares; a quantized GGUF declares none), the
+    # bytes model_bytes counts
+    default = save_compressed(model, tmp_path / "default", report=report, tokenizer=tok)
+    disk = (default / WEIGHTS_NAME).stat().st_size
+    counted = toolkit.model_bytes(model)["bytes"]
+    print(f"\nSmolLM2 50%+4-bit, standard layout, bfloat16: weights {disk:,} bytes; "
+          f"model_bytes {counted:,.0f}; compact {toolkit.model_bytes(model, layout='compact')['bytes']:,.0f}")
+    assert json.loads((default / TOOLKIT_NAME).read_text())["dtype"] == "bfloat16"
+    assert abs(disk / counted - 1) < 0.02
+    # float32: the exact round trip, in a fresh process
+    out = save_compressed(model, tmp_path / "smollm2", report=report, tokenizer=tok,
+                          dtype=torch.float32)
     size = sum(p.stat().st_size for p in out.iterdir())
-    print(f"\nSmolLM2 50%+4-bit folder: {size:,} bytes, weights "
-          f"{(out / WEIGHTS_NAME).stat().st_size:,}; accounting "
-          f"{toolkit.model_bytes(model)['bytes']:,.0f} (fp16 dense); ppl {ppl!r}")
+    print(f"float32 folder: {size:,} bytes; ppl {ppl!r}")
     code = (
         "import sys, toolkit; from pathlib import Path; "
         "from transformers import AutoTokenizer; from toolkit.export import load_compressed; "

@@ -11,29 +11,30 @@ from conftest import random_ids, tiny_model
 from toolkit import compress
 from toolkit.size import linear_bits, linear_bytes, model_bytes
 
-# ---- compressed-tensors layout, by hand -------------------------------------------------
+# ---- standard and compact layouts, by hand -----------------------------------------------
 
 
 def test_dense_weight():
     assert linear_bytes(4, 8) == {"weight": 4 * 8 * 2}
     assert linear_bytes(4, 8, dense_bits=32) == {"weight": 128}
+    assert linear_bytes(4, 8, layout="compact") == {"weight": 4 * 8 * 2}
 
 
 def test_sparse_bitmask_by_hand():
     # 4 x 10, 17 non-zeros, fp16: values 17*2, bitmask 4 rows * ceil(10/8)=2 bytes,
     # row offsets int64 per row, shape int64[2]
-    t = linear_bytes(4, 10, nnz=17)
+    t = linear_bytes(4, 10, nnz=17, layout="compact")
     assert t == {"compressed": 34, "bitmask": 8, "row_offsets": 32, "shape": 16}
     assert sum(t.values()) == 90
 
 
 def test_sparse_24_by_hand():
-    t = linear_bytes(4, 8, pattern=(2, 4))
+    t = linear_bytes(4, 8, pattern=(2, 4), layout="compact")
     assert t == {"compressed": 4 * 4 * 2, "bitmask": 4, "shape": 16}
 
 
 def test_other_nm_uses_sparse_bitmask():
-    t = linear_bytes(2, 8, pattern=(4, 8), nnz=8)
+    t = linear_bytes(2, 8, pattern=(4, 8), nnz=8, layout="compact")
     assert t == {"compressed": 16, "bitmask": 2, "row_offsets": 16, "shape": 16}
 
 
@@ -50,6 +51,9 @@ def test_pack_quantized_partial_last_group_by_hand():
     assert sum(t.values()) == 3300 + 132 + 66 + 16
     # a dividing group size: zero points packed along the rows, 33 * 4 bits -> 5 words per group
     assert linear_bytes(33, 256, bits=4, group_size=128)["weight_zero_point"] == 5 * 2 * 4
+    # ... unless other layers of these settings need the block strategy (int8, unpacked)
+    assert linear_bytes(33, 256, bits=4, group_size=128, block=True)["weight_zero_point"] == \
+        33 * 2
 
 
 def test_pack_quantized_sym_act_order_by_hand():
@@ -62,17 +66,22 @@ def test_pack_quantized_sym_act_order_by_hand():
 
 
 def test_pruned_and_quantized_by_hand():
-    # 4 x 256, 512 kept, 4-bit g128 asym: the export's joint layout stores the kept codes only
-    # (512 * 4 bits = 64 words) and a bitmask; layout "transformers" stores every code
-    t = linear_bytes(4, 256, nnz=512, bits=4, group_size=128)
+    # 4 x 256, 512 kept, 4-bit g128 asym: the compact layout stores the kept codes only
+    # (512 * 4 bits = 64 words) and a bitmask; the standard layout stores every code
+    t = linear_bytes(4, 256, nnz=512, bits=4, group_size=128, layout="compact")
     assert t == {"weight_packed": 64 * 4, "weight_bitmask": 4 * 32, "weight_scale": 4 * 2 * 2,
                  "weight_zero_point": 1 * 2 * 4, "weight_shape": 16}
-    assert linear_bytes(4, 256, nnz=512, bits=4, group_size=128, layout="transformers") == \
-        linear_bytes(4, 256, bits=4, group_size=128)
+    assert linear_bytes(4, 256, nnz=512, bits=4, group_size=128) == \
+        linear_bytes(4, 256, bits=4, group_size=128) == \
+        {"weight_packed": 4 * 32 * 4, "weight_scale": 4 * 2 * 2, "weight_zero_point": 1 * 2 * 4,
+         "weight_shape": 16}
 
 
-def test_transformers_layout_stores_sparse_dense():
-    assert linear_bytes(4, 10, nnz=17, layout="transformers") == {"weight": 80}
+def test_standard_layout_stores_sparse_dense():
+    assert linear_bytes(4, 10, nnz=17) == {"weight": 80}
+    assert linear_bytes(4, 8, pattern=(2, 4)) == {"weight": 64}
+    with pytest.raises(ValueError, match="'standard', 'compact', 'packed'"):
+        linear_bytes(4, 10, layout="transformers")
 
 
 # ---- packed layout, by hand ----------------------------------------------------------------
@@ -145,7 +154,7 @@ def test_matches_compressed_tensors_bitmask_packing():
     import compressed_tensors.utils.helpers as helpers
     mask = torch.rand(5, 13) > 0.5
     packed = helpers.pack_bitmasks(mask)
-    t = linear_bytes(5, 13, nnz=int(mask.sum()))
+    t = linear_bytes(5, 13, nnz=int(mask.sum()), layout="compact")
     assert packed.numel() * packed.element_size() == t["bitmask"]
 
 
@@ -192,7 +201,7 @@ def test_model_bytes_compressed(settings):
     model = tiny_model("llama")
     compress(model, calibration=random_ids(2, 16), nsamples=2, seqlen=16, verbose=False,
              **settings)
-    for layout in ("compressed-tensors", "packed"):
+    for layout in ("standard", "compact", "packed"):
         size = model_bytes(model, layout=layout)
         linears = [m for m in model.modules() if hasattr(m, "compression")]
         assert size["compressed_params"] == sum(m.weight.numel() for m in linears)
@@ -202,7 +211,8 @@ def test_model_bytes_compressed(settings):
         assert sum(size["terms"].values()) == pytest.approx(size["compressed_bytes"])
     assert model_bytes(model)["bytes"] == pytest.approx(_by_hand(model))
     dense = model_bytes(tiny_model("llama"))
-    assert model_bytes(model)["bytes"] < dense["bytes"]
+    assert model_bytes(model, layout="compact")["bytes"] < dense["bytes"]
+    assert model_bytes(model)["bytes"] <= dense["bytes"]  # standard: pruned-only stays dense
 
 
 def test_model_bytes_rtn4_per_layer_by_hand():
@@ -217,19 +227,23 @@ def test_model_bytes_rtn4_per_layer_by_hand():
     assert size["compressed_bytes"] == 2 * per_block
 
 
-@pytest.mark.parametrize("settings,layouts", [
-    (dict(method="magnitude", sparsity=0.5), ("compact", "transformers")),
-    (dict(method="magnitude", pattern="2:4"), ("compact",)),
-    (dict(quant="rtn", bits=4, group_size=48), ("compact",)),  # partial last group
+@pytest.mark.parametrize("settings,layouts,hidden", [
+    (dict(method="magnitude", sparsity=0.5), ("standard", "compact"), 64),
+    (dict(method="magnitude", pattern="2:4"), ("standard", "compact"), 64),
+    (dict(quant="rtn", bits=4, group_size=48), ("standard", "compact"), 64),  # partial groups
+    # 96 columns partial, down_proj's 192 divisible: all 14 layers in the block strategy
+    (dict(quant="rtn", bits=4, group_size=64), ("standard", "compact"), 96),
     (dict(method="magnitude", sparsity=0.5, quant="rtn", bits=3, group_size=32),
-     ("compact", "transformers")),
+     ("standard", "compact"), 64),
+    (dict(method="magnitude", sparsity=0.5, quant="rtn", bits=4, group_size=32, sym=True,
+          overrides={"down_proj": {"bits": None}}), ("standard", "compact"), 64),
 ])
-def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts):
+def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts, hidden):
     """The bytes of every tensor save_compressed writes (fp16) equal model_bytes."""
     import safetensors
 
     import toolkit.export as export
-    model = tiny_model("llama")
+    model = tiny_model("llama", hidden=hidden)
     compress(model, calibration=random_ids(2, 16), nsamples=2, seqlen=16, verbose=False,
              **settings)
     for layout in layouts:
@@ -241,5 +255,10 @@ def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts):
                 for k in fh.keys():
                     t = fh.get_tensor(k)
                     on_disk += t.numel() * t.element_size()
-        mine = "compressed-tensors" if layout == "compact" else layout
-        assert model_bytes(model, dense_bits=16, layout=mine)["bytes"] == on_disk
+        assert model_bytes(model, dense_bits=16, layout=layout)["bytes"] == on_disk
+        if hidden == 96:
+            import json
+
+            meta = json.loads((out / export.TOOLKIT_NAME).read_text())
+            assert {e["strategy"] for e in meta["layers"].values()} == {"block"}
+            assert len(meta["partial_group_layers"]) == 12  # down_proj's 192 columns divide

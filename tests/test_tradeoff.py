@@ -142,8 +142,17 @@ def test_tradeoff_rows_and_columns(table):
     assert by.loc["SparseGPT 2:4", "sparsity"] == 0.5
     assert by.loc["GPTQ 3-bit g32", "bytes"] < by.loc["RTN 4-bit g32", "bytes"] < dense["bytes"]
     joint = by.loc["SparseGPT 50% + GPTQ 4-bit g32"]
-    assert joint["bytes"] < by.loc["RTN 4-bit g32", "bytes"]  # kept codes + bitmask
-    assert joint["packed_bits_per_weight"] < joint["bits_per_weight"]
+    # the standard layout stores every code: the bytes of 4-bit; compact: kept codes + bitmask
+    assert joint["bytes"] == by.loc["RTN 4-bit g32", "bytes"]
+    assert joint["packed_bits_per_weight"] < joint["compact_bits_per_weight"] < \
+        joint["bits_per_weight"]
+    assert f"every code stored; layout='compact' (kept codes + bitmask; " \
+        f"toolkit.load_compressed only): {joint['compact_bits_per_weight']:.2f}" in joint["note"]
+    pruned = by.loc["magnitude 50%"]  # stored dense in the standard layout
+    assert pruned["bits_per_weight"] == 16 and pruned["compact_bits_per_weight"] < 10
+    assert "pruned weights stored dense" in pruned["note"]
+    assert by.loc["GPTQ 3-bit g32", "compact_bits_per_weight"] == \
+        by.loc["GPTQ 3-bit g32", "bits_per_weight"]  # nothing pruned: the same file
     assert by.loc["NF4", "bits"] == 4 and by.loc["NF4", "group_size"] == 64
     assert by.loc["LLM.int8", "bits"] == 8 and pd.isna(by.loc["LLM.int8", "group_size"])
     md = to_markdown(table)

@@ -132,6 +132,9 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         "bytes after": after["bytes"],
         "bits/weight (compressed)": after["bits_per_weight"],
     }
+    compact = model_bytes(model, layout="compact")
+    if compact["bytes"] != after["bytes"]:  # pruned layers: save_compressed(layout="compact")
+        extra["bytes after, compact"] = compact["bytes"]
     report = build_report(config, rows, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
                           device=device, extra=extra)
     report.summary["seconds"] = time.perf_counter() - t0

@@ -141,9 +141,24 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         kwargs["gguf_file"] = path.name
         path = str(path.parent)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    declared = None
+    if "gguf_file" not in kwargs:
+        from transformers import AutoConfig
+
+        declared = getattr(AutoConfig.from_pretrained(
+            path, trust_remote_code=trust_remote_code), "dtype", None)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     model.eval()
+    # what the source declared, for toolkit.save_compressed's default dtype (transformers sets
+    # model.config.dtype to the dtype it loaded); a quantized GGUF file declares no float dtype:
+    # bfloat16, the dtype of current LLM releases (SmolLM2's original release included)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared.replace("torch.", ""), None)
+    model.toolkit_source_dtype = declared if isinstance(declared, torch.dtype) and \
+        declared.is_floating_point else (torch.bfloat16 if "gguf_file" in kwargs else dtype)
+    model.toolkit_source = str(name_or_path) if "gguf_file" not in kwargs else \
+        f"{name_or_path} ({kwargs['gguf_file']})"
     if device is not None:
         model.to(device)
     return model, tok

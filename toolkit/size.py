@@ -2,38 +2,38 @@
 
 Every stored number counts, at the width it is stored with. Three layouts:
 
-``layout="compressed-tensors"`` (the default) is what :func:`toolkit.export.save_compressed`
-writes (its default ``layout="compact"``): compressed-tensors tensors, byte for byte, without
-the safetensors header and the JSON files. For a linear layer of ``rows x cols`` (out x in), with
-dense tensors and scales in a ``d``-byte float (``dense_bits / 8``; 2 for fp16/bf16):
+``layout="standard"`` (the default) is what :func:`toolkit.export.save_compressed` writes by
+default: compressed-tensors tensors, byte for byte, without the safetensors header and the JSON
+files. For a linear layer of ``rows x cols`` (out x in), with dense tensors and scales in a
+``d``-byte float (``dense_bits / 8``; 2 for fp16/bf16):
 
-* left dense: ``weight`` = ``rows * cols * d``.
-* pruned, not quantized, unstructured (``sparse-bitmask``; also n:m other than 2:4):
-  ``compressed`` = the non-zero values, ``nnz * d``; ``bitmask`` = one bit per weight packed
-  along each row (``pack_bitmasks``, i.e. ``numpy.packbits``), ``rows * ceil(cols / 8)`` bytes;
-  ``row_offsets`` = where each row starts in ``compressed``, int64, ``rows * 8``;
-  ``shape`` = int64[2], 16 bytes.
-* pruned 2:4, not quantized (``sparse-24-bitmask``): ``compressed`` = exactly half the values,
-  ``rows * cols / 2 * d``; ``bitmask`` = ``rows * ceil(cols / 8)``; ``shape`` = 16 bytes.
-* quantized to ``b`` bits, groups of ``g`` columns (``pack-quantized``, packed by the library's
-  ``pack_to_int32``): ``weight_packed`` = int32 words holding the ``b``-bit codes of each row
-  densely (no padding between codes), ``rows * ceil(cols * b / 32) * 4``;
-  ``weight_scale`` = one scale per row and group in the dense float, ``rows * G * d`` with
-  ``G = ceil(cols / g)`` (a narrower last group has its own scale; ``G = 1`` for one grid per
-  row); ``weight_zero_point`` (asymmetric only) = the ``b``-bit zero points packed into int32
-  along the rows, ``ceil(rows * b / 32) * G * 4`` -- except when ``g`` does not divide
-  ``cols``: the export then uses the format's ``block`` strategy, whose zero points stay int8,
-  ``rows * G``; ``weight_shape`` = int64[2], 16 bytes; ``weight_g_idx`` = int32 group index per
-  input column, ``cols * 4``, only when act-order left the groups out of column order
-  (compressed-tensors 0.20 cannot store it and the export refuses such layers; it is counted as
-  older compressed-tensors and GPTQ checkpoints store it).
-* pruned *and* quantized (the toolkit's joint layout): as pack-quantized, but ``weight_packed``
-  holds only the kept codes, ``ceil(nnz * b / 32) * 4``, plus ``weight_bitmask``,
-  ``rows * ceil(cols / 8)``.
+* left dense, or pruned and not quantized: ``weight`` = ``rows * cols * d`` (zeros included).
+* quantized to ``b`` bits, groups of ``g`` columns, pruned or not (``pack-quantized``, packed by
+  the library's ``pack_to_int32``): ``weight_packed`` = int32 words holding the ``b``-bit codes
+  of each row densely (no padding between codes; pruned weights are the zero-point code),
+  ``rows * ceil(cols * b / 32) * 4``; ``weight_scale`` = one scale per row and group in the dense
+  float, ``rows * G * d`` with ``G = ceil(cols / g)`` (a narrower last group has its own scale;
+  ``G = 1`` for one grid per row); ``weight_zero_point`` (asymmetric only) = the ``b``-bit zero
+  points packed into int32 along the rows, ``ceil(rows * b / 32) * G * 4`` -- except in the
+  format's ``block`` strategy, whose zero points stay int8, ``rows * G``: the export uses it for
+  a layer whose ``g`` does not divide ``cols`` and for every layer quantized with the same
+  settings (``block=True``; :func:`toolkit.formats.partial_group_keys`); ``weight_shape`` =
+  int64[2], 16 bytes; ``weight_g_idx`` =
+  int32 group index per input column, ``cols * 4``, only when act-order left the groups out of
+  column order (compressed-tensors 0.20 cannot store it and the export refuses such layers; it
+  is counted as older compressed-tensors and GPTQ checkpoints store it).
 
-``layout="transformers"`` is what ``save_compressed(layout="transformers")`` writes, the layout
-``transformers`` itself loads: pruned-only layers dense, pruned+quantized layers as plain
-pack-quantized (every code stored; the pruned weights are the zero-point code).
+``layout="compact"`` is what ``save_compressed(layout="compact")`` writes, the smallest file:
+
+* pruned, not quantized, unstructured (and n:m other than 2:4): ``compressed`` = the non-zero
+  values, ``nnz * d``; ``bitmask`` = one bit per weight packed along each row
+  (``pack_bitmasks``, i.e. ``numpy.packbits``), ``rows * ceil(cols / 8)`` bytes; ``row_offsets``
+  = where each row starts in ``compressed``, int64, ``rows * 8``; ``shape`` = int64[2], 16 bytes.
+* pruned 2:4, not quantized: ``compressed`` = exactly half the values, ``rows * cols / 2 * d``;
+  ``bitmask`` = ``rows * ceil(cols / 8)``; ``shape`` = 16 bytes.
+* pruned *and* quantized: as pack-quantized, but ``weight_packed`` holds only the kept codes,
+  ``ceil(nnz * b / 32) * 4``, plus ``weight_bitmask``, ``rows * ceil(cols / 8)``.
+* quantized only: as in the standard layout.
 
 ``layout="packed"``: the information itself, bit-packed with no container overhead -- the
 least a format needs:
@@ -62,11 +62,12 @@ import math
 import torch
 from torch import nn
 
+from .formats import block_key, partial_group_keys
 from .models import is_conv1d
 
 __all__ = ["linear_bits", "linear_bytes", "model_bytes", "SizeBreakdown", "LAYOUTS"]
 
-LAYOUTS = ("compressed-tensors", "transformers", "packed")
+LAYOUTS = ("standard", "compact", "packed")
 _INT64, _INT32 = 8, 4
 
 
@@ -80,13 +81,14 @@ def linear_bytes(rows: int, cols: int, *, nnz: int | None = None,
                  pattern: tuple[int, int] | None = None, sparse: bool | None = None,
                  bits: int | None = None, group_size: int | None = None, sym: bool = False,
                  act_order: bool = False, dense_bits: int = 16,
-                 layout: str = "compressed-tensors") -> dict[str, float]:
+                 layout: str = "standard", block: bool = False) -> dict[str, float]:
     """The stored terms of one linear weight (``rows x cols``), in bytes, by tensor name.
 
     ``nnz``: weights kept (non-zero); ``sparse`` (default: ``nnz < rows * cols`` or a pattern)
     says the layer is pruned; ``pattern``: ``(n, m)`` for n:m sparsity. ``bits``: 2..8 to count
     a quantized layer, None for float values. ``group_size``: columns per grid (None: one per
     row). ``act_order``: the columns map to groups out of order, so a group index is stored.
+    ``block``: stored with the block strategy even where ``group_size`` divides ``cols``.
     See the module docstring for each term and layout. The terms sum to the layer's bytes; in
     the ``"packed"`` layout they can be fractional (bits / 8).
     """
@@ -125,22 +127,22 @@ def linear_bytes(rows: int, cols: int, *, nnz: int | None = None,
         return out
     bitmask = rows * math.ceil(cols / 8)
     if bits is not None:  # pack-quantized
-        if sparse and layout == "compressed-tensors":  # kept codes only + a bitmask
+        if sparse and layout == "compact":  # kept codes only + a bitmask
             out = {"weight_packed": math.ceil(nnz * bits / 32) * _INT32,
                    "weight_bitmask": bitmask}
         else:  # every code, pruned weights as the zero-point code
             out = {"weight_packed": rows * math.ceil(cols * bits / 32) * _INT32}
         out["weight_scale"] = rows * groups * d
         if not sym:
-            if groups == 1 or cols % group_size == 0:  # channel / group: packed along rows
+            if groups == 1 or (cols % group_size == 0 and not block):  # packed along rows
                 out["weight_zero_point"] = math.ceil(rows * bits / 32) * groups * _INT32
-            else:  # partial last group: block strategy, zero points stay int8
+            else:  # block strategy (partial last group): zero points stay int8
                 out["weight_zero_point"] = rows * groups
         if act_order:
             out["weight_g_idx"] = cols * _INT32
         out["weight_shape"] = 2 * _INT64
         return out
-    if not sparse or layout == "transformers":
+    if not sparse or layout == "standard":
         return {"weight": numel * d}
     if pattern == (2, 4):  # sparse-24-bitmask
         return {"compressed": numel // 2 * d, "bitmask": bitmask, "shape": 2 * _INT64}
@@ -201,7 +203,7 @@ def _bnb_weight_bytes(module: nn.Module) -> tuple[dict[str, float], int] | None:
 
 
 def model_bytes(model: nn.Module, dense_bits: int = 16,
-                layout: str = "compressed-tensors") -> SizeBreakdown:
+                layout: str = "standard") -> SizeBreakdown:
     """Bytes of a checkpoint of ``model`` with dense tensors at ``dense_bits`` (16: fp16/bf16).
 
     Layers compressed by :func:`toolkit.compress` carry ``module.compression`` and are counted
@@ -214,6 +216,10 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
     dense = comp = 0.0
     comp_params = total_params = 0
     terms: dict[str, float] = {}
+    blocks = partial_group_keys(
+        (m.compression.settings, m.weight.shape[0] if is_conv1d(m) else m.weight.shape[1])
+        for m in model.modules() if getattr(m, "compression", None) is not None and
+        getattr(m, "weight", None) is not None and m.weight.dim() == 2)
     for module in model.modules():
         info = getattr(module, "compression", None)
         for pname, p in module.named_parameters(recurse=False):
@@ -224,7 +230,8 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
             if pname == "weight":
                 layer = _bnb_weight_bytes(module)
                 if layer is None and info is not None:
-                    layer = _compressed_weight_bytes(module, p, info, dense_bits, layout)
+                    layer = _compressed_weight_bytes(module, p, info, dense_bits, layout,
+                                                     block_key(info.settings) in blocks)
             if layer is None:
                 total_params += p.numel()
                 dense += p.numel() * dense_bits / 8
@@ -249,7 +256,7 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
     )
 
 
-def _compressed_weight_bytes(module, p, info, dense_bits, layout):
+def _compressed_weight_bytes(module, p, info, dense_bits, layout, block=False):
     s = info.settings
     w = p.detach()
     rows, cols = (w.shape[1], w.shape[0]) if is_conv1d(module) else w.shape
@@ -260,5 +267,5 @@ def _compressed_weight_bytes(module, p, info, dense_bits, layout):
     t = linear_bytes(rows, cols, nnz=nnz, pattern=s.pattern,
                      sparse=s.prunes and nnz is not None and nnz < rows * cols, bits=s.bits,
                      group_size=s.group_size, sym=s.sym, act_order=out_of_order,
-                     dense_bits=dense_bits, layout=layout)
+                     dense_bits=dense_bits, layout=layout, block=block)
     return t, rows * cols

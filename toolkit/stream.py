@@ -67,12 +67,15 @@ from .export import (
     compressed_layers,
     encode_layer,
     file_sha256,
+    linear_names,
     plain_config,
     read_header,
+    source_dtype,
     stored_tensors,
     write_model_config,
 )
-from .models import find_blocks, find_linears
+from .formats import partial_group_keys
+from .models import find_blocks, find_linears, is_conv1d
 from .options import CompressConfig
 from .records import build_report, config_dict
 
@@ -365,17 +368,19 @@ def _injected(b: int) -> None:
 
 @torch.no_grad()
 def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
-                       dtype: torch.dtype = torch.float32, layout: str = "compact",
+                       dtype: torch.dtype = torch.float32, layout: str = "standard",
                        partial_groups: str = "block", trust_remote_code: bool = False,
-                       **kwargs):
+                       save_dtype: torch.dtype | None = None, **kwargs):
     """Compress the checkpoint folder ``model_dir`` block by block into the folder ``out``.
 
     ``model_dir`` holds ``config.json`` and safetensors weights (``model.safetensors`` or
     shards with ``model.safetensors.index.json``). Only the embeddings, one block and the
     calibration activations are in memory at a time. The settings are those of
     :func:`toolkit.compress` (``config=CompressConfig(...)`` or keywords); ``dtype`` is the dtype
-    the weights are loaded in and the dense tensors are written in (float32 like
-    :func:`toolkit.load_model`); ``layout``/``partial_groups`` as in
+    the weights are loaded and compressed in (float32 like :func:`toolkit.load_model`);
+    ``save_dtype`` the dtype the dense tensors and scales are written in (default: what the
+    source's ``config.json`` declares, as :func:`~toolkit.export.save_compressed` does);
+    ``layout``/``partial_groups`` as in
     :func:`~toolkit.export.save_compressed`. The tokenizer is loaded from ``model_dir`` when not
     given (and copied into ``out``).
 
@@ -399,8 +404,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     if config.allocation != "uniform":
         raise ValueError(f"allocation={config.allocation!r} needs a dense pass over the whole "
                          "model before compressing: not available with streaming")
-    if layout not in ("compact", "transformers"):
-        raise ValueError(f"layout must be 'compact' or 'transformers', got {layout!r}")
+    if layout not in ("standard", "compact"):
+        raise ValueError(f"layout must be 'standard' or 'compact', got {layout!r}")
     if partial_groups not in ("block", "error"):
         raise ValueError(f"partial_groups must be 'block' or 'error', got {partial_groups!r}")
     model_dir, out = Path(model_dir), Path(out)
@@ -411,6 +416,9 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     # ---- everything checked before the output folder is touched ------------------------------
     source = _Source(model_dir)
     model = _skeleton(model_dir, dtype, trust_remote_code)
+    write_dtype = save_dtype if save_dtype is not None else source_dtype(model)[0]
+    if not isinstance(write_dtype, torch.dtype) or not write_dtype.is_floating_point:
+        raise ValueError(f"save_dtype must be a floating torch dtype, got {save_dtype}")
     blocks_name, blocks = find_blocks(model)
     n_blocks = len(blocks)
     table, tied = stored_tensors(model)
@@ -460,6 +468,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     plans = [[(r, config.layer_settings(r.name))
               for r in find_linears(blk, prefix=f"{blocks_name}.{b}")]
              for b, blk in enumerate(blocks)]
+    block_strategy = partial_group_keys((s, r.module.weight.shape[0] if is_conv1d(r.module) else
+                                         r.module.weight.shape[1]) for p in plans for r, s in p)
     if not any(s is not None and s.active for p in plans for _, s in p):
         raise ValueError("nothing to do: give sparsity, pattern or bits (or overrides that set "
                          "them), and make sure ignore does not exclude every layer")
@@ -467,7 +477,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
 
     cfg_plain = {k: v for k, v in config_dict(config).items() if k not in ("verbose", "device")}
     fingerprint = _fingerprint(dict(
-        settings=cfg_plain, dtype=str(dtype), layout=layout, partial_groups=partial_groups,
+        settings=cfg_plain, dtype=str(dtype), save_dtype=str(write_dtype), layout=layout,
+        partial_groups=partial_groups,
         source=source.fingerprint(), calibration_ids=hashlib.sha256(
             ids.to(torch.int64).numpy().tobytes()).hexdigest(), journal=JOURNAL_VERSION))
     n_shards = n_blocks + 1
@@ -489,7 +500,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         if journal.get("fingerprint") != fingerprint:
             old = journal.get("settings", {})
             diff = {k: (old.get(k), v) for k, v in _journal_settings(
-                cfg_plain, dtype, layout, partial_groups, model_dir, nsamples, seqlen).items()
+                cfg_plain, dtype, write_dtype, layout, partial_groups, model_dir, nsamples,
+                seqlen).items()
                 if old.get(k) != v}
             raise StreamError(
                 f"{out} holds a run with another configuration, source checkpoint or "
@@ -501,8 +513,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     _clean_temporaries(out)
     if journal is None:
         journal = dict(version=JOURNAL_VERSION, fingerprint=fingerprint,
-                       settings=_journal_settings(cfg_plain, dtype, layout, partial_groups,
-                                                  model_dir, nsamples, seqlen),
+                       settings=_journal_settings(cfg_plain, dtype, write_dtype, layout,
+                                                  partial_groups, model_dir, nsamples, seqlen),
                        blocks_total=n_blocks, shards=n_shards, attempts=0, complete=False,
                        blocks={}, inputs=None, rest=None)
     journal["attempts"] = attempt = int(journal.get("attempts", 0)) + 1
@@ -558,7 +570,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         comp_names = set()
         for name, module in compressed_layers(block):
             full = f"{blocks_name}.{b}.{name}"
-            rec = encode_layer(full, module, layout, partial_groups, dtype)
+            rec = encode_layer(full, module, layout, partial_groups, write_dtype,
+                               block_strategy)
             if rec is None:
                 continue
             tensors.update(rec.pop("tensors"))
@@ -573,7 +586,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         for n in block_keys[b]:
             if n not in comp_names:
                 live = _get_tensor(model, n)
-                tensors[n] = (live.to(dtype) if live.is_floating_point() else live).contiguous()
+                tensors[n] = (live.to(write_dtype) if live.is_floating_point() else
+                              live).contiguous()
         shard = _shard_name(b + 2, n_shards)
         _persist(out, shard, tensors, what=f"block {b}")
         del tensors
@@ -598,14 +612,16 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     # ---- finalize ------------------------------------------------------------------------------
     inputs = None
     _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, source_key,
-              n_shards, n_blocks, dtype, layout, partial_groups, tokenizer, config)
+              n_shards, n_blocks, write_dtype, layout, partial_groups, tokenizer, config)
     return _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0)
 
 
-def _journal_settings(cfg_plain, dtype, layout, partial_groups, model_dir, nsamples, seqlen):
+def _journal_settings(cfg_plain, dtype, write_dtype, layout, partial_groups, model_dir, nsamples,
+                      seqlen):
     d = dict(cfg_plain)
     d["calibration"] = str(d.get("calibration"))
-    d.update(nsamples=nsamples, seqlen=seqlen, dtype=str(dtype), layout=layout,
+    d.update(nsamples=nsamples, seqlen=seqlen, dtype=str(dtype), save_dtype=str(write_dtype),
+             layout=layout,
              partial_groups=partial_groups, source=str(Path(model_dir).resolve()))
     return json.loads(json.dumps(d, default=str))
 
@@ -745,9 +761,9 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
         header = read_header(p)
         weight_map.update({k: rec["file"] for k in header if k != "__metadata__"})
     acc.check(partial_groups)
-    qcfg, sparsity_cfg = acc.configs()
+    qcfg = acc.configs(linear_names(model))
 
-    meta = acc.meta(dtype, tied, config=config,
+    meta = acc.meta(dtype, tied, config=config, model=model,
                     summary={"streamed": True, "blocks": n_blocks, "attempts": journal["attempts"]})
     meta["files"] = files
     stage = out / WORK_DIR / "final"
@@ -756,7 +772,7 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
         gen = None
         if (model_dir / "generation_config.json").is_file():
             gen = GenerationConfig.from_pretrained(model_dir)
-        write_model_config(stage, plain_config(model), gen, qcfg, sparsity_cfg, dtype)
+        write_model_config(stage, plain_config(model), gen, qcfg, dtype)
         with open(stage / TOOLKIT_NAME, "w") as f:
             json.dump(meta, f, indent=2)
         with open(stage / INDEX_NAME, "w") as f:

@@ -44,10 +44,13 @@ __all__ = ["tradeoff", "plot_tradeoff", "config_label", "COLUMNS", "to_markdown"
 log = logging.getLogger("toolkit")
 
 COLUMNS = ["method", "sparsity", "bits", "group_size", "bytes", "bits_per_weight", "perplexity",
-           "compress_seconds", "model_bits_per_weight", "packed_bits_per_weight", "note"]
+           "compress_seconds", "model_bits_per_weight", "packed_bits_per_weight",
+           "compact_bits_per_weight", "note"]
 DENSE = "dense"
-JOINT_NOTE = ("kept codes + bitmask (save_compressed layout='compact'; transformers cannot load "
-              "it, toolkit.load_compressed can)")
+#: the note of a row whose layouts differ in size (pruned layers): what each one stores
+LAYOUT_NOTE = ("standard layout (the default; transformers and vLLM load it): {standard:.2f} "
+               "bits/weight, {what}; layout='compact' (kept {kept} + bitmask; "
+               "toolkit.load_compressed only): {compact:.2f}")
 
 
 def config_label(config) -> str:
@@ -147,11 +150,14 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
     Returns a DataFrame with the columns :data:`COLUMNS`: ``method``, ``sparsity`` (fraction
     pruned), ``bits`` (16 = not quantized), ``group_size`` (weights per scale; None: one per
     row), ``bytes`` (the whole checkpoint, dense tensors at ``dense_bits``, compressed layers as
-    stored by compressed-tensors / bitsandbytes), ``bits_per_weight`` (over the compressed
-    layers, scales, zero points and masks included), ``perplexity``, ``compress_seconds``,
+    stored by compressed-tensors / bitsandbytes, in the standard layout that
+    :func:`toolkit.save_compressed` writes by default), ``bits_per_weight`` (over the compressed
+    layers, scales, zero points and masks included; standard layout: pruned-only layers dense,
+    pruned + quantized layers every code), ``perplexity``, ``compress_seconds``,
     ``model_bits_per_weight`` (bytes over all parameters), ``packed_bits_per_weight`` (the
-    ``"packed"`` layout of :mod:`toolkit.size`: kept codes + bitmask, the least a sparse-quantized
-    format needs), ``note``. ``df.attrs`` records the evaluation and calibration settings.
+    ``"packed"`` layout of :mod:`toolkit.size`: the information itself, the least a format
+    needs), ``compact_bits_per_weight`` (``save_compressed(layout="compact")``: kept values or
+    codes + bitmask), ``note``. ``df.attrs`` records the evaluation and calibration settings.
     """
     configs = list(configs)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -183,7 +189,7 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
     for label, config in plan:
         row = dict(method=label, **_row_fields(config), bytes=math.nan, bits_per_weight=math.nan,
                    perplexity=math.nan, compress_seconds=0.0, model_bits_per_weight=math.nan,
-                   packed_bits_per_weight=math.nan, note="")
+                   packed_bits_per_weight=math.nan, compact_bits_per_weight=math.nan, note="")
         model = model_factory()
         try:
             t0 = time.perf_counter()
@@ -196,9 +202,11 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
             row["compress_seconds"] = 0.0 if config == DENSE else time.perf_counter() - t0
             size = model_bytes(model, dense_bits=dense_bits)
             packed = model_bytes(model, dense_bits=dense_bits, layout="packed")
+            compact = model_bytes(model, dense_bits=dense_bits, layout="compact")
             row.update(bytes=size["bytes"], bits_per_weight=size["bits_per_weight"],
                        model_bits_per_weight=size["model_bits_per_weight"],
-                       packed_bits_per_weight=packed["bits_per_weight"])
+                       packed_bits_per_weight=packed["bits_per_weight"],
+                       compact_bits_per_weight=compact["bits_per_weight"])
             if config != DENSE:
                 model.to(device)
             with _quiet_bnb_cast():
@@ -209,9 +217,13 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
                 raise
             row["note"] = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             log.warning("%s: %s", label, row["note"])
-        if isinstance(config, CompressConfig) and config.settings.prunes and \
-                config.settings.bits is not None:
-            row["note"] = row["note"] or JOINT_NOTE
+        if isinstance(config, CompressConfig) and config.settings.prunes and not row["note"] \
+                and row["compact_bits_per_weight"] != row["bits_per_weight"]:
+            quantized = config.settings.bits is not None
+            row["note"] = LAYOUT_NOTE.format(
+                standard=row["bits_per_weight"], compact=row["compact_bits_per_weight"],
+                what="every code stored" if quantized else "pruned weights stored dense",
+                kept="codes" if quantized else "values")
         del model
         rows.append(row)
         if on_row is not None:
@@ -255,7 +267,7 @@ def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
     also writes it (PNG at 150 dpi).
 
     ``x``: the size column (``"bits_per_weight"``, ``"model_bits_per_weight"``,
-    ``"packed_bits_per_weight"`` or ``"bytes"``). ``logy``: log-scale perplexity (default: when
+    ``"packed_bits_per_weight"``, ``"compact_bits_per_weight"`` or ``"bytes"``). ``logy``: log-scale perplexity (default: when
     the perplexities span more than a factor 3). Rows without a perplexity are left out (their
     note says why).
     """
@@ -267,6 +279,8 @@ def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
                            "(scales, zero points, masks included)",
         "model_bits_per_weight": "bits per parameter of the whole checkpoint",
         "packed_bits_per_weight": "bits per weight of the compressed layers, packed layout",
+        "compact_bits_per_weight": "bits per weight of the compressed layers, compact layout "
+                                   "(save_compressed(layout='compact'))",
         "bytes": "checkpoint size (MB)",
     }
     if x not in xlabels:
