@@ -15,7 +15,8 @@ __all__ = ["perplexity"]
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer=None, text_or_dataset="wikitext2", seqlen: int = 2048,
-               max_windows: int | None = None, device=None, verbose: bool = True) -> float:
+               max_windows: int | None = None, device=None, verbose: bool = True,
+               desc: str = "perplexity") -> float:
     """Perplexity of ``model`` on consecutive, non-overlapping windows of ``seqlen`` tokens.
 
     ``text_or_dataset``: a string of text, a path to a text file, a source name
@@ -23,6 +24,7 @@ def perplexity(model: nn.Module, tokenizer=None, text_or_dataset="wikitext2", se
     ``"python-docs"``: the offline held-out split), or a 1-D tensor of token ids. The whole text is tokenized once and cut into ``T // seqlen`` windows (the papers'
     protocol; the tail is dropped); ``max_windows`` keeps only the first ones to cap the cost.
     Returns ``exp`` of the mean next-token negative log-likelihood over all windows.
+    ``verbose`` shows a progress bar labelled ``desc``.
     """
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise ValueError(f"seqlen must be an integer >= 2, got {seqlen!r}")
@@ -43,7 +45,7 @@ def perplexity(model: nn.Module, tokenizer=None, text_or_dataset="wikitext2", se
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
-    for row in tqdm(ids, desc="perplexity", unit="window", disable=not verbose):
+    for row in tqdm(ids, desc=desc, unit="window", disable=not verbose):
         x = row[None].to(device)
         logits = model(x, use_cache=False).logits[0, :-1].float()
         nll = nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
