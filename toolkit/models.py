@@ -307,6 +307,33 @@ def load_model(name_or_path: str | ModelSource = DEFAULT_MODEL,
                 raise
             raise err from e
     model.eval()
+    # for toolkit.save_compressed's default dtype: the dtype the source declares (transformers
+    # sets model.config.dtype to the dtype it loaded); a quantized GGUF file declares no float
+    # dtype: bfloat16, the dtype of current LLM releases (SmolLM2's original release included)
+    model.toolkit_source_dtype = _declared_dtype(source, dtype, trust_remote_code)
+    given = DEFAULT_MODEL if source.kind == "smollm2" else source.location
+    model.toolkit_source = (f"{given} ({Path(source.location).name})"
+                            if source.kind in ("smollm2", "gguf") else given)
     if device is not None:
         model.to(device)
     return model, tok
+
+
+def _declared_dtype(source: ModelSource, loaded: torch.dtype,
+                    trust_remote_code: bool) -> torch.dtype:
+    """The floating dtype ``config.json`` of the source declares (bfloat16 for GGUF files, the
+    loaded dtype when the config names none)."""
+    if source.kind in ("smollm2", "gguf"):
+        return torch.bfloat16
+    from transformers import AutoConfig
+
+    kwargs = dict(local_files_only=True) if source.cached else {}
+    try:
+        declared = getattr(AutoConfig.from_pretrained(
+            source.location, trust_remote_code=trust_remote_code, **kwargs), "dtype", None)
+    except Exception:  # noqa: BLE001 - the model loaded; its config only lacks a dtype here
+        declared = None
+    if isinstance(declared, str):
+        declared = getattr(torch, declared.replace("torch.", ""), None)
+    return declared if isinstance(declared, torch.dtype) and declared.is_floating_point \
+        else loaded
