@@ -610,8 +610,24 @@ def _cmd_info(args) -> int:
         raise FileNotFoundError(f"no such file or folder: {args.path}")
     if not path.is_dir():
         raise NotADirectoryError(f"{args.path} is not a folder (a checkpoint is a folder)")
-    print(describe_checkpoint(path, verify=args.verify))
+    text = describe_checkpoint(path, verify=args.verify)
+    print(text)
+    if args.verify:
+        # describe_checkpoint reports a failed check as "DIFFERS: <file>: <what>" on its weights
+        # line; the exit status says it too, for scripts
+        bad = [line.split(VERIFY_FAILED, 1)[1] for line in text.splitlines()
+               if VERIFY_FAILED in line]
+        if bad:
+            raise CheckpointVerifyError(f"--verify: {bad[0].strip()}")
     return 0
+
+
+#: how describe_checkpoint(verify=True) marks weight files whose SHA-256 or size differ
+VERIFY_FAILED = "DIFFERS: "
+
+
+class CheckpointVerifyError(ValueError):
+    """``toolkit info --verify``: a weight file differs from what was recorded at save time."""
 
 
 COMMANDS = {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info,
@@ -742,6 +758,10 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"toolkit {args.command}: interrupted", file=err)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:  # the output went to a pipe that closed (`| head`): stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return EXIT_FAILED
         except Exception as e:  # noqa: BLE001 - every failure ends as one line (or --debug)
             if args.debug:
                 raise
