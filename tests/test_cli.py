@@ -242,6 +242,28 @@ def test_main_restores_the_console(tiny_dir, capsys):
     assert "--text: no such file" in capsys.readouterr().err
 
 
+def test_long_log_lines_are_cut_and_quiet_silences_them(monkeypatch, capsys):
+    """A warning logged during a command is one short line (the detail belongs in the report
+    or the checkpoint's metadata); --debug shows it whole; -q shows nothing."""
+    import logging
+
+    import toolkit.cli as cli_module
+
+    def noisy(args):
+        logging.getLogger("toolkit").warning("layers: " + ", ".join(["model.layers.0.q"] * 400))
+        print("result")
+        return 0
+
+    monkeypatch.setitem(cli_module.COMMANDS, "info", noisy)
+    status, out, err = run_main(["info", "x"], capsys)
+    assert (status, out) == (0, "result\n")
+    assert err.startswith("warning: layers: model.layers.0.q, ") and err.count("\n") == 1
+    assert err.endswith("... (6,906 more characters; --debug shows all)\n"), err[-200:]
+    status, out, err = run_main(["info", "x", "--debug"], capsys)
+    assert len(err) > 6800 and err.count("\n") == 1
+    assert run_main(["info", "x", "-q"], capsys) == (0, "result\n", "")
+
+
 # ---- toolkit eval reads every kind of model, says what it loaded ----------------------------------
 
 def test_eval_plain_folder_and_bundled_wikitext2(tiny_dir, tiny_loaded):
