@@ -348,6 +348,7 @@ def _eval_plan(model, tok, spec: str, seqlen: int | None, max_windows: int | Non
     """``(ids, seqlen, windows, name)`` of the evaluation text, checked before the work:
     the window fits the model's context and the text holds at least one window."""
     from .data import context_length, tokenize_text
+    from .evaluate import window_count
 
     text, name = _eval_text(spec)
     if text is None:
@@ -359,12 +360,7 @@ def _eval_plan(model, tok, spec: str, seqlen: int | None, max_windows: int | Non
         raise ValueError(f"{flag} {seqlen} is longer than the model's context ({context} "
                          "tokens)")
     ids = tokenize_text(tok, text)
-    windows = ids.numel() // seqlen
-    if max_windows is not None:
-        windows = min(windows, max_windows)
-    if windows < 1:
-        raise ValueError(f"the evaluation text {name} has {ids.numel():,} tokens, fewer than "
-                         f"one window of {seqlen}")
+    windows = window_count(ids.numel(), seqlen, max_windows, what=f"the evaluation text {name}")
     return ids[: windows * seqlen], seqlen, windows, name
 
 

@@ -10,7 +10,19 @@ from tqdm.auto import tqdm
 
 from .data import load_text, tokenize_text
 
-__all__ = ["perplexity"]
+__all__ = ["perplexity", "window_count"]
+
+
+def window_count(n_tokens: int, seqlen: int, max_windows: int | None = None,
+                 what: str = "the evaluation text") -> int:
+    """How many non-overlapping windows of ``seqlen`` tokens ``n_tokens`` holds (at most
+    ``max_windows``); ``ValueError`` naming ``what`` when not even one does."""
+    windows = n_tokens // seqlen
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1:
+        raise ValueError(f"{what} has {n_tokens:,} tokens, fewer than one window of {seqlen}")
+    return windows
 
 
 @torch.no_grad()
@@ -34,11 +46,7 @@ def perplexity(model: nn.Module, tokenizer=None, text_or_dataset="wikitext2", se
         text = load_text(text_or_dataset,
                          split="validation" if text_or_dataset == "c4" else "test")
         ids = tokenize_text(tokenizer, text)
-    windows = ids.numel() // seqlen
-    if max_windows is not None:
-        windows = min(windows, max_windows)
-    if windows < 1:
-        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
+    windows = window_count(ids.numel(), seqlen, max_windows)
     if device is None:
         device = next(model.parameters()).device
     ids = ids[: windows * seqlen].reshape(windows, seqlen)
