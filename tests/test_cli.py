@@ -451,9 +451,10 @@ def test_quiet_compress_out_overwrite_and_info_verify(tiny_dir, tiny_ckpt, tmp_p
 @pytest.mark.slow
 def test_smollm2_compress_out_then_eval(tmp_path):
     """`toolkit compress --out DIR -q` then `toolkit eval --model DIR` on the default model
-    (cheap settings: magnitude + round-to-nearest, 2 windows): the checkpoint reads back, its
-    perplexity is the one compress printed (up to the dtype the dense tensors are stored in),
-    and the bytes on disk are the report's "bytes after" within 5%."""
+    (cheap settings: magnitude + round-to-nearest, 2 windows): the checkpoint reads back (the
+    value the Python API gives on the same folder, and within 3% of the one compress printed for
+    the float32 model in memory), and the bytes on disk are the report's "bytes after" within
+    5%."""
     import re
 
     from toolkit.models import resolve_model
@@ -475,4 +476,16 @@ def test_smollm2_compress_out_then_eval(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"loaded compressed checkpoint {out}" in r.stderr
     ppl = float(r.stdout.split()[1])
-    assert abs(ppl / after - 1) < 0.01, (ppl, after)
+    # the same windows through the Python API on the same folder: the same value
+    from transformers import AutoTokenizer
+
+    from toolkit import load_compressed
+    from toolkit.data import python_docs_text
+
+    model = load_compressed(out, dtype=torch.float32)
+    ref = ref_perplexity(model, AutoTokenizer.from_pretrained(out), python_docs_text("test"))
+    assert r.stdout.startswith(f"perplexity {ref:.4f} (python-docs (test split), 2 windows")
+    # against what compress printed for the float32 model in memory: the checkpoint keeps the
+    # dense tensors in the model's own dtype (bfloat16), which moved it by 1.3% when measured;
+    # a checkpoint read wrongly is off by orders of magnitude
+    assert abs(ppl / after - 1) < 0.03, (ppl, after)
