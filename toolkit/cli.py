@@ -419,11 +419,11 @@ def _cmd_compress(args) -> int:
     from .data import calibration_plan, get_calibration
     from .models import resolve_model
 
-    # under torchrun: one process group (NCCL on GPUs, gloo on CPUs); only rank 0 evaluates,
-    # prints and writes (see toolkit.distributed)
     cfg = config_from_args(args, verbose=not args.quiet)
     # ---- every check that does not need the model, before loading it ---------------------------
     _check_device(args.device)
+    # under torchrun: one process group (NCCL on GPUs, gloo on CPUs); only rank 0 evaluates,
+    # prints and writes (see toolkit.distributed)
     distributed.init_from_env(device=args.device)
     if args.stream and not args.out:
         raise ValueError("--stream writes the checkpoint block by block: give --out DIR")
