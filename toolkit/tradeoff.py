@@ -35,7 +35,7 @@ from .data import (
     load_text,
     tokenize_text,
 )
-from .evaluate import perplexity
+from .evaluate import perplexity, window_count
 from .options import label as settings_label
 from .size import model_bytes
 
@@ -171,12 +171,7 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
         plan.insert(0, (DENSE, DENSE))
 
     ids = _eval_ids(eval_text, tokenizer)
-    windows = ids.numel() // eval_seqlen
-    if eval_windows is not None:
-        windows = min(windows, eval_windows)
-    if windows < 1:
-        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than "
-                         f"eval_seqlen={eval_seqlen}")
+    windows = window_count(ids.numel(), eval_seqlen, eval_windows)
     ids = ids[: windows * eval_seqlen]
     shared = (calibration, nsamples, seqlen, seed)
     calib_ids = None
