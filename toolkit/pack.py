@@ -245,7 +245,9 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
-        self.register_buffer("perm", perm, persistent=False)
+        # int32 column indices: the 4 bytes per column a checkpoint's g_idx takes
+        self.register_buffer("perm", None if perm is None else perm.to(torch.int32),
+                             persistent=False)
         self.compression = compression
         self.detail = detail
 
