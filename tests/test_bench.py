@@ -15,8 +15,8 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 
 
 def test_every_script_is_listed():
-    assert {"compress.py", "distributed.py", "refine.py", "solver.py", "stream.py",
-            "tradeoff.py"} <= set(SCRIPTS)
+    assert {"compress.py", "distributed.py", "inference.py", "refine.py", "solver.py",
+            "stream.py", "tradeoff.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
