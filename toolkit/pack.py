@@ -264,6 +264,14 @@ class PackedLinear(nn.Module):
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _probe(self, device, dtype) -> None:
+        """Run the kernel once: a layer it refuses raises :class:`PackError` at pack time."""
+        try:
+            self._matmul(torch.zeros(1, self.in_features, device=device, dtype=dtype))
+        except RuntimeError as e:
+            raise PackError(f"the {self.path} kernel refused the layer: "
+                            f"{str(e).splitlines()[0]}") from None
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"path={self.path}" + (f" ({self.detail})" if self.detail else ""))
@@ -355,15 +363,7 @@ class Int4Linear(PackedLinear):
             tiles = 8 if kp % 128 == 0 else 4 if kp % 64 == 0 else 2
             packed = torch.ops.aten._convert_weight_to_int4pack(u8, tiles)
         self.register_buffer("packed", packed)
-        self._probe()
-
-    def _probe(self) -> None:
-        try:
-            self._matmul(torch.zeros(1, self.in_features, device=self.packed.device,
-                                     dtype=self.compute_dtype))
-        except RuntimeError as e:
-            raise PackError(f"the int4 kernel refused the layer: {str(e).splitlines()[0]}") \
-                from None
+        self._probe(packed.device, compute_dtype)
 
     def _matmul(self, x2):
         if self.packed.device != x2.device:
@@ -418,15 +418,7 @@ class Int8Linear(PackedLinear):
         corr = lc.scale.double() * (center - lc.zero.double())  # rows x groups
         self.register_buffer("correction", None if bool((corr == 0).all()) else
                              corr.to(device, compute_dtype))
-        self._probe()
-
-    def _probe(self) -> None:
-        try:
-            self._matmul(torch.zeros(1, self.in_features, device=self.weight_int8.device,
-                                     dtype=self.compute_dtype))
-        except RuntimeError as e:
-            raise PackError(f"the int8 kernel refused the layer: {str(e).splitlines()[0]}") \
-                from None
+        self._probe(device, compute_dtype)
 
     def _matmul(self, x2):
         x = x2.to(self.compute_dtype)
