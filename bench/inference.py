@@ -10,7 +10,8 @@ bundled WikiText-2 validation text: GPTQ 4-bit g128 and SparseGPT 50% + GPTQ 4-b
 - ``dense fp32`` / ``dense bf16``: the model from its GGUF file in that dtype;
 - ``... dequantized``: ``toolkit.load_compressed`` (dense float32 layers, as before packing);
 - ``... packed``: ``toolkit.load_packed`` (int4 kernels in bfloat16; the joint model as kept
-  codes + bitmask, or with ``joint="codes"`` as every code on the int4 kernel);
+  codes + bitmask, or with ``joint="codes"`` as every code on the int4 kernel); embeddings,
+  norms and the head in float32, or in bfloat16 for ``rest in bf16``;
 - ``NF4 (bitsandbytes)``: the float32 model with its block linear layers replaced by
   bitsandbytes NF4 (compute in float32);
 - ``SparseGPT 2:4 semi-structured``: CUDA only (``torch.sparse.to_sparse_semi_structured``); on a
@@ -35,8 +36,14 @@ over the rounds and ``vs_fp32``, the median over rounds of the row's speed divid
 ``dense fp32``'s in the same round. ``perplexity``: the first ``--eval-windows`` (4) windows of
 256 tokens of the WikiText-2 test text, a check that each row is the model it claims to be.
 
-Writes data/results/inference_cpu.csv (or --out) in one run and prints the table as markdown
-with the machine line and thread count. SmolLM2's weights came from a 4-bit grid (Q4_1, blocks
+Last, in the parent process alone (the workers have ended), the kernels are timed one call at
+a time on SmolLM2's four layer shapes with batch 1 (median of ``--kernel-calls`` calls, random
+codes, group 128 run as kernel groups of 64): dense ``F.linear`` in float32 and bfloat16, the int4
+kernel in float32 and bfloat16, the int8 kernel in bfloat16 (8-bit, group 128), and the
+``bitmask`` path (50% kept, 4-bit) -- why the kernels compute in bfloat16 by default.
+
+Writes data/results/inference_cpu.csv (or --out) and inference_kernels_cpu.csv next to it in
+one run and prints both tables as markdown with the machine line and thread count. SmolLM2's weights came from a 4-bit grid (Q4_1, blocks
 of 32) in its GGUF file and are dequantized on load.
 """
 
@@ -45,6 +52,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import gc
 import json
 import logging
@@ -66,6 +74,7 @@ ROWS = {  # label -> (kind, checkpoint, options)
     "dense bf16": ("gguf", None, {"dtype": "bfloat16"}),
     "GPTQ 4-bit g128 dequantized": ("load_compressed", "gptq", {}),
     "GPTQ 4-bit g128 packed": ("load_packed", "gptq", {}),
+    "GPTQ 4-bit g128 packed, rest in bf16": ("load_packed", "gptq", {"dtype": "bfloat16"}),
     "SparseGPT 50% + GPTQ 4-bit dequantized": ("load_compressed", "joint", {}),
     "SparseGPT 50% + GPTQ 4-bit packed (kept codes + bitmask)": ("load_packed", "joint", {}),
     "SparseGPT 50% + GPTQ 4-bit packed (all codes, int4 kernel)": ("load_packed", "joint",
@@ -176,6 +185,8 @@ def _load(kind: str, ckpt: str | None, opts: dict):
     if kind == "load_packed":
         from toolkit import load_packed
 
+        if "dtype" in opts:
+            opts = dict(opts, dtype=getattr(torch, opts["dtype"]))
         return load_packed(ckpt, **opts).eval()
     raise ValueError(kind)
 
@@ -253,6 +264,73 @@ class Worker:
                 self.proc.kill()
 
 
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down
+
+
+def _layer_codes(n: int, k: int, bits: int, g):
+    """Random codes of an n x k layer at group 128 (the last group narrower)."""
+    import torch
+
+    from toolkit.pack import LayerCodes
+
+    widths = [128] * (k // 128) + ([k % 128] if k % 128 else [])
+    groups = len(widths)
+    return LayerCodes(codes=torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8),
+                      scale=torch.rand(n, groups, generator=g) * 0.01 + 1e-3,
+                      zero=torch.randint(0, 2**bits, (n, groups), generator=g).float(),
+                      widths=widths, bits=bits, perm=None, mask=None)
+
+
+def _kernel_cases(n: int, k: int, g) -> dict:
+    """What is timed for one shape: name -> a call with batch 1."""
+    import torch
+    import torch.nn.functional as F
+
+    from toolkit.pack import BitmaskLinear, Int4Linear, Int8Linear
+
+    x = torch.randn(1, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    lc4 = _layer_codes(n, k, 4, g)
+    mask = torch.rand(n, k, generator=g) < 0.5
+    zero_codes = lc4.zero.to(torch.uint8).repeat_interleave(torch.tensor(lc4.widths), 1)
+    lc4.codes = torch.where(mask, lc4.codes, zero_codes)
+    lc4.mask = mask
+    layers = {
+        "int4 kernel fp32": Int4Linear(lc4, None, compute_dtype=torch.float32),
+        "int4 kernel bf16": Int4Linear(lc4, None, compute_dtype=torch.bfloat16),
+        "int8 kernel bf16": Int8Linear(_layer_codes(n, k, 8, g), None,
+                                       compute_dtype=torch.bfloat16),
+        "bitmask 50% 4-bit fp32": BitmaskLinear(mask, None, lc=lc4, dtype=torch.float32),
+    }
+    cases = {"dense fp32": functools.partial(F.linear, x, w),
+             "dense bf16": functools.partial(F.linear, xb, wb)}
+    cases.update({name: functools.partial(layer, x) for name, layer in layers.items()})
+    return cases
+
+
+def time_kernels(calls: int):
+    """Microseconds per call (median of ``calls``), batch 1, per SmolLM2 layer shape."""
+    import torch
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, k in SHAPES:
+            row = {"shape": f"{n}x{k}"}
+            for name, fn in _kernel_cases(n, k, g).items():
+                for _ in range(3):
+                    fn()
+                times = []
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+                row[name] = statistics.median(times) * 1e6
+            rows.append(row)
+    return rows
+
+
 def make_checkpoints(workdir: Path, args, keys: set) -> dict:
     """GPTQ 4-bit g128 and SparseGPT 50% + GPTQ 4-bit g128 of SmolLM2 (float32)."""
     import copy
@@ -299,6 +377,8 @@ def main(argv=None) -> int:
                    help="where the checkpoints go (default: a temporary folder, removed); an "
                         "existing folder's checkpoints are reused")
     p.add_argument("--out", default=str(REPO / "data" / "results" / "inference_cpu.csv"))
+    p.add_argument("--kernel-calls", type=int, default=200,
+                   help="calls per kernel timing (0: no kernel table)")
     p.add_argument("--verbose", action="store_true", help="show the workers' output")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ids", default=None, help=argparse.SUPPRESS)
@@ -386,6 +466,7 @@ def main(argv=None) -> int:
             w.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    kernels = pd.DataFrame(time_kernels(args.kernel_calls)) if args.kernel_calls else None
 
     settings = (f"threads {args.threads}; decode: {args.new_tokens} new tokens after "
                 f"{args.prompt_tokens} prompt tokens, batch 1, greedy, KV cache, median of "
@@ -400,6 +481,20 @@ def main(argv=None) -> int:
     print()
     print(markdown(df))
     print()
+    if kernels is not None:
+        kout = out.with_name(out.stem.replace("inference", "inference_kernels") + out.suffix)
+        if kout == out:
+            kout = out.with_name(out.stem + "_kernels" + out.suffix)
+        kernels.assign(unit="microseconds per call, batch 1", machine=where).to_csv(
+            kout, index=False, float_format="%.4g")
+        cols = [c for c in kernels.columns if c != "shape"]
+        print("| shape (out x in) | " + " | ".join(cols) + " |")
+        print("|---|" + "---:|" * len(cols))
+        for _, r in kernels.iterrows():
+            print(f"| {r['shape']} | " + " | ".join(f"{r[c]:.0f}" for c in cols) + " |")
+        print("(microseconds per call, batch 1, median of "
+              f"{args.kernel_calls} calls; wrote {kout})")
+        print()
     print(f"command: python bench/inference.py "
           f"{shlex.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     print(f"settings: {settings}")
