@@ -41,9 +41,9 @@ Which path a layer gets (the ``path`` column of :func:`pack_report`):
 ===========  ==================================================================================
 
 Compute dtype: the int4 and int8 kernels run in bfloat16 by default (``compute_dtype=None``),
-whatever the model's dtype: on the CPU their float32 paths are 10-30x slower than a dense
-float32 matmul (torch 2.13, measured in ``bench/inference.py``'s notes) and CUDA's int4 kernel
-takes bfloat16 only. Inputs are cast to bfloat16 and outputs back, so a float32 model runs its
+whatever the model's dtype: on the CPU their float32 paths are about 25x slower than a dense
+float32 matmul (torch 2.13; the kernel table of ``bench/inference.py``,
+``data/results/inference_kernels_cpu.csv``) and CUDA's int4 kernel takes bfloat16 only. Inputs are cast to bfloat16 and outputs back, so a float32 model runs its
 packed layers at bfloat16 precision (the scales too). ``compute_dtype=torch.float32`` gives the
 dequantized model's outputs within float32 rounding, at the slow kernels' speed.
 
@@ -51,12 +51,16 @@ Why PyTorch's own operators and not torchao: on the CPU torchao's int4 layout
 (``Int4CPULayout``) calls the same ``_weight_int4pack_mm_for_cpu`` kernel, and its
 configurations quantize the weights themselves (their own grids), while ours come from GPTQ and
 must be kept code for code; building torchao's tensor subclasses from given codes goes through
-internal constructors that change between releases, and torchao releases pin narrow torch
-versions. The aten operators take our codes, scales and zero points directly.
+internal constructors that change between releases, and each torchao release is built for
+particular torch versions. The aten operators take our codes, scales and zero points directly.
 
-The packed modules are for inference: no gradients, and they cannot be saved with
-:func:`toolkit.save_compressed` (save the model before packing; :func:`load_packed` loads a
-checkpoint and packs it). The int4 layouts differ between the CPU and CUDA: pack a model on the
+The CUDA paths (``int4`` through ``_weight_int4pack_mm``, ``sparse24``) follow PyTorch's
+documented operator contracts and are guarded by device checks and a trial call at pack time,
+but they have not been run yet: no GPU was available where this was written.
+
+The packed modules are for inference: no gradients. Do not save a packed model with
+:func:`toolkit.save_compressed` (:func:`is_packed` tells): save the model before packing, and
+:func:`load_packed` loads a checkpoint and packs it. The int4 layouts differ between the CPU and CUDA: pack a model on the
 device it will run on.
 """
 
