@@ -111,6 +111,24 @@ def test_layer_codes_are_the_rtn_codes(awkward):
         assert lc.widths[:-1] == [64] * (len(lc.widths) - 1)
 
 
+def test_bf16_model(awkward):
+    """A bfloat16 model: its weights are the grids rounded to bfloat16, the codes still come
+    back exactly, and the packed model runs (its logits within bfloat16 noise)."""
+    base = copy.deepcopy(awkward).to(torch.bfloat16)
+    m = compressed(base, bits=4, group_size=64, quant="rtn")
+    orig = dict(base.named_modules())
+    for name, mod in m.named_modules():
+        if getattr(mod, "compression", None) is not None:
+            _, codes, _, _ = rtn_quantize(orig[name].weight.detach(), 4, 64)
+            assert torch.equal(layer_codes(mod, name).codes, codes), name
+    ref = logits(m).float()
+    rep = pack(m)
+    assert (rep.layers["path"] == "int4").all()
+    assert m.model.layers[0].mlp.up_proj.scale_zero.dtype == torch.bfloat16
+    out = logits(m).float()
+    assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+
+
 def test_layer_codes_refuse_a_changed_weight(awkward):
     m = compressed(awkward, bits=4, group_size=64, quant="rtn")
     layer = m.model.layers[0].mlp.down_proj
@@ -336,7 +354,8 @@ def test_report_and_resident_bytes(awkward):
 
 def test_load_packed_equals_packing_in_memory(awkward, tmp_path):
     for i, kw in enumerate([dict(bits=4, group_size=64), dict(sparsity=0.5, bits=4,
-                                                                group_size=32)]):
+                                                                group_size=32),
+                            dict(bits=4, group_size=32, sym=True, quant="rtn")]):
         m = compressed(awkward, **kw)
         path = save_compressed(m, tmp_path / f"ckpt{i}")
         records = {n: x.compression for n, x in m.named_modules() if hasattr(x, "compression")}
@@ -386,7 +405,7 @@ def test_smollm2_packed(smollm2, wikitext_test):
 
     model, tok = smollm2
     compress(model, tok, bits=4, group_size=128, quant="rtn", verbose=False)
-    ids = tok(wikitext_test[:4000], return_tensors="pt").input_ids[:, :64]
+    ids = tok(wikitext_test[:4000], return_tensors="pt").input_ids[:, :32]
     ref = logits(model, ids)
     ppl = perplexity(model, tok, wikitext_test, seqlen=128, max_windows=4, verbose=False)
     fp32 = copy.deepcopy(model)
