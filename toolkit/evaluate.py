@@ -56,9 +56,11 @@ def perplexity(model: nn.Module, tokenizer=None, text_or_dataset="wikitext2", se
 
 @torch.no_grad()
 def decode_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 128,
-                 device=None) -> dict:
+                 device=None, warmup: bool = True) -> dict:
     """Greedy generation speed with the KV cache: ``model.generate`` on one prompt (batch 1),
-    exactly ``new_tokens`` new tokens (end-of-sequence does not stop it).
+    exactly ``new_tokens`` new tokens (end-of-sequence does not stop it). With ``warmup``, a
+    2-token ``generate`` on the same prompt runs first, untimed, so that one-time costs (lazy
+    initialisation of the model's first call) stay out of the figure.
 
     Returns ``{"tokens_per_s": (new_tokens - 1) / decode_s, "decode_s": time from the first new
     token to the last, "prefill_s": time to the first new token (the prompt's forward pass),
@@ -87,11 +89,13 @@ def decode_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 1
         pad = pad[0] if isinstance(pad, (list, tuple)) else pad
     was_training = model.training
     model.eval()
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+                  pad_token_id=pad if pad is not None else 0)
+    if warmup:
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)
     t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                         pad_token_id=pad if pad is not None else 0,
-                         stopping_criteria=StoppingCriteriaList([_Clock()]))
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         stopping_criteria=StoppingCriteriaList([_Clock()]), **kwargs)
     model.train(was_training)
     made = out.shape[1] - ids.shape[1]
     if made != new_tokens or len(stamps) != new_tokens:
