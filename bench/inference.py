@@ -19,8 +19,10 @@ bundled WikiText-2 validation text: GPTQ 4-bit g128 and SparseGPT 50% + GPTQ 4-b
 
 Each process first imports the libraries (torch, transformers, compressed-tensors,
 bitsandbytes, the toolkit) and runs a 2-token ``generate`` on a tiny random LLaMA, so that
-lazily imported code is in place; then it loads its model without a tokenizer, collects garbage
-and returns freed heap to the system (glibc ``malloc_trim``), and reports its resident memory.
+lazily imported code is in place; then it loads its model without a tokenizer, runs one
+2-token ``generate`` with it (the model as it runs: bitsandbytes, for one, repacks its
+quantization state for the CPU at the first call), collects garbage and returns freed heap to the
+system (glibc ``malloc_trim``), and reports its resident memory.
 ``rss_mb`` is that minus the resident memory of a baseline process that did the same except
 loading a model (``libraries_mb``); ``weights_mb`` counts the model's tensors
 (``toolkit.pack.resident_bytes``), ``linear_mb`` those of the linear layers inside the decoder
@@ -203,15 +205,18 @@ def worker(args) -> int:
     kind, ckpt_key, opts = ROWS[args.worker]
     before = _rss()
     model = _load(kind, str(Path(args.workdir) / ckpt_key) if ckpt_key else None, opts)
-    _trim()
-    from toolkit.pack import resident_bytes
-
-    lin, fp16, paths = _linear_stats(model)
-    _send({"rss": _rss(), "rss_before": before, "weights": resident_bytes(model),
-           "linear": lin, "linear_fp16": fp16, "paths": paths})
     ids = torch.tensor(json.loads(Path(args.ids).read_text()))
     from toolkit import perplexity
     from toolkit.evaluate import decode_speed
+    from toolkit.pack import resident_bytes
+
+    # one short generate first: memory as the model runs (bitsandbytes repacks its CPU state
+    # at the first call), lazy initialisation done; then the freed heap goes back
+    decode_speed(model, ids[:args.prompt_tokens], 2, warmup=False)
+    _trim()
+    lin, fp16, paths = _linear_stats(model)
+    _send({"rss": _rss(), "rss_before": before, "weights": resident_bytes(model),
+           "linear": lin, "linear_fp16": fp16, "paths": paths})
 
     for line in sys.stdin:
         cmd = line.strip()

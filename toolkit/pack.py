@@ -623,22 +623,22 @@ def module_bytes(module: nn.Module) -> int:
     total = sum(_tensor_bytes(t) for t in module.parameters(recurse=False))
     total += sum(_tensor_bytes(t) for t in module.buffers(recurse=False))
     total += _tensor_bytes(getattr(module, "weight_sparse", None))
-    total += _bnb_state_bytes(module)
+    total += sum(_tensor_bytes(t) for t in _bnb_state(module))
     return total
 
 
-def _bnb_state_bytes(module) -> int:
+def _bnb_state(module) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes 4-bit weight's quantization state (absmax, code, ...; the
+    nested state of double quantization). bitsandbytes' CPU path repacks them at the first
+    forward call (absmax to bfloat16, double quantization undone), so they depend on when
+    they are counted."""
     qs = getattr(getattr(module, "weight", None), "quant_state", None)
-    if qs is None:
-        return 0
-    out = 0
+    out = []
     for state in (qs, getattr(qs, "state2", None)):
-        if state is None:
-            continue
         for attr in ("absmax", "code", "offset"):
             t = getattr(state, attr, None)
             if isinstance(t, torch.Tensor):
-                out += t.numel() * t.element_size()
+                out.append(t)
     return out
 
 
@@ -649,14 +649,15 @@ def resident_bytes(model: nn.Module) -> int:
     seen: set = set()
     total = 0
     for module in model.modules():
-        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False),
+                   *_bnb_state(module)]
+        for t in tensors:
             key = (t.untyped_storage().data_ptr(), t.device) if t.numel() else id(t)
             if key in seen:
                 continue
             seen.add(key)
             total += t.untyped_storage().nbytes() if t.numel() else 0
         total += _tensor_bytes(getattr(module, "weight_sparse", None))
-        total += _bnb_state_bytes(module)
     return total
 
 
