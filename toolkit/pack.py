@@ -360,12 +360,16 @@ class Int4Linear(PackedLinear):
                                             dim=1)
         self.register_buffer("scale_zero", torch.stack([scale, zf], -1).transpose(0, 1)
                              .contiguous().to(compute_dtype))
-        if kind == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        else:  # CUDA takes two codes per byte, the even column in the high nibble
-            u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-            tiles = 8 if kp % 128 == 0 else 4 if kp % 64 == 0 else 2
-            packed = torch.ops.aten._convert_weight_to_int4pack(u8, tiles)
+        try:
+            if kind == "cpu":
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            else:  # CUDA takes two codes per byte, the even column in the high nibble
+                u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+                tiles = 8 if kp % 128 == 0 else 4 if kp % 64 == 0 else 2
+                packed = torch.ops.aten._convert_weight_to_int4pack(u8, tiles)
+        except RuntimeError as e:
+            raise PackError(f"the int4 packing refused the layer: {str(e).splitlines()[0]}") \
+                from None
         self.register_buffer("packed", packed)
         self._probe(packed.device, compute_dtype)
 
