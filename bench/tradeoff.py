@@ -5,7 +5,9 @@
 
 Every row goes through :func:`toolkit.tradeoff`: a fresh copy of the model, the same 32 x 512
 calibration windows of the WikiText-2 validation text, the same 40 x 512 evaluation windows of
-the WikiText-2 test text (raw, ``\\r\\n`` normalised), sizes from :mod:`toolkit.size`. Writes
+the WikiText-2 test text (raw, ``\\r\\n`` normalised), sizes from :mod:`toolkit.size`; after the perplexity the model is packed
+(:func:`toolkit.pack`) and its weights in memory and its decode speed (``--decode-tokens`` new
+tokens after a 128-token prompt, greedy, KV cache, batch 1; 0 skips it) are measured. Writes
 ``data/results/tradeoff_smollm2.csv`` and ``.png`` and prints the table twice (plain and markdown)
 with the machine it ran on.
 
@@ -62,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "data" / "results" / "tradeoff_smollm2.csv"))
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     p.add_argument("--only", nargs="+", default=None, help="run only these rows (labels)")
+    p.add_argument("--decode-tokens", type=int, default=128,
+                   help="new tokens for the decode speed column (0: not measured)")
     add_threads_flag(p)
     args = p.parse_args(argv)
     apply_threads(args)
@@ -80,7 +84,10 @@ def main(argv=None) -> int:
     where = describe()
     settings = (f"calibration {Path(args.calibration).name} {args.nsamples} x {args.seqlen} "
                 f"tokens; perplexity on {Path(args.eval_text).name}, first {args.eval_windows} "
-                f"windows x {args.eval_seqlen} tokens; dense tensors counted at 16 bits")
+                f"windows x {args.eval_seqlen} tokens; dense tensors counted at 16 bits"
+                + (f"; decode speed: {args.decode_tokens} new tokens after a 128-token prompt, "
+                   f"greedy, KV cache, batch 1, threads {torch.get_num_threads()}"
+                   if args.decode_tokens else ""))
     print(f"machine: {where}")
     print(f"bitsandbytes: {bnb_version}")
     print(f"settings: {settings}")
@@ -92,12 +99,14 @@ def main(argv=None) -> int:
     def show(row):
         print(f"  {row['method']:<34} bits/weight {row['bits_per_weight']:6.2f}  perplexity "
               f"{row['perplexity']:9.3f}  compress {row['compress_seconds']:6.1f}s  "
+              f"memory {row['memory_mb']:6.1f} MB  decode {row['decode_tokens_per_s']:6.2f}/s  "
               f"[{time.perf_counter() - t0:6.0f}s] {row['note']}", flush=True)
 
     df = tradeoff(lambda: copy.deepcopy(base), tok, configs, eval_text,
                   eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
                   calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
-                  device="cpu", dense=False, on_row=show)
+                  device="cpu", dense=False, on_row=show,
+                  decode_tokens=args.decode_tokens or None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df[COLUMNS].assign(settings=settings, machine=where).to_csv(out, index=False,

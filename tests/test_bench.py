@@ -15,8 +15,8 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 
 
 def test_every_script_is_listed():
-    assert {"act_order.py", "compress.py", "distributed.py", "readers.py", "refine.py",
-            "solver.py", "stream.py", "tradeoff.py"} <= set(SCRIPTS)
+    assert {"act_order.py", "compress.py", "distributed.py", "inference.py", "readers.py",
+            "refine.py", "solver.py", "stream.py", "tradeoff.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

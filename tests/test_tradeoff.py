@@ -159,6 +159,37 @@ def test_tradeoff_rows_and_columns(table):
     assert md.count("\n") == n + 1 and "| dense |" in md
 
 
+def test_tradeoff_memory_and_decode_columns(table):
+    """memory_mb: the model's tensors as it runs (packed where pack applies); decode speed is
+    off unless asked."""
+    from toolkit.pack import resident_bytes
+
+    by = table.set_index("method")
+    dense = by.loc["dense", "memory_mb"]
+    assert dense == resident_bytes(tiny_model("llama")) / 1e6
+    assert by.loc["magnitude 50%", "memory_mb"] == dense  # pruned only: stays dense on the CPU
+    assert by.loc["SparseGPT 2:4", "memory_mb"] == dense  # 2:4 kernels are CUDA only
+    rtn = by.loc["RTN 4-bit g32", "memory_mb"]
+    assert rtn < 0.5 * dense and by.loc["NF4", "memory_mb"] < 0.5 * dense
+    assert by.loc["SparseGPT 50% + GPTQ 4-bit g32", "memory_mb"] < rtn  # kept codes + bitmask
+    assert table["decode_tokens_per_s"].isna().all()
+    md = to_markdown(table)
+    assert "| memory (MB) | decode (tok/s) |" in md and f"| {rtn:.1f} | - |" in md
+
+
+def test_tradeoff_decode_speed():
+    base = tiny_model("llama")
+    df = tradeoff(lambda: copy.deepcopy(base), None, [dict(bits=4, quant="rtn", group_size=32)],
+                  random_ids(1, 128, seed=3).reshape(-1), eval_seqlen=32, eval_windows=1,
+                  calibration=random_ids(4, 32, seed=1), nsamples=4, seqlen=32,
+                  decode_tokens=4, decode_prompt=8)
+    assert (df["decode_tokens_per_s"] > 0).all() and len(df) == 2
+    assert df.attrs["decode_tokens"] == 4
+    with pytest.raises(ValueError, match="decode_tokens must be None or an integer >= 2"):
+        tradeoff(lambda: copy.deepcopy(base), None, [], random_ids(1, 64).reshape(-1),
+                 eval_seqlen=32, decode_tokens=1)
+
+
 def test_tradeoff_same_windows_same_numbers(table):
     """The dense row equals a direct perplexity() call on the same windows."""
     from toolkit import perplexity

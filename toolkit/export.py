@@ -212,11 +212,10 @@ def _quant_args(comp, cols: int, block: bool = False):
 def _codes(w: torch.Tensor, comp, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (0..maxq, int64) of ``w`` on the layer's grids, and the zero points per
     column group expanded to (rows, cols); checks that ``w`` lies on its grids."""
-    from .quant import group_bounds
+    from .quant import codes_on_grid, group_bounds
 
     s = comp.settings
     rows, cols = w.shape
-    maxq = 2**s.bits - 1
     bounds = group_bounds(cols, s.group_size if comp.scale.shape[1] > 1 else None)
     if len(bounds) != comp.scale.shape[1]:
         raise ValueError(f"{name}: {comp.scale.shape[1]} scales per row for {len(bounds)} groups "
@@ -229,18 +228,7 @@ def _codes(w: torch.Tensor, comp, name: str) -> tuple[torch.Tensor, torch.Tensor
             raise ValueError("act-order groups")  # caught and reported by the caller
     scale = torch.repeat_interleave(comp.scale.float(), widths, dim=1)
     zero = torch.repeat_interleave(comp.zero.float(), widths, dim=1)
-    wf = w.float().cpu()
-    q = torch.clamp(torch.round(wf / scale) + zero, 0, maxq)
-    err = (scale * (q - zero) - wf).abs()
-    tol = 1e-3 * scale + 1e-6 * wf.abs()
-    if w.dtype != torch.float32:
-        tol = tol + wf.abs() * (torch.finfo(w.dtype).eps * 2)
-    if bool((err > tol).any()):
-        r, c = divmod(int(torch.argmax(err - tol)), cols)
-        raise ValueError(f"{name}: the weight is not on its quantization grid (row {r}, column "
-                         f"{c}: {float(wf[r, c]):.6g} vs "
-                         f"{float(scale[r, c] * (q[r, c] - zero[r, c])):.6g}); was it changed "
-                         "after compress()?")
+    q = codes_on_grid(w.cpu(), scale, zero, s.bits, name)
     return q.long(), zero.long()
 
 
@@ -708,6 +696,11 @@ def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwri
     _check_layout(layout)
     if partial_groups not in ("block", "error"):
         raise ValueError(f"partial_groups must be 'block' or 'error', got {partial_groups!r}")
+    from .pack import is_packed
+
+    if is_packed(model):
+        raise ValueError("the model holds packed layers (toolkit.pack): save the model before "
+                         "packing it, or load the checkpoint again with load_compressed")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -1090,7 +1083,8 @@ def _skeleton(config_data: dict, path: Path, trust_remote_code: bool = False):
 
 @torch.no_grad()
 def load_compressed(path, device=None, dtype: torch.dtype | None = None,
-                    trust_remote_code: bool = False, verify: bool = True) -> nn.Module:
+                    trust_remote_code: bool = False, verify: bool = True,
+                    packed: bool = False) -> nn.Module:
     """Load a compressed checkpoint folder as a dense ``transformers`` model.
 
     Reads the folders :func:`save_compressed` writes (both layouts, and files of format
@@ -1110,9 +1104,18 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
     decompressed layer keeps a ``compression`` record (settings, and scales and zero points
     where the format has them), so :func:`toolkit.model_bytes` counts the loaded model as
     compressed and :func:`save_compressed` can write it again.
+
+    ``packed=True``: every compressed layer is then replaced by a module that computes on its
+    packed form (:func:`toolkit.pack.pack` with its defaults), so the model is small in memory
+    too.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if packed:
+        from .pack import load_packed
+
+        return load_packed(path, device=device, dtype=dtype,
+                           trust_remote_code=trust_remote_code, verify=verify)
     path = Path(path)
     files, meta, config_data = _folder_contents(path)
     if verify:

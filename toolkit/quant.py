@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["fit_grid", "quantize", "dequantize", "fake_quantize", "rtn_quantize", "check_bits",
-           "check_group_size"]
+           "check_group_size", "codes_on_grid"]
 
 ALLOWED_BITS = "2..8"
 
@@ -165,3 +165,27 @@ def rtn_quantize(
         codes[:, a:b] = q.to(torch.uint8)
         out[:, a:b] = dequantize(q, s[:, None], z[:, None])
     return out.to(w.dtype), codes, scales, zeros
+
+
+def codes_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  name: str = "layer") -> torch.Tensor:
+    """The integer codes (float tensor of integers) of a weight that lies on its grids.
+
+    ``scale``/``zero`` are per element (the shape of ``w``, e.g. expanded from the per-group
+    grids). Raises ``ValueError`` naming the first weight that is off its grid (beyond float
+    rounding of ``w``'s dtype): the weight was changed after compression.
+    """
+    maxq = 2**bits - 1
+    wf = w.float()
+    q = torch.clamp(torch.round(wf / scale) + zero, 0, maxq)
+    err = (scale * (q - zero) - wf).abs()
+    tol = 1e-3 * scale + 1e-6 * wf.abs()
+    if w.dtype != torch.float32:
+        tol = tol + wf.abs() * (torch.finfo(w.dtype).eps * 2)
+    if bool((err > tol).any()):
+        r, c = divmod(int(torch.argmax(err - tol)), w.shape[1])
+        raise ValueError(f"{name}: the weight is not on its quantization grid (row {r}, column "
+                         f"{c}: {float(wf[r, c]):.6g} vs "
+                         f"{float(scale[r, c] * (q[r, c] - zero[r, c])):.6g}); was it changed "
+                         "after compress()?")
+    return q

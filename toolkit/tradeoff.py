@@ -35,8 +35,9 @@ from .data import (
     load_text,
     tokenize_text,
 )
-from .evaluate import perplexity, window_count
+from .evaluate import decode_speed, perplexity, window_count
 from .options import label as settings_label
+from .pack import pack, resident_bytes
 from .size import model_bytes
 
 __all__ = ["tradeoff", "plot_tradeoff", "config_label", "COLUMNS", "to_markdown"]
@@ -45,7 +46,7 @@ log = logging.getLogger("toolkit")
 
 COLUMNS = ["method", "sparsity", "bits", "group_size", "bytes", "bits_per_weight", "perplexity",
            "compress_seconds", "model_bits_per_weight", "packed_bits_per_weight",
-           "compact_bits_per_weight", "note"]
+           "compact_bits_per_weight", "memory_mb", "decode_tokens_per_s", "note"]
 DENSE = "dense"
 #: the note of a row whose layouts differ in size (pruned layers): what each one stores
 LAYOUT_NOTE = ("standard layout (the default; transformers and vLLM load it): {standard:.2f} "
@@ -132,6 +133,7 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
              eval_text="python-docs", *, eval_seqlen: int = 512, eval_windows: int | None = 32,
              calibration=None, nsamples: int | None = None, seqlen: int | None = None,
              seed: int = 0, device=None, dense: bool = True, dense_bits: int = 16,
+             decode_tokens: int | None = None, decode_prompt: int = 128,
              verbose: bool = False, on_row: Callable[[dict], None] | None = None) -> pd.DataFrame:
     """Compress a fresh model per configuration and measure size and perplexity.
 
@@ -157,8 +159,22 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
     ``model_bits_per_weight`` (bytes over all parameters), ``packed_bits_per_weight`` (the
     ``"packed"`` layout of :mod:`toolkit.size`: the information itself, the least a format
     needs), ``compact_bits_per_weight`` (``save_compressed(layout="compact")``: kept values or
-    codes + bitmask), ``note``. ``df.attrs`` records the evaluation and calibration settings.
+    codes + bitmask), ``memory_mb`` (the model's weights in memory as it runs, in MB of 10**6
+    bytes: after perplexity the compressed layers are packed by :func:`toolkit.pack` -- int4/int8
+    kernels, kept codes + bitmask -- and :func:`toolkit.pack.resident_bytes` counts every tensor
+    of the model; bitsandbytes rows as bitsandbytes holds them; the dense row in its own dtype),
+    ``decode_tokens_per_s`` (with ``decode_tokens``: greedy ``generate`` speed with the KV cache,
+    batch 1, ``decode_tokens`` new tokens after the first ``decode_prompt`` tokens of the
+    evaluation text, on the model as ``memory_mb`` counts it, see
+    :func:`toolkit.evaluate.decode_speed`; NaN when ``decode_tokens`` is None, the default:
+    it is slow on a CPU), ``note``. ``df.attrs`` records the evaluation and calibration
+    settings.
     """
+    if decode_tokens is not None and (isinstance(decode_tokens, bool) or
+                                      not isinstance(decode_tokens, int) or decode_tokens < 2):
+        raise ValueError(f"decode_tokens must be None or an integer >= 2, got {decode_tokens!r}")
+    if isinstance(decode_prompt, bool) or not isinstance(decode_prompt, int) or decode_prompt < 1:
+        raise ValueError(f"decode_prompt must be an integer >= 1, got {decode_prompt!r}")
     configs = list(configs)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dn, dl = default_calibration_size(device)
@@ -184,7 +200,8 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
     for label, config in plan:
         row = dict(method=label, **_row_fields(config), bytes=math.nan, bits_per_weight=math.nan,
                    perplexity=math.nan, compress_seconds=0.0, model_bits_per_weight=math.nan,
-                   packed_bits_per_weight=math.nan, compact_bits_per_weight=math.nan, note="")
+                   packed_bits_per_weight=math.nan, compact_bits_per_weight=math.nan,
+                   memory_mb=math.nan, decode_tokens_per_s=math.nan, note="")
         model = model_factory()
         try:
             t0 = time.perf_counter()
@@ -207,6 +224,12 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
             with _quiet_bnb_cast():
                 row["perplexity"] = perplexity(model, tokenizer, ids, seqlen=eval_seqlen,
                                                device=device, verbose=verbose)
+                if isinstance(config, CompressConfig):
+                    pack(model)
+                row["memory_mb"] = resident_bytes(model) / 1e6
+                if decode_tokens is not None:
+                    row["decode_tokens_per_s"] = decode_speed(
+                        model, ids[:decode_prompt], decode_tokens, device=device)["tokens_per_s"]
         except (RuntimeError, ImportError, NotImplementedError, ValueError) as e:
             if isinstance(e, ValueError) and not isinstance(config, BnbConfig):
                 raise
@@ -228,18 +251,20 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
     df["bits"] = df["bits"].astype(int)
     df.attrs.update(eval_windows=windows, eval_seqlen=eval_seqlen, nsamples=nsamples,
                     seqlen=seqlen, calibration=calibration if isinstance(calibration, str)
-                    else "given", device=str(device), dense_bits=dense_bits)
+                    else "given", device=str(device), dense_bits=dense_bits,
+                    decode_tokens=decode_tokens, decode_prompt=decode_prompt)
     return df
 
 
 def to_markdown(df: pd.DataFrame) -> str:
     """The table as GitHub markdown (no extra dependency), with readable numbers."""
     cols = ["method", "sparsity", "bits", "group_size", "bits_per_weight", "bytes", "perplexity",
-            "compress_seconds", "note"]
+            "compress_seconds", "memory_mb", "decode_tokens_per_s", "note"]
     head = ["method", "sparsity", "bits", "group", "bits/weight", "size (MB)", "perplexity",
-            "compress (s)", "note"]
+            "compress (s)", "memory (MB)", "decode (tok/s)", "note"]
+    df = df.reindex(columns=list(dict.fromkeys([*df.columns, *cols])))  # older tables: NaN
     lines = ["| " + " | ".join(head) + " |",
-             "|" + "|".join(["---"] + ["---:"] * 7 + ["---"]) + "|"]
+             "|" + "|".join(["---"] + ["---:"] * 9 + ["---"]) + "|"]
     for _, r in df[cols].iterrows():
         g = "-" if pd.isna(r["group_size"]) else str(int(r["group_size"]))
         if r["bits"] == 8 and g == "-":
@@ -247,8 +272,11 @@ def to_markdown(df: pd.DataFrame) -> str:
         ppl = "n/a" if pd.isna(r["perplexity"]) else f"{r['perplexity']:.2f}"
         mb = "n/a" if pd.isna(r["bytes"]) else f"{r['bytes'] / 1e6:.1f}"
         bpw = "n/a" if pd.isna(r["bits_per_weight"]) else f"{r['bits_per_weight']:.2f}"
+        mem = "-" if pd.isna(r["memory_mb"]) else f"{r['memory_mb']:.1f}"
+        tps = "-" if pd.isna(r["decode_tokens_per_s"]) else f"{r['decode_tokens_per_s']:.2f}"
         lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {r['bits']} | {g} | {bpw} | {mb} "
-                     f"| {ppl} | {r['compress_seconds']:.0f} | {r['note'] if isinstance(r['note'], str) else ''} |")
+                     f"| {ppl} | {r['compress_seconds']:.0f} | {mem} | {tps} "
+                     f"| {r['note'] if isinstance(r['note'], str) else ''} |")
     return "\n".join(lines)
 
 
