@@ -260,12 +260,12 @@ def _scan(block: nn.Module) -> _MoE:
     names = {id(m): n for n, m in block.named_modules()}
     fused, lists, routers = [], [], {}
     for name, mod in block.named_modules():
-        params = _fused_params(mod)
-        if params:
+        if _fused_params(mod):
             fused.append((name, mod))
+        stacked = [p for p in mod.parameters(recurse=False) if p.ndim == 3]
+        if stacked:  # experts stored as 3-D tensors (known layout or not): their router
             parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
-            n_exp = next(iter(params.values())).shape[0]
-            for r in _router_children(parent, n_exp, mod):
+            for r in _router_children(parent, stacked[0].shape[0], mod):
                 routers[id(r)] = (names[id(r)], r)
         for cname, child in mod.named_children():
             if isinstance(child, nn.ModuleList) and len(child) >= 2 and \
@@ -585,11 +585,12 @@ def calibrating(block: nn.Module, refs, all_tokens: bool = False):
     for r in refs:
         if is_expert(r):
             by_owner.setdefault(id(r.owner), []).append(r)
-    names = {id(m): n for n, m in block.named_modules()}
     dispatchers = {}
     try:
         for key, rs in by_owner.items():
-            d = _Dispatch(names.get(key, rs[0].name), rs[0].owner, rs, all_tokens)
+            r = rs[0]  # name of the experts (module or list): the layer's name less its tail
+            name = r.name[:-len(f".{r.expert}.{r.layer}")]
+            d = _Dispatch(name, r.owner, rs, all_tokens)
             d.install()
             dispatchers[key] = d
             _ACTIVE[key] = d
