@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_ids, tiny_model
+from conftest import random_ids, tiny_model, tiny_moe
 from torch import nn
 
 from toolkit import compress, model_bytes
@@ -33,44 +33,6 @@ CONFIGS = {
     "4bit-g32": dict(bits=4, group_size=32),
     "50%+4bit-g32": dict(sparsity=0.5, bits=4, group_size=32),
 }
-
-
-def tiny_moe(family: str, seed: int = 0, experts: int = 4, top_k: int = 2):
-    """A 2-block, hidden-64 random MoE of ``family`` (float32, eval)."""
-    import transformers as tf
-
-    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=0)
-    if family == "mixtral":
-        cfg = tf.MixtralConfig(**common, intermediate_size=96, num_local_experts=experts,
-                               num_experts_per_tok=top_k)
-    elif family == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32,
-                                num_experts=experts, num_experts_per_tok=top_k, head_dim=16)
-    elif family == "olmoe":
-        cfg = tf.OlmoeConfig(**common, intermediate_size=32, num_experts=experts,
-                             num_experts_per_tok=top_k)
-    elif family == "qwen2_moe":  # a shared expert and its one-output gate
-        cfg = tf.Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32,
-                                shared_expert_intermediate_size=48, num_experts=experts,
-                                num_experts_per_tok=top_k, decoder_sparse_step=1)
-    elif family == "deepseek_v3":  # shared experts, first block dense, MLA attention
-        cfg = tf.DeepseekV3Config(
-            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
-            n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=1,
-            first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
-            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=256,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    elif family == "gpt_oss":  # (experts, in, out) storage, interleaved gate/up, biases
-        cfg = tf.GptOssConfig(**common, intermediate_size=32, num_local_experts=experts,
-                              num_experts_per_tok=top_k, head_dim=16,
-                              layer_types=["sliding_attention", "full_attention"])
-    else:
-        raise ValueError(family)
-    torch.manual_seed(seed)
-    return tf.AutoModelForCausalLM.from_config(cfg).eval()
 
 
 # ---- a per-expert nn.Linear layout (transformers 4.x Mixtral, remote code) -------------------
@@ -450,7 +412,12 @@ def test_per_expert_linear_modules_all_tokens_and_unused_expert():
     assert row.sparsity == 0.5
     model = list_moe_model()
     report = _compress(model, sparsity=0.5, expert_hessian="all")
-    assert set(report.layers.dropna(subset=["hessian"]).hessian) == {"all tokens"}
+    experts = report.layers.dropna(subset=["hessian"])
+    assert set(experts.hessian) == {"all tokens"}
+    for b in range(2):  # each expert's own routed count, top-2 of every token in all
+        w1 = experts[(experts.block == b) & experts.layer.str.endswith(".w1")]
+        assert len(w1) == 4 and int(w1.tokens.sum()) == 2 * N * SEQ
+        assert w1.tokens.nunique() > 1
 
 
 # ---- nothing left dense silently --------------------------------------------------------------
@@ -533,3 +500,37 @@ def test_experts_whose_forward_cannot_be_followed_raise():
 def test_owl_allocation_refused_on_experts():
     with pytest.raises(ValueError, match="allocation='owl' does not cover mixture-of-experts"):
         _compress(tiny_moe("mixtral"), sparsity=0.5, allocation="owl")
+
+
+def test_streaming_refuses_moe_with_a_clear_error(tmp_path):
+    from toolkit.stream import StreamError, compress_streaming
+
+    tiny_moe("mixtral").save_pretrained(tmp_path / "src")
+    with pytest.raises(StreamError, match="streaming does not write mixture-of-experts experts"):
+        compress_streaming(tmp_path / "src", tmp_path / "out", sparsity=0.5,
+                           calibration=random_ids(2, 16), nsamples=2, seqlen=16, verbose=False)
+    assert not (tmp_path / "out").exists()  # refused before the output folder is touched
+
+
+def test_phases_cut_to_the_hessian_budget_give_the_same_model(monkeypatch):
+    """With room for one expert's Hessian at a time each expert takes its own pass: the same
+    weights, bit for bit (the groups of a phase are independent)."""
+    a, b = tiny_moe("olmoe"), tiny_moe("olmoe")
+    _compress(a, sparsity=0.5, bits=4, group_size=32)
+    monkeypatch.setenv("TOOLKIT_MOE_HESSIAN_BYTES", "1")
+    _compress(b, sparsity=0.5, bits=4, group_size=32)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_save_and_load_round_trip_gives_equal_logits(family, tmp_path):
+    from toolkit import load_compressed, save_compressed
+
+    model = tiny_moe(family)
+    report = _compress(model, sparsity=0.5, bits=4, group_size=32)
+    save_compressed(model, tmp_path / "ckpt", report=report)
+    loaded = load_compressed(tmp_path / "ckpt")
+    ids = random_ids(2, 16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)

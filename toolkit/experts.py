@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ from .models import LinearRef, find_linears, is_conv1d
 
 __all__ = ["FUSED_PARTS", "RECORDS", "ExpertRef", "ExpertLinearRef", "UnsupportedWeights",
            "ExpertsError", "find_layers", "fused_layers", "is_expert", "check_layers",
-           "watch", "calibrating", "complete_groups", "phases",
+           "watch", "calibrating", "complete_groups", "phases", "hessian_budget",
            "phase_hessians", "has_experts", "HESSIAN_SOURCES"]
 
 log = logging.getLogger("toolkit")
@@ -660,10 +661,47 @@ def complete_groups(groups: list[list], layers: list, seen: set) -> list[list]:
     return out
 
 
-def phases(groups: list[list]) -> list[list[list]]:
+def hessian_budget(device) -> int:
+    """Bytes the Hessians of one phase may take: ``TOOLKIT_MOE_HESSIAN_BYTES`` if set, else half
+    the free memory of a CUDA device, or a quarter of the host's memory."""
+    env = os.environ.get("TOOLKIT_MOE_HESSIAN_BYTES")
+    if env:
+        return int(float(env))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def phases(groups: list[list], max_bytes: int | None = None,
+           itemsize: int = 4) -> list[list[list]]:
     """Merge the groups of every expert that play the same part into one phase, placed where
     the first of them was: ``[[qkv], [o], [gate/up of every expert], [down of every expert]]``.
-    Each phase's Hessians are captured in one pass over the windows."""
+    Each phase's Hessians are captured in one pass over the windows; with ``max_bytes`` a phase
+    whose Hessians (``cols^2 * itemsize`` each) would take more is cut into consecutive phases
+    (more passes, as many Hessians at a time as fit)."""
+    merged = _merge(groups)
+    if max_bytes is None:
+        return merged
+    out = []
+    for phase in merged:
+        cur, used = [], 0
+        for g in phase:
+            size = g[0].in_features ** 2 * itemsize
+            if cur and used + size > max_bytes:
+                out.append(cur)
+                cur, used = [], 0
+            cur.append(g)
+            used += size
+        out.append(cur)
+    return out
+
+
+def _merge(groups: list[list]) -> list[list[list]]:
     out: list[list[list]] = []
     where: dict = {}
     ordinal: dict = {}  # groups of one expert seen so far: its k-th group joins the k-th phase
@@ -671,9 +709,10 @@ def phases(groups: list[list]) -> list[list[list]]:
         if not g or not all(is_expert(r) for r in g):
             out.append([g])
             continue
-        expert = (id(g[0].owner), g[0].expert)
-        key = (id(g[0].owner), ordinal.get(expert, 0))
-        ordinal[expert] = key[1] + 1
+        members = {(id(r.owner), r.expert) for r in g}  # several experts when they share x
+        key = (id(g[0].owner), max(ordinal.get(m, 0) for m in members))
+        for m in members:
+            ordinal[m] = key[1] + 1
         if key in where:
             out[where[key]].append(g)
         else:
@@ -722,7 +761,7 @@ def _capture(phase, windows, run, calib: Calibration, dtype, device, forced=None
             hd.remove()
         for k, d in disps.items():
             d.forced = saved[k]
-    counts = [disps[id(g[0].owner)].counts.get(g[0].site, 0) for g in phase]
+    counts = [[disps[id(r.owner)].counts.get(r.site, 0) for r in g] for g in phase]
     return accs, counts
 
 
@@ -730,15 +769,19 @@ def phase_hessians(phase: list[list], windows, run, calib: Calibration, dtype,
                    device) -> list[tuple]:
     """The Hessians of a phase of expert groups, in one pass over the calibration ``windows``
     (``run(h)`` runs the block on one window). Returns one ``(H, tokens, source)`` per group:
-    ``tokens`` the calibration tokens the router sent to the expert, ``source`` one of
-    :data:`HESSIAN_SOURCES`. Experts that receive no token get the all-token Hessian (a second
-    pass, only for them)."""
+    ``tokens`` maps each layer's name to the calibration tokens the router sent its expert,
+    ``source`` is one of :data:`HESSIAN_SOURCES`. Experts that receive no token get the
+    all-token Hessian (a second pass, only for them)."""
     accs, counts = _capture(phase, windows, run, calib, dtype, device)
     for acc in accs:
         dist.all_reduce_hessian(acc)  # no-op without a process group
-    counts = _sum_counts(counts, device)
+    flat = _sum_counts([n for c in counts for n in c], device)
+    tokens, i = [], 0
+    for g in phase:
+        tokens.append({r.name: n for r, n in zip(g, flat[i:i + len(g)])})
+        i += len(g)
     all_mode = [calib.of(g[0]).forced is not None for g in phase]
-    out = [(acc.H, n, "all tokens" if a else "routed") for acc, n, a in zip(accs, counts, all_mode)]
+    out = [(acc.H, t, "all tokens" if a else "routed") for acc, t, a in zip(accs, tokens, all_mode)]
     empty = [i for i, (acc, a) in enumerate(zip(accs, all_mode)) if not a and acc.nsamples == 0]
     if empty:
         forced: dict[int, list[int]] = {}
@@ -748,7 +791,7 @@ def phase_hessians(phase: list[list], windows, run, calib: Calibration, dtype,
         more, _ = _capture(sub, windows, run, calib, dtype, device, forced=forced)
         for i, acc in zip(empty, more):
             dist.all_reduce_hessian(acc)
-            out[i] = (acc.H, 0, HESSIAN_SOURCES[2])
+            out[i] = (acc.H, {r.name: 0 for r in phase[i]}, HESSIAN_SOURCES[2])
             log.info("%s: no calibration token routed to this expert; its Hessian uses every "
                      "token (%d)", phase[i][0].name, acc.nsamples)
     return out

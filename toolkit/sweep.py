@@ -293,7 +293,9 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
         groups = []
         if selected:
             groups = find_groups(block, selected, inputs) if calibrate else [[r] for r in selected]
-        for phase in experts.phases(groups):
+        itemsize = torch.finfo(hessian_dtype).bits // 8
+        for phase in experts.phases(groups, experts.hessian_budget(device),
+                                    itemsize):
             need = calibrate and any(chosen[id(r)].needs_hessian for g in phase for r in g)
             if not need:
                 found = [(None, None, None)] * len(phase)
@@ -309,7 +311,9 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
                                             H, block_size, percdamp, device)
                 for r in new_rows:
                     r["block"] = b
-                    r["tokens"], r["hessian"] = tokens, source  # MoE: routed tokens, H source
+                    # MoE: the tokens routed to each expert ({layer: n}), where its H came from
+                    r["tokens"] = tokens.get(r["layer"]) if isinstance(tokens, dict) else tokens
+                    r["hessian"] = source
                     log.info("%s: error %.4g, sparsity %.3f, %.2fs", r["layer"], r["error"],
                              r["sparsity"], r["seconds"])
                 rows.extend(new_rows)
