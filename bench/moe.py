@@ -110,6 +110,8 @@ def main() -> None:
                           verbose=False, device="cpu", **kw)
         return time.perf_counter() - t0, report, m
 
+    run(dense, ids[:1], sparsity=0.5)  # warm-up: first calls pay for allocations and imports
+    run(moe, ids[:1], sparsity=0.5)
     rows = []
     for setting, kw in SETTINGS.items():
         times = {"dense": [], "moe routed": [], "moe all": []}

@@ -479,8 +479,8 @@ class _Dispatch:
         if impl not in (None, "eager"):  # the per-expert loop: every slice is seen
             config._experts_implementation_internal = "eager"
             self._undo.append(lambda: setattr(config, "_experts_implementation_internal", impl))
-        cls_forward = type(owner).forward
-        params = list(inspect.signature(cls_forward).parameters)[1:]
+        previous = self._wrap_forward()
+        params = list(inspect.signature(type(owner).forward).parameters)[1:]
 
         def forward(*args, **kwargs):
             values = list(args) + [kwargs[p] for p in params[len(args):] if p in kwargs]
@@ -494,18 +494,27 @@ class _Dispatch:
                 every = torch.tensor(self.forced, device=index.device, dtype=index.dtype)
                 every = every.expand(n, len(self.forced))
                 ones = torch.ones(every.shape, dtype=weights.dtype, device=weights.device)
-                self._run_fused(cls_forward, (hidden, every, ones), {}, capture=True,
+                self._run_fused(previous, (hidden, every, ones), {}, capture=True,
                                 count=False)
-                return self._run_fused(cls_forward, args, kwargs, capture=False, count=True)
-            return self._run_fused(cls_forward, args, kwargs, capture=True, count=True)
+                return self._run_fused(previous, args, kwargs, capture=False, count=True)
+            return self._run_fused(previous, args, kwargs, capture=True, count=True)
 
         owner.forward = forward
-        self._undo.append(lambda: owner.__dict__.pop("forward", None))
 
-    def _run_fused(self, cls_forward, args, kwargs, capture, count):
+    def _wrap_forward(self):
+        """The module's current forward (an instance-level one, e.g. an offloading hook's, is
+        kept and called), to be replaced by ours until :meth:`remove`."""
+        owner = self.owner
+        had = "forward" in owner.__dict__
+        previous = owner.__dict__.get("forward")
+        self._undo.append(lambda: setattr(owner, "forward", previous) if had
+                          else owner.__dict__.pop("forward", None))
+        return owner.forward
+
+    def _run_fused(self, forward, args, kwargs, capture, count):
         before = self.calls
         with _SliceCalls(self, capture, count):
-            out = cls_forward(self.owner, *args, **kwargs)
+            out = forward(*args, **kwargs)
         hidden = args[0] if args else next(iter(kwargs.values()))
         if self.calls == before and hidden.numel() > 0 and _routes_any(args, kwargs):
             raise ExpertsError(
@@ -527,14 +536,14 @@ class _Dispatch:
 
                     self._undo.append(m.register_forward_pre_hook(hook).remove)
         owner = self.owner
-        cls_forward = type(owner).forward
+        previous = self._wrap_forward()
 
         def forward(*args, **kwargs):
             if self.forced is None:
                 self.state = (True, True)
-                return cls_forward(owner, *args, **kwargs)
+                return previous(*args, **kwargs)
             self.state = (False, True)
-            out = cls_forward(owner, *args, **kwargs)
+            out = previous(*args, **kwargs)
             hidden = args[0] if args else next(iter(kwargs.values()))
             x = hidden.reshape(-1, hidden.shape[-1])
             self.state = (True, False)
@@ -551,7 +560,6 @@ class _Dispatch:
             return out
 
         owner.forward = forward
-        self._undo.append(lambda: owner.__dict__.pop("forward", None))
 
 
 def _routes_any(args, kwargs) -> bool:

@@ -293,9 +293,8 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
         groups = []
         if selected:
             groups = find_groups(block, selected, inputs) if calibrate else [[r] for r in selected]
-        itemsize = torch.finfo(hessian_dtype).bits // 8
-        for phase in experts.phases(groups, experts.hessian_budget(device),
-                                    itemsize):
+        itemsize = torch.finfo(hessian_dtype).bits // 8  # phases sized to the memory at hand
+        for phase in experts.phases(groups, experts.hessian_budget(device), itemsize):
             need = calibrate and any(chosen[id(r)].needs_hessian for g in phase for r in g)
             if not need:
                 found = [(None, None, None)] * len(phase)
@@ -306,7 +305,8 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
             else:
                 acc = group_hessian(block, phase[0], inputs, hessian_dtype)
                 found = [(acc.H, acc.nsamples, None)]
-            for group, (H, tokens, source) in zip(phase, found):
+            for i, group in enumerate(phase):
+                (H, tokens, source), found[i] = found[i], None  # each H freed once solved
                 new_rows = dist.solve_group(_solve_group, group, [chosen[id(r)] for r in group],
                                             H, block_size, percdamp, device)
                 for r in new_rows:
@@ -318,7 +318,6 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
                              r["sparsity"], r["seconds"])
                 rows.extend(new_rows)
                 del H
-            del found
     if calibrate:
         with torch.no_grad():
             inputs.hidden = [run_block(block, inputs, h) for h in inputs.hidden]
