@@ -101,6 +101,44 @@ def tiny_model(family: str = "llama", seed: int = 0, **kw):
     return model.eval()
 
 
+def tiny_moe(family: str, seed: int = 0, experts: int = 4, top_k: int = 2):
+    """A 2-block, hidden-64 random MoE of ``family`` (float32, eval)."""
+    import transformers as tf
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(**common, intermediate_size=96, num_local_experts=experts,
+                               num_experts_per_tok=top_k)
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32,
+                                num_experts=experts, num_experts_per_tok=top_k, head_dim=16)
+    elif family == "olmoe":
+        cfg = tf.OlmoeConfig(**common, intermediate_size=32, num_experts=experts,
+                             num_experts_per_tok=top_k)
+    elif family == "qwen2_moe":  # a shared expert and its one-output gate
+        cfg = tf.Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=48, num_experts=experts,
+                                num_experts_per_tok=top_k, decoder_sparse_step=1)
+    elif family == "deepseek_v3":  # shared experts, first block dense, MLA attention
+        cfg = tf.DeepseekV3Config(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+            n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    elif family == "gpt_oss":  # (experts, in, out) storage, interleaved gate/up, biases
+        cfg = tf.GptOssConfig(**common, intermediate_size=32, num_local_experts=experts,
+                              num_experts_per_tok=top_k, head_dim=16,
+                              layer_types=["sliding_attention", "full_attention"])
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
 def random_ids(n: int, seqlen: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seqlen), generator=g)

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from conftest import random_ids, tiny_model
+from conftest import random_ids, tiny_model, tiny_moe
 
 WORLD = 2
 ATOL = 1e-5  # compressed weights: 2 processes against 1 (measured: 1.1e-6 max)
@@ -86,6 +86,10 @@ def _worker(rank: int, world: int, port: int, case: str, outdir: str, timeout_s:
             result.update(_snapshot(model, report))
             result["processes"] = report.summary["processes"]
             torch.save(result, out / f"rank{rank}.pt")
+        elif case == "moe":  # fused experts: slices solved by either rank, records on the module
+            model = tiny_moe("mixtral")
+            report = compress(model, calibration=random_ids(8, 32), **CONFIG)
+            torch.save(_moe_snapshot(model, report), out / f"rank{rank}.pt")
         elif case == "raise":
             import toolkit.sweep as sweep
 
@@ -106,6 +110,14 @@ def _worker(rank: int, world: int, port: int, case: str, outdir: str, timeout_s:
     finally:
         if tdist.is_initialized() and case == "match":
             tdist.destroy_process_group()
+
+
+def _moe_snapshot(model, report) -> dict:
+    """Weights, the expert slices' records and the report of a compressed tiny Mixtral."""
+    comp = {f"{n}.{k}": (c.scale, c.zero, c.error) for n, m in model.named_modules()
+            for k, c in getattr(m, "expert_compression", {}).items()}
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "comp": comp,
+            "layers": report.layers.drop(columns=["seconds"]).to_dict("list")}
 
 
 class _FakeAcc:
@@ -194,6 +206,13 @@ def test_all_reduced_hessian_equals_single_process(runs):
 def test_compressed_weights_match_single_process(runs):
     single, ranks = runs
     assert ranks[0]["processes"] == WORLD
+    worst = _assert_same_model(single, ranks)
+    print(f"max |W_2proc - W_1proc| = {worst:.3g}")
+
+
+def _assert_same_model(single: dict, ranks: list[dict]) -> float:
+    """Weights and records of every rank equal the single-process ones (up to rounding-tie
+    flips), every rank's bit-identical; returns the largest weight difference."""
     worst = 0.0
     for key, w in single["state"].items():
         for r in ranks:
@@ -211,7 +230,7 @@ def test_compressed_weights_match_single_process(runs):
             torch.testing.assert_close(s, scale, rtol=1e-4, atol=1e-6)
             assert float((z != zero).float().mean()) <= FLIP_FRACTION, name
             assert e == pytest.approx(err, rel=1e-3, abs=1e-6)
-    print(f"max |W_2proc - W_1proc| = {worst:.3g}")
+    return worst
 
 
 def test_every_rank_has_the_single_process_report(runs):
@@ -220,6 +239,26 @@ def test_every_rank_has_the_single_process_report(runs):
         assert r["layers"]["layer"] == single["layers"]["layer"]
         assert r["layers"]["sparsity"] == single["layers"]["sparsity"]
         assert r["layers"]["block"] == single["layers"]["block"]
+
+
+def test_moe_experts_match_single_process(tmp_path):
+    """Fused expert slices spread over the ranks: their weights broadcast, their records (on the
+    experts module) gathered, the routed token counts summed over the ranks' windows."""
+    from toolkit import compress
+
+    status = _launch("moe", tmp_path, wait_s=300)
+    assert status[0] == "ok" and status[1] == "ok", status
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = tiny_moe("mixtral")
+    single = _moe_snapshot(model, compress(model, calibration=random_ids(8, 32), **CONFIG))
+    torch.set_num_threads(threads)
+    assert len(single["comp"]) == 2 * 4 * 3
+    _assert_same_model(single, ranks)
+    for r in ranks:
+        for col in ("layer", "tokens", "hessian", "sparsity"):
+            assert list(map(str, r["layers"][col])) == list(map(str, single["layers"][col])), col
 
 
 def test_a_failing_rank_fails_all_ranks_with_its_error(tmp_path):

@@ -13,10 +13,10 @@ import time
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, experts
 from .allocation import allocate, apply_allocation
 from .data import calibration_plan, default_calibration_size, get_calibration
-from .models import find_blocks, find_linears
+from .models import find_blocks
 from .options import CompressConfig, options_doc
 from .records import CompressionReport, build_report, config_dict
 from .size import model_bytes
@@ -98,15 +98,20 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
                          f"vocabulary ({vocab}): wrong tokenizer?")
 
     settings = config.layer_settings
+    # every weight of the blocks is a layer, a router, or ignored: else raise before any change
+    notes = experts.check_layers(blocks_name, blocks, settings, routers=config.routers)
+    layers = [r for b, blk in enumerate(blocks)
+              for r in experts.find_layers(blk, f"{blocks_name}.{b}", routers=config.routers)]
     allocated = {}
+    if config.allocation != "uniform" and any(experts.is_expert(r) for r in layers):
+        raise ValueError(f"allocation={config.allocation!r} does not cover mixture-of-experts "
+                         "experts yet; use allocation='uniform' (or overrides) on this model")
     if config.allocation != "uniform":  # per-layer sparsity from a dense pre-pass (allocation.py)
         allocated = allocate(model, ids, settings, allocation=config.allocation, device=device,
                              owl_m=config.owl_m, owl_lambda=config.owl_lambda)
         settings = apply_allocation(settings, allocated)
 
-    active = [r.name for b, blk in enumerate(blocks)
-              for r in find_linears(blk, f"{blocks_name}.{b}")
-              if (s := settings(r.name)) is not None and s.active]
+    active = [r.name for r in layers if (s := settings(r.name)) is not None and s.active]
     if not active:
         raise ValueError("nothing to do: give sparsity, pattern or bits (or overrides that set "
                          "them), and make sure ignore does not exclude every layer")
@@ -118,7 +123,8 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         rows = run_sweep(model, ids, settings, device=device, block_size=config.block_size,
                          percdamp=config.percdamp,
                          hessian_dtype=getattr(torch, config.hessian_dtype),
-                         verbose=config.verbose and distributed.is_main())
+                         verbose=config.verbose and distributed.is_main(),
+                         expert_hessian=config.expert_hessian, routers=config.routers)
     finally:
         model.train(was_training)
     after = model_bytes(model)
@@ -131,6 +137,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         "bytes before (fp16)": before["bytes"],
         "bytes after": after["bytes"],
         "bits/weight (compressed)": after["bits_per_weight"],
+        **notes,  # MoE routers left dense; tensors left dense by ignore
     }
     compact = model_bytes(model, layout="compact")
     if compact["bytes"] != after["bytes"]:  # pruned layers: save_compressed(layout="compact")

@@ -182,8 +182,7 @@ def all_reduce_hessian(acc) -> None:
 
 def layer_cost(ref) -> int:
     """Estimated solver work for one layer: rows * cols^2."""
-    w = ref.module.weight
-    rows, cols = (w.shape[1], w.shape[0]) if ref.transposed else (w.shape[0], w.shape[1])
+    rows, cols = ref.get_weight().shape  # (out, in), for linears and expert slices alike
     return int(rows) * int(cols) ** 2
 
 
@@ -235,8 +234,7 @@ def solve_group(solve, group: list, settings: list, *args, **kwargs) -> list[dic
         if mine:
             rows = solve([group[i] for i in mine], [settings[i] for i in mine], *args, **kwargs)
             payload["rows"] = {r["layer"]: r for r in rows}
-            payload["comp"] = {group[i].name: getattr(group[i].module, "compression", None)
-                               for i in mine}
+            payload["comp"] = {group[i].name: group[i].get_record() for i in mine}
     except Exception as e:  # noqa: BLE001 - sent to every rank, re-raised below
         payload = {"error": _picklable(e), "plan": plan}
     gathered = [None] * world
@@ -259,10 +257,16 @@ def solve_group(solve, group: list, settings: list, *args, **kwargs) -> list[dic
         comps.update(p["comp"])
     with _collective(f"broadcasting the weights of {group[0].name}"):
         for i in todo:
-            _broadcast_weight(group[i].module.weight.data, src=owner[i])
+            w = group[i].get_weight()  # (out, in): a linear's weight or an expert's slice
+            if w.is_contiguous():
+                _broadcast_weight(w, src=owner[i])
+            else:  # Conv1D (transposed), or part of a fused expert parameter (toolkit.experts)
+                buf = w.contiguous()
+                _broadcast_weight(buf, src=owner[i])
+                w.copy_(buf)
     for i in todo:
         if owner[i] != me and comps.get(group[i].name) is not None:
-            group[i].module.compression = comps[group[i].name]
+            group[i].set_record(comps[group[i].name])
     # the row order of one process: layers with the same settings together, in group order
     order = [group[i].name for s in dict.fromkeys(settings[i] for i in todo)
              for i in todo if settings[i] == s]

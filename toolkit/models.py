@@ -57,6 +57,14 @@ class LinearRef:
         w = self.module.weight.data
         w.copy_(new.T if self.transposed else new)
 
+    # the record of what was done (toolkit.records.LayerCompression); expert slices of fused
+    # parameters (toolkit.experts.ExpertRef) keep theirs on the experts module instead
+    def set_record(self, comp) -> None:
+        self.module.compression = comp
+
+    def get_record(self):
+        return getattr(self.module, "compression", None)
+
 
 def _num_layers(config) -> int | None:
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):

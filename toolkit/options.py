@@ -278,6 +278,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("verbose", True, _bool, "progress bar and per-layer log", annotation="bool"),
     Option("hessian_dtype", "float32", _passthrough, "dtype the Hessians are accumulated in",
            flag="--hessian-dtype", annotation="str", choices=("float32", "float64")),
+    Option("expert_hessian", "routed", _passthrough,
+           "mixture-of-experts models: each expert's Hessian from the tokens the router sends it "
+           "(routed), or from every calibration token (all: the experts are called once more "
+           "with every token sent to every expert; the block's output still follows the "
+           "router). An expert that receives no token gets the all-token Hessian either way; "
+           "the report's tokens and hessian columns say which", flag="--expert-hessian",
+           label=lambda v, s, long: "all-token expert Hessians" if v == "all" else None,
+           annotation="str", choices=("routed", "all")),
+    Option("routers", False, _bool,
+           "mixture-of-experts models: compress the routers (the layers that score the experts) "
+           "and the one-output gates beside them (e.g. Qwen2-MoE's shared_expert_gate) too; by "
+           "default they stay dense (small, and every token's choice of experts depends on "
+           "them)", flag="--routers", parse=_parse_bool,
+           label=lambda v, s, long: "routers compressed" if v else None, annotation="bool"),
     Option("allocation", "uniform", _passthrough,
            "per-layer sparsity: uniform, or owl (blocks with more outlier weights pruned less; "
            "the total stays exactly at sparsity)", flag="--allocation",

@@ -45,9 +45,13 @@ class LayerCompression:
 #: scale and is comparable between settings of the same layer, not between layers;
 #: ``rel_error``: ``error / tr(W H W^T)``, the fraction of the layer's output energy on the
 #: calibration inputs that the change lost (0 = exact, 1 = as bad as zeroing the layer),
-#: comparable between layers; ``seconds`` (solve time).
+#: comparable between layers; ``seconds`` (solve time); ``tokens``: the calibration tokens that
+#: reached the layer (for a mixture-of-experts expert: the tokens the router sent it; None when
+#: no calibration was needed); ``hessian``: for an expert, where its Hessian came from
+#: (``"routed"``, ``"all tokens"`` with ``expert_hessian="all"``, or ``"all tokens (no routed
+#: token)"`` for an expert the router sent nothing; see :mod:`toolkit.experts`), None otherwise.
 REPORT_COLUMNS = ["block", "layer", "shape", "sparsity", "zeros", "bits", "group_size", "method",
-                  "error", "rel_error", "seconds"]
+                  "error", "rel_error", "seconds", "tokens", "hessian"]
 
 
 @dataclass
@@ -62,6 +66,8 @@ class CompressionReport:
     def __str__(self) -> str:
         cols = ["block", "layer", "shape", "sparsity", "bits", "group_size", "error", "rel_error",
                 "seconds"]
+        if len(self.layers) and self.layers["hessian"].notna().any():  # experts: their tokens
+            cols += ["tokens", "hessian"]
         with pd.option_context("display.max_rows", 400, "display.width", 160,
                                "display.float_format", "{:.4g}".format):
             table = self.layers[cols].to_string(index=False) if len(self.layers) else "(no layers)"

@@ -62,6 +62,7 @@ import math
 import torch
 from torch import nn
 
+from .experts import RECORDS, fused_layers
 from .formats import block_key, partial_group_keys
 from .models import is_conv1d
 
@@ -206,8 +207,10 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
                 layout: str = "standard") -> SizeBreakdown:
     """Bytes of a checkpoint of ``model`` with dense tensors at ``dense_bits`` (16: fp16/bf16).
 
-    Layers compressed by :func:`toolkit.compress` carry ``module.compression`` and are counted
-    with :func:`linear_bytes` (non-zeros counted on the weight itself); bitsandbytes layers
+    Layers compressed by :func:`toolkit.compress` carry ``module.compression`` (slices of fused
+    mixture-of-experts parameters: a record each in ``experts.expert_compression``, see
+    :mod:`toolkit.experts`) and are counted with :func:`linear_bytes` (non-zeros counted on the
+    weight itself), each slice as a layer of its own; bitsandbytes layers
     count what bitsandbytes stores; every other parameter is dense. See the module docstring.
     """
     if layout not in LAYOUTS:
@@ -217,11 +220,14 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
     comp_params = total_params = 0
     terms: dict[str, float] = {}
     blocks = partial_group_keys(
-        (m.compression.settings, m.weight.shape[0] if is_conv1d(m) else m.weight.shape[1])
-        for m in model.modules() if getattr(m, "compression", None) is not None and
-        getattr(m, "weight", None) is not None and m.weight.dim() == 2)
+        [(m.compression.settings, m.weight.shape[0] if is_conv1d(m) else m.weight.shape[1])
+         for m in model.modules() if getattr(m, "compression", None) is not None and
+         getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+        + [(rec.settings, ref.get_weight().shape[1]) for m in model.modules()
+           for pairs in _expert_slices(m).values() for ref, rec in pairs])
     for module in model.modules():
         info = getattr(module, "compression", None)
+        slices = _expert_slices(module)  # MoE: compressed slices of fused expert parameters
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
@@ -230,18 +236,24 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
             if pname == "weight":
                 layer = _bnb_weight_bytes(module)
                 if layer is None and info is not None:
-                    layer = _compressed_weight_bytes(module, p, info, dense_bits, layout,
+                    w = p.detach()
+                    layer = _compressed_weight_bytes(w.T if is_conv1d(module) else w, info,
+                                                     dense_bits, layout,
                                                      block_key(info.settings) in blocks)
-            if layer is None:
+            parts = [_compressed_weight_bytes(ref.get_weight(), rec, dense_bits, layout,
+                                              block_key(rec.settings) in blocks)
+                     for ref, rec in slices.get(pname, ())]  # each compressed slice: a layer
+            if layer is None:  # dense, but for its compressed expert slices
                 total_params += p.numel()
-                dense += p.numel() * dense_bits / 8
-                continue
-            t, numel = layer
-            total_params += numel
-            comp_params += numel
-            comp += sum(t.values())
-            for k, v in t.items():
-                terms[k] = terms.get(k, 0) + v
+                dense += (p.numel() - sum(n for _, n in parts)) * dense_bits / 8
+            else:
+                total_params += layer[1]
+                parts.append(layer)
+            for t, numel in parts:
+                comp_params += numel
+                comp += sum(t.values())
+                for k, v in t.items():
+                    terms[k] = terms.get(k, 0) + v
     total = dense + comp
     return SizeBreakdown(
         bytes=total,
@@ -256,10 +268,25 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
     )
 
 
-def _compressed_weight_bytes(module, p, info, dense_bits, layout, block=False):
+def _expert_slices(module) -> dict:
+    """``{parameter name: [(ExpertRef, record)]}`` for the compressed slices of a module's fused
+    expert parameters (see :mod:`toolkit.experts`)."""
+    records = getattr(module, RECORDS, None)
+    if not records:
+        return {}
+    out: dict = {}
+    for ref in fused_layers(module):
+        if records.get(ref.key) is not None:
+            out.setdefault(ref.param, []).append((ref, records[ref.key]))
+    return out
+
+
+def _compressed_weight_bytes(w, info, dense_bits, layout, block=False):
+    """Stored terms and numel of a compressed weight ``w`` seen as (out, in) (``block``: stored
+    with the format's block strategy, see :func:`toolkit.formats.partial_group_keys`)."""
     s = info.settings
-    w = p.detach()
-    rows, cols = (w.shape[1], w.shape[0]) if is_conv1d(module) else w.shape
+    w = w.detach()
+    rows, cols = w.shape
     nnz = int(torch.count_nonzero(w)) if s.prunes else None
     g_idx = getattr(info, "g_idx", None)
     out_of_order = s.bits is not None and g_idx is not None and s.group_size is not None and \

@@ -34,7 +34,8 @@ persisted.
 
 Not supported: several processes (``torchrun``; each rank would need the whole stream, and
 writing is rank 0's) -- refused with a clear error; ``allocation="owl"`` (needs a dense pass
-over the whole model first).
+over the whole model first); mixture-of-experts models (their experts are not written by the
+block shards yet) -- refused with a clear error.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed, sweep
+from . import distributed, experts, sweep
 from .data import calibration_plan, get_calibration
 from .export import (
     SAFETENSORS_DTYPES,
@@ -421,6 +422,12 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         raise ValueError(f"save_dtype must be a floating torch dtype, got {save_dtype}")
     blocks_name, blocks = find_blocks(model)
     n_blocks = len(blocks)
+    # no weight of the blocks left dense unnoticed; MoE experts are not streamed yet
+    experts.check_layers(blocks_name, blocks, config.layer_settings, routers=config.routers)
+    if any(experts.has_experts(blk) for blk in blocks):
+        raise StreamError(f"{model_dir}: streaming does not write mixture-of-experts experts yet "
+                          "(fused or per-expert); compress it in memory with compress() and "
+                          "save_compressed()")
     table, tied = stored_tensors(model)
     config_tied = _config_tied(model)
     aliases: dict[str, list[str]] = {}

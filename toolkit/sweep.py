@@ -23,9 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from . import experts
 from .baselines import apply_mask, magnitude_mask, wanda_mask
 from .hessian import HessianAccumulator, reconstruction_error
-from .models import LinearRef, find_blocks, find_linears
+from .models import LinearRef, find_blocks
 from .options import LayerSettings
 from .quant import rtn_quantize
 from .records import LayerCompression
@@ -118,12 +119,12 @@ def find_groups(block: nn.Module, layers: list[LinearRef], inputs: BlockInputs) 
     alive = []  # hold every input so no address is reused by a later tensor during the probe
 
     def make_hook(ref):
-        def hook(_m, args):
+        def hook(x):  # MoE: experts.watch also sees the slices of fused expert parameters
             if id(ref) in seen:
                 return
             seen.add(id(ref))
-            alive.append(args[0])
-            key = _input_key(args[0])
+            alive.append(x)
+            key = _input_key(x)
             if key not in members:
                 members[key] = []
                 order.append(key)
@@ -131,16 +132,20 @@ def find_groups(block: nn.Module, layers: list[LinearRef], inputs: BlockInputs) 
         return hook
 
     for ref in layers:
-        handles.append(ref.module.register_forward_pre_hook(make_hook(ref)))
+        handles.append(experts.watch(ref, make_hook(ref)))
     try:
         run_block(block, inputs, inputs.hidden[0])
     finally:
         for h in handles:
             h.remove()
+    groups = [members[k] for k in order]
+    # MoE: experts that got no token in the probe window are grouped like those that did
+    groups = experts.complete_groups(groups, layers, seen)
+    seen.update(id(r) for g in groups for r in g)
     unused = [r.name for r in layers if id(r) not in seen]
     if unused:
         log.warning("layers never called by their block, left unchanged: %s", ", ".join(unused))
-    return [members[k] for k in order]
+    return groups
 
 
 @torch.no_grad()
@@ -236,7 +241,7 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
                     keep = masks[j] if masks is not None else None
                     w, _codes, sc, zp = rtn_quantize(w, s.bits, s.group_size, s.sym, s.mse, keep)
                     comp.scale, comp.zero = sc.cpu(), zp.cpu()
-            ref.set_weight(w.to(ref.module.weight.device))
+            ref.set_weight(w)  # copy_ moves it to the parameter's device
             new = ref.get_weight().to(device=device, dtype=torch.float32)
             if H is not None:
                 orig = originals[j].to(H.device)
@@ -247,7 +252,7 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
                 comp.error = rel_error = float("nan")
             pruned = int((~masks[j]).sum()) if masks is not None else 0
             comp.sparsity = pruned / new.numel()
-            ref.module.compression = comp
+            ref.set_record(comp)  # module.compression, or the experts module's dict (MoE)
             rows.append(dict(
                 layer=ref.name, shape=tuple(new.shape), sparsity=comp.sparsity,
                 zeros=float((new == 0).float().mean()),
@@ -263,14 +268,17 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
 
 def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None, *, device,
                 block_size: int = 128, percdamp: float = 0.01,
-                hessian_dtype: torch.dtype = torch.float32) -> list[dict]:
+                hessian_dtype: torch.dtype = torch.float32,
+                expert_hessian: str = "routed") -> list[dict]:
     """One step of the sweep: compress block ``b`` in place and advance ``inputs`` to the next
     block's inputs. Returns the block's report rows.
 
-    ``plan``: ``[(LinearRef, LayerSettings | None), ...]`` for the block's linear layers;
-    ``inputs``: the block's inputs (None when no layer needs calibration). The block is moved to
-    ``device`` for the step and back where it was. :func:`run_sweep` calls this for every block;
-    :mod:`toolkit.stream` calls it on blocks loaded one at a time from disk.
+    ``plan``: ``[(layer, LayerSettings | None), ...]`` for the block's layers
+    (:func:`toolkit.experts.find_layers`: linear layers and expert slices); ``inputs``: the
+    block's inputs (None when no layer needs calibration); ``expert_hessian``: ``"routed"`` or
+    ``"all"`` (see :mod:`toolkit.experts`). The block is moved to ``device`` for the step and
+    back where it was. :func:`run_sweep` calls this for every block; :mod:`toolkit.stream` calls
+    it on blocks loaded one at a time from disk.
     """
     calibrate = inputs is not None
     rows: list[dict] = []
@@ -278,20 +286,38 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
     block.to(device)
     chosen = {id(r): s for r, s in plan}
     selected = [r for r, s in plan if s is not None and s.active]
-    if selected:
-        groups = find_groups(block, selected, inputs) if calibrate else [[r] for r in selected]
-        for group in groups:
-            H = None
-            if any(chosen[id(r)].needs_hessian for r in group):
-                H = group_hessian(block, group, inputs, hessian_dtype).H
-            new_rows = dist.solve_group(_solve_group, group, [chosen[id(r)] for r in group],
-                                        H, block_size, percdamp, device)
-            for r in new_rows:
-                r["block"] = b
-                log.info("%s: error %.4g, sparsity %.3f, %.2fs", r["layer"], r["error"],
-                         r["sparsity"], r["seconds"])
-            rows.extend(new_rows)
-            del H
+    # MoE (toolkit.experts): eager experts whose per-expert inputs reach experts.watch; the
+    # groups of all experts playing one part form a phase whose Hessians take one pass
+    with experts.calibrating(block, selected if calibrate else [],
+                             all_tokens=expert_hessian == "all") as calib:
+        groups = []
+        if selected:
+            groups = find_groups(block, selected, inputs) if calibrate else [[r] for r in selected]
+        itemsize = torch.finfo(hessian_dtype).bits // 8  # phases sized to the memory at hand
+        for phase in experts.phases(groups, experts.hessian_budget(device), itemsize):
+            need = calibrate and any(chosen[id(r)].needs_hessian for g in phase for r in g)
+            if not need:
+                found = [(None, None, None)] * len(phase)
+            elif experts.is_expert(phase[0][0]):
+                found = experts.phase_hessians(phase, inputs.hidden,
+                                               lambda h: run_block(block, inputs, h), calib,
+                                               hessian_dtype, inputs.hidden[0].device)
+            else:
+                acc = group_hessian(block, phase[0], inputs, hessian_dtype)
+                found = [(acc.H, acc.nsamples, None)]
+            for i, group in enumerate(phase):
+                (H, tokens, source), found[i] = found[i], None  # each H freed once solved
+                new_rows = dist.solve_group(_solve_group, group, [chosen[id(r)] for r in group],
+                                            H, block_size, percdamp, device)
+                for r in new_rows:
+                    r["block"] = b
+                    # MoE: the tokens routed to each expert ({layer: n}), where its H came from
+                    r["tokens"] = tokens.get(r["layer"]) if isinstance(tokens, dict) else tokens
+                    r["hessian"] = source
+                    log.info("%s: error %.4g, sparsity %.3f, %.2fs", r["layer"], r["error"],
+                             r["sparsity"], r["seconds"])
+                rows.extend(new_rows)
+                del H
     if calibrate:
         with torch.no_grad():
             inputs.hidden = [run_block(block, inputs, h) for h in inputs.hidden]
@@ -303,13 +329,19 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
 
 def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, block_size: int = 128,
               percdamp: float = 0.01, hessian_dtype: torch.dtype = torch.float32,
-              verbose: bool = True, blocks_name: str | None = None) -> list[dict]:
-    """Compress every selected linear layer of every block, in place. Returns report rows.
+              verbose: bool = True, blocks_name: str | None = None,
+              expert_hessian: str = "routed", routers: bool = False) -> list[dict]:
+    """Compress every selected layer of every block, in place. Returns report rows.
 
-    ``layer_settings(name) -> LayerSettings | None`` chooses what to do to each layer.
+    ``layer_settings(name) -> LayerSettings | None`` chooses what to do to each layer. The
+    layers are the linear layers and the experts' matrices (:func:`toolkit.experts.find_layers`;
+    the MoE routers only with ``routers``); a weight of the blocks that is none of these and not
+    ignored raises :class:`toolkit.experts.UnsupportedWeights` before anything changes.
     """
     name, blocks = find_blocks(model)
-    plan = [[(r, layer_settings(r.name)) for r in find_linears(blk, prefix=f"{name}.{b}")]
+    experts.check_layers(name, blocks, layer_settings, routers=routers)
+    plan = [[(r, layer_settings(r.name))
+             for r in experts.find_layers(blk, prefix=f"{name}.{b}", routers=routers)]
             for b, blk in enumerate(blocks)]
     calibrate = any(s is not None and s.active and s.needs_hessian for p in plan for _, s in p)
     # with a process group each rank runs only its share of the windows (toolkit.distributed)
@@ -320,5 +352,5 @@ def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, bl
     for b in bar:
         rows.extend(sweep_block(blocks[b], b, plan[b], inputs, device=device,
                                 block_size=block_size, percdamp=percdamp,
-                                hessian_dtype=hessian_dtype))
+                                hessian_dtype=hessian_dtype, expert_hessian=expert_hessian))
     return rows
