@@ -20,12 +20,17 @@ class SolverError(ValueError):
     """Raised when a layer cannot be solved (bad inputs, or a Hessian that will not factorise)."""
 
 
+PANEL = 128  # Hessian columns per matrix product: only the blocks on and above the diagonal
+
+
 class HessianAccumulator:
     """Streaming ``H = 2/n * sum_i x_i x_i^T`` over the rows of calibration inputs.
 
     ``add(x)`` takes inputs of shape ``(..., cols)``: every leading index is one sample (token).
-    The running mean is kept exactly, so the result does not depend on how the samples are
-    batched. ``name`` is used in error messages.
+    It adds ``x^T x`` to a running sum, computing only the panels of ``PANEL`` rows on and above
+    the diagonal (about half the arithmetic of the full product); ``H`` mirrors them and divides
+    by ``n / 2`` when read, so the result is exactly symmetric and depends on how the samples
+    are batched only through float rounding. ``name`` is used in error messages.
     """
 
     def __init__(self, cols: int, device=None, dtype: torch.dtype = torch.float32, name: str = "layer"):
@@ -34,30 +39,65 @@ class HessianAccumulator:
         self.cols = cols
         self.name = name
         self.dtype = dtype
-        self.H = torch.zeros(cols, cols, dtype=dtype, device=device)
+        self._M = torch.zeros(cols, cols, dtype=dtype, device=device)
+        self._is_sum = True  # _M holds the raw sum (upper panels) or the finished H
         self.nsamples = 0
+        edges = list(range(0, cols, PANEL)) + [cols] if cols > 2 * PANEL else [0, cols]
+        self._panels = list(zip(edges[:-1], edges[1:]))
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs ``x`` of shape (..., cols)."""
+    def add(self, x: torch.Tensor, check: bool = True) -> None:
+        """Add a batch of inputs ``x`` of shape (..., cols).
+
+        ``check``: refuse non-finite inputs now (the batch is then not added). The sweep passes
+        False and calls :meth:`check_finite` once, after the last batch.
+        """
         if x.shape[-1] != self.cols:
             raise SolverError(
                 f"{self.name}: input has {x.shape[-1]} features, the layer expects {self.cols}"
             )
-        x = x.reshape(-1, self.cols).to(device=self.H.device, dtype=self.dtype)
-        if not torch.isfinite(x).all():
-            raise SolverError(
-                f"{self.name}: calibration inputs contain NaN or inf; the model produces "
-                "non-finite activations here (check the dtype, e.g. fp16 overflow, or the inputs)"
-            )
-        m = x.shape[0]
-        if m == 0:
+        x = x.reshape(-1, self.cols).to(device=self._M.device, dtype=self.dtype)
+        if check and not torch.isfinite(x).all():
+            raise self._non_finite()
+        if x.shape[0] == 0:
             return
-        total = self.nsamples + m
-        self.H.mul_(self.nsamples / total)
-        x = x * (2.0 / total) ** 0.5
-        self.H.addmm_(x.T, x)
-        self.nsamples = total
+        if not self._is_sum:  # back from a finished H to the running sum
+            self._M.mul_(self.nsamples / 2)
+            self._is_sum = True
+        for a, b in self._panels:
+            self._M[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
+        self.nsamples += x.shape[0]
+
+    def _non_finite(self) -> SolverError:
+        return SolverError(
+            f"{self.name}: calibration inputs contain NaN or inf; the model produces "
+            "non-finite activations here (check the dtype, e.g. fp16 overflow, or the inputs)"
+        )
+
+    def check_finite(self) -> None:
+        """Raise :class:`SolverError` naming the layer if any input added so far was NaN or inf
+        (they make the sum non-finite)."""
+        if not torch.isfinite(self.H).all():
+            raise self._non_finite()
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The Hessian ``2/n sum x x^T`` (zeros before any input)."""
+        if self._is_sum:
+            M = self._M
+            for a, b in self._panels:  # mirror the panels above the diagonal
+                if b < self.cols:
+                    M[b:, a:b] = M[a:b, b:].T
+            if self.nsamples:
+                M.mul_(2.0 / self.nsamples)
+            self._is_sum = False
+        return self._M
+
+    @H.setter
+    def H(self, value: torch.Tensor) -> None:
+        """Replace the Hessian (e.g. by its sum over processes; set ``nsamples`` to match)."""
+        self._M = value
+        self._is_sum = False
 
 
 def inverse_cholesky_factor(
