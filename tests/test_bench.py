@@ -15,7 +15,7 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 
 
 def test_every_script_is_listed():
-    assert {"compress.py", "distributed.py", "refine.py", "solver.py", "stream.py",
+    assert {"compress.py", "distributed.py", "gpu.py", "refine.py", "solver.py", "stream.py",
             "tradeoff.py"} <= set(SCRIPTS)
 
 

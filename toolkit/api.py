@@ -118,7 +118,8 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         rows = run_sweep(model, ids, settings, device=device, block_size=config.block_size,
                          percdamp=config.percdamp,
                          hessian_dtype=getattr(torch, config.hessian_dtype),
-                         verbose=config.verbose and distributed.is_main())
+                         verbose=config.verbose and distributed.is_main(),
+                         schedule=config.schedule, memory_mb=config.sweep_memory_mb)
     finally:
         model.train(was_training)
     after = model_bytes(model)

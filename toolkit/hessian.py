@@ -13,7 +13,8 @@ import torch
 from .models import is_conv1d
 
 __all__ = ["HessianAccumulator", "inverse_cholesky_factor", "reconstruction_error",
-           "row_errors", "SolverError", "capture_hessians", "capture_hessian"]
+           "row_errors", "quadratic_form", "SolverError", "capture_hessians", "capture_hessian",
+           "PANEL"]
 
 
 class SolverError(ValueError):
@@ -85,7 +86,9 @@ class HessianAccumulator:
         """The Hessian ``2/n sum x x^T`` (zeros before any input)."""
         if self._is_sum:
             M = self._M
-            for a, b in self._panels:  # mirror the panels above the diagonal
+            for a, b in self._panels:  # mirror what lies above the diagonal
+                D = M[a:b, a:b]
+                D.copy_(torch.triu(D) + torch.triu(D, 1).T)
                 if b < self.cols:
                     M[b:, a:b] = M[a:b, b:].T
             if self.nsamples:
@@ -155,6 +158,13 @@ def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.T
 def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """``tr((W - W_hat) H (W - W_hat)^T)`` = ``2/n * ||(W - W_hat) X||^2`` for ``H = 2/n X X^T``."""
     return float(row_errors(W, W_hat, H).sum())
+
+
+def quadratic_form(W: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(W H W^T)`` in ``H``'s dtype: the layer's output energy ``2/n ||W X||^2``, the
+    yardstick of a relative error."""
+    W = W.to(H.dtype)
+    return float(((W @ H) * W).sum())
 
 
 @torch.no_grad()

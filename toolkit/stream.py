@@ -523,7 +523,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         for n in front:
             _set_tensor(model, n, loaded[source_key[n]])
         del loaded
-        inputs = sweep.capture_block_inputs(model, blocks, ids, device)
+        inputs = sweep.capture_block_inputs(model, blocks, ids, device, config.sweep_memory_mb)
         for n in front:
             _set_tensor(model, n, None)  # the embeddings are not needed until the end
         _return_freed_memory()
@@ -551,7 +551,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
             p.requires_grad_(False)
         rows = sweep.sweep_block(block, b, plans[b], inputs, device=device,
                            block_size=config.block_size, percdamp=config.percdamp,
-                           hessian_dtype=getattr(torch, config.hessian_dtype))
+                           hessian_dtype=getattr(torch, config.hessian_dtype),
+                           schedule=config.schedule, memory_mb=config.sweep_memory_mb)
         # the block's stored tensors: compressed layers, then its dense tensors
         tensors: dict[str, torch.Tensor] = OrderedDict()
         records = OrderedDict()
