@@ -22,6 +22,7 @@ class SolverError(ValueError):
 
 
 PANEL = 128  # Hessian columns per matrix product: only the blocks on and above the diagonal
+CONVERT_BYTES = 64 << 20  # inputs of another dtype or device are converted this much at a time
 
 
 class HessianAccumulator:
@@ -31,7 +32,9 @@ class HessianAccumulator:
     It adds ``x^T x`` to a running sum, computing only the panels of ``PANEL`` rows on and above
     the diagonal (about half the arithmetic of the full product); ``H`` mirrors them and divides
     by ``n / 2`` when read, so the result is exactly symmetric and depends on how the samples
-    are batched only through float rounding. ``name`` is used in error messages.
+    are batched only through float rounding. Inputs in another dtype (float16 activations into a
+    float32 or float64 Hessian) or on another device are converted ``CONVERT_BYTES`` at a time.
+    ``name`` is used in error messages.
     """
 
     def __init__(self, cols: int, device=None, dtype: torch.dtype = torch.float32, name: str = "layer"):
@@ -57,7 +60,7 @@ class HessianAccumulator:
             raise SolverError(
                 f"{self.name}: input has {x.shape[-1]} features, the layer expects {self.cols}"
             )
-        x = x.reshape(-1, self.cols).to(device=self._M.device, dtype=self.dtype)
+        x = x.reshape(-1, self.cols)
         if check and not torch.isfinite(x).all():
             raise self._non_finite()
         if x.shape[0] == 0:
@@ -65,8 +68,13 @@ class HessianAccumulator:
         if not self._is_sum:  # back from a finished H to the running sum
             self._M.mul_(self.nsamples / 2)
             self._is_sum = True
-        for a, b in self._panels:
-            self._M[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
+        step = x.shape[0]
+        if x.dtype != self.dtype or x.device != self._M.device:  # converted copies, bounded
+            step = max(1, CONVERT_BYTES // (self.cols * self._M.element_size()))
+        for i in range(0, x.shape[0], step):
+            xi = x[i:i + step].to(device=self._M.device, dtype=self.dtype)
+            for a, b in self._panels:
+                self._M[a:b, a:].addmm_(xi[:, a:b].T, xi[:, a:])
         self.nsamples += x.shape[0]
 
     def _non_finite(self) -> SolverError:

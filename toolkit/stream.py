@@ -18,8 +18,10 @@ seed give bitwise the same tensors)::
     finalize: the rest (embeddings, final norm, lm_head) -> model-00001-of-N, copied one tensor
         at a time; index; toolkit_compression.json; generation config; tokenizer; config.json last
 
-Peak host memory: max(embeddings, one block) + the calibration activations (twice while a
-block runs: inputs and outputs) + one group's Hessian; see README "Large models".
+Peak host memory: max(embeddings, one block) + the calibration activations (once: each batch's
+outputs replace its inputs) + one group's Hessian (all of a block's with schedule="parallel") +
+at most ``sweep_memory_mb`` (batches of windows and the outputs kept between passes;
+:func:`toolkit.sweep.sweep_memory`); see README "Large models".
 
 Resuming: the output folder keeps ``toolkit_stream.json`` (a fingerprint of the configuration,
 the source checkpoint's headers and the calibration tokens; the finished blocks with the SHA-256

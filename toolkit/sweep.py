@@ -150,8 +150,9 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
     The extra arguments (attention mask, rotary embeddings, positions...) are taken from the
     first sample: all samples have the same length and no padding, so they are the same for all.
     For batches, the model is run once more on the first ``k`` windows for ``k = 2, 4, 8, ...``
-    (up to the number of windows, while those arguments take less than a sixteenth of
-    :func:`sweep_memory`, ``memory_mb`` as there) to keep the arguments it builds for ``k``.
+    below the number of windows and for all of them (while those arguments take less than a
+    sixteenth of :func:`sweep_memory`, ``memory_mb`` as there) to keep the arguments it builds
+    for a batch of ``k``.
     """
     hidden, extra = [], {}
 
@@ -178,8 +179,10 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
         args1, kwargs1 = extra.pop("args"), extra.pop("kwargs")
         extra["want_hidden"] = False
         limit = sweep_memory(device, memory_mb) // 16
-        k = 2
-        while k <= len(ids) and limit > 0:
+        sizes = [k for k in (2 ** i for i in range(1, len(ids).bit_length())) if k < len(ids)]
+        for k in sizes + ([len(ids)] if len(ids) > 1 else []):
+            if limit <= 0:
+                break
             try:
                 model(ids[:k].to(embed_device), use_cache=False)
             except _Stop:
@@ -188,7 +191,6 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
             if _nbytes(shared) > limit:
                 break
             batched[k] = shared
-            k *= 2
     finally:
         handle.remove()
     return BlockInputs(hidden=hidden, args=args1, kwargs=kwargs1, batched=batched)
@@ -330,8 +332,10 @@ def find_groups(block: nn.Module, layers: list[LinearRef], inputs: BlockInputs) 
 # ---- the passes -----------------------------------------------------------------------------
 
 def _batches(n: int, size: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]``: batches of ``size`` windows (a power of two), the rest in
-    smaller powers of two."""
+    """``[(start, stop), ...]``: batches of ``size`` windows (a power of two, or all ``n``), the
+    rest in smaller powers of two."""
+    if size >= n:
+        return [(0, n)]
     out, i = [], 0
     while i < n:
         k = size
@@ -357,11 +361,16 @@ class _Walk:
         self.block = block
         self.inputs = inputs
         n = len(inputs.hidden)
-        largest = max([1, *inputs.batched])
-        size = 1
-        if probe is not None and probe.window_bytes > 0:
-            fit = max(1, (memory // 4) // probe.window_bytes)
-            while size * 2 <= min(n, largest, fit):
+        window = probe.window_bytes if probe is not None else 0
+        # every window in one batch when their activations fit the whole budget: the sequential
+        # schedule then solves each group inside that one forward (see sweep_block)
+        self.single = (probe is not None and n * max(window, 1) <= memory
+                       and (n == 1 or n in inputs.batched))
+        if self.single:
+            size = n
+        else:
+            size, fit = 1, (memory // 4) // max(window, 1)
+            while size * 2 <= min(n, fit) and size * 2 in inputs.batched:
                 size *= 2
         self.batch = size
         self.batches = _batches(n, size)
@@ -369,8 +378,10 @@ class _Walk:
         self.passes = passes
         self.serve: list[set[int]] = [set() for _ in passes]
         self.store: list[set[int]] = [set() for _ in passes]
-        self.kept: dict[int, dict[int, tuple]] = {}  # call -> batch -> (output, versions)
-        self.caching = keep_outputs and bool(self.calls) and memory > 0
+        self.last_use: dict[int, int] = {}
+        self.kept: dict[int, dict[int, tuple]] = {}  # call -> batch -> (output, tensors, versions)
+        self.caching = (keep_outputs and not self.single and bool(self.calls) and memory > 0
+                        and len(passes) > 1)
         if self.caching:
             self._plan(n, memory - memory // 4)
         self.index = 0  # the pass being run
@@ -458,20 +469,26 @@ class _Walk:
             else:
                 m.forward = prev
 
-    def run(self, taps: dict[int, tuple[HessianAccumulator, bool]] | None = None,
-            collect: bool = False) -> None:
-        """One pass over every batch. ``taps``: ``{id(layer module): (accumulator, stop)}``, the
-        layer whose input is added to the accumulator (the pass ends there when ``stop``);
-        ``collect``: the block's outputs replace ``inputs.hidden`` (the next block's inputs)."""
+    @torch.no_grad()
+    def run(self, taps: dict | None = None, stop: set | frozenset = frozenset(),
+            collect: bool = False, at_once: bool = False) -> None:
+        """One pass over every batch.
+
+        ``taps``: ``{id(module): fn}``; ``fn(x)`` receives the module's input once per batch
+        (its first call), after the batch (so that a batch computed again after a deviation
+        counts once), or at once, before the module runs, with ``at_once``. The pass ends at a
+        module whose id is in ``stop``. ``collect``: the block's outputs replace
+        ``inputs.hidden`` (the next block's inputs)."""
         taps = taps or {}
         hidden = self.inputs.hidden
         got: list = []
 
         def tap(module, args):
-            acc, stop = taps[id(module)]
-            if module not in [m for m, _ in got]:
+            if all(m is not module for m, _ in got):
                 got.append((module, args[0]))
-            if stop:
+                if at_once:
+                    taps[id(module)](args[0])
+            if id(module) in stop:
                 raise _Stop
         handles = [m.register_forward_pre_hook(tap) for m in
                    (m for m in self.block.modules() if id(m) in taps)]
@@ -497,8 +514,9 @@ class _Walk:
                         self.kept.clear()
                         continue
                     break
-                for module, inp in got:
-                    taps[id(module)][0].add(inp, check=False)
+                if not at_once:
+                    for module, inp in got:
+                        taps[id(module)](inp)
                 got.clear()
                 if collect and out is not None:
                     out = out[0] if isinstance(out, (tuple, list)) else out
@@ -508,7 +526,7 @@ class _Walk:
                 h.remove()
             self._uninstall(wrapped)
         # drop what no later pass takes
-        for i in [i for i, last in getattr(self, "last_use", {}).items() if last <= self.index]:
+        for i in [i for i, last in self.last_use.items() if last <= self.index]:
             self.kept.pop(i, None)
         self.index += 1
 
@@ -535,9 +553,13 @@ def group_hessian(block: nn.Module, group: list[LinearRef], inputs: BlockInputs,
     walk = _Walk(block, inputs, probe, [_Pass(start, start)], sweep_memory(device, memory_mb),
                  keep_outputs=False)
     acc = _accumulators([group], device, dtype)[0]
-    first = _first_member(group, probe)
-    walk.run({id(first.module): (acc, True)})
+    first = _first_member(group, probe).module
+    walk.run({id(first): _adder(acc)}, stop={id(first)})
     return _finish(acc)
+
+
+def _adder(acc: HessianAccumulator):
+    return lambda x: acc.add(x, check=False)
 
 
 def _first_member(group: list[LinearRef], probe: _Probe) -> LinearRef:
@@ -706,11 +728,27 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
         _log_rows(new_rows, b)
         rows.extend(new_rows)
 
-    if schedule == "parallel" and calibrate and any(needs):
+    if calibrate and schedule == "sequential" and walk.single:
+        # one forward of all windows: each group is solved at its input, before it runs, and the
+        # rest of the forward goes on with it solved; the output is the next block's input
+        def solve_here(g):
+            def fn(x):
+                H = None
+                if needs[g]:
+                    acc = _accumulators([groups[g]], hdevice, hessian_dtype)[0]
+                    acc.add(x, check=False)
+                    H = _finish(acc).H
+                solve(g, H)
+            return fn
+        walk.run({id(groups[g][0].module): solve_here(g) for g in range(len(groups))},
+                 collect=True, at_once=True)
+    elif schedule == "parallel" and calibrate and any(needs):
         todo = [g for g in range(len(groups)) if needs[g]]
         accs = dict(zip(todo, _accumulators([groups[g] for g in todo], hdevice, hessian_dtype)))
         last = max(starts[g] for g in todo)
-        walk.run({id(groups[g][0].module): (accs[g], starts[g] == last) for g in todo})
+        first = {g: groups[g][0].module for g in todo}
+        walk.run({id(first[g]): _adder(accs[g]) for g in todo},
+                 stop={id(first[g]) for g in todo if starts[g] == last})
         for g in todo:
             _finish(accs[g])
         for g in range(len(groups)):
@@ -722,14 +760,18 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
             H = None
             if needs[g] and calibrate:
                 acc = _accumulators([groups[g]], hdevice, hessian_dtype)[0]
-                walk.run({id(groups[g][0].module): (acc, True)})
+                first = groups[g][0].module
+                walk.run({id(first): _adder(acc)}, stop={id(first)})
                 H = _finish(acc).H
                 del acc
             solve(g, H)
             del H
-    if calibrate:
+    if calibrate and not (walk.single and schedule == "sequential"):
         walk.run(collect=True)
-        log.debug("block %d: %d windows per batch, %d passes", b, walk.batch, len(passes))
+    if calibrate:
+        log.debug("block %d: %d windows per batch, %s", b, walk.batch,
+                  "one pass" if walk.single and schedule == "sequential" else
+                  f"{len(passes)} passes")
     block.to(home)
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
