@@ -228,7 +228,7 @@ class _Probe:
     groups: list[list[LinearRef]]  # layers reading one input tensor, in call order
     starts: list[int]  # linear-call index at which each group's input is first read
     calls: list[_Call]  # the calls of modules that contain a linear-layer call
-    window_bytes: int  # activations of one window (estimate; measured on CUDA)
+    window_bytes: int  # activations of one window: every distinct tensor its modules return
 
 
 @torch.no_grad()
@@ -282,20 +282,11 @@ def _probe(block: nn.Module, layers: list[LinearRef], inputs: BlockInputs) -> _P
         if m is not block:
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
-    h0 = inputs.hidden[0]
-    cuda = h0.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(h0.device)
-        base = torch.cuda.memory_allocated(h0.device)
-        torch.cuda.reset_peak_memory_stats(h0.device)
     try:
-        run_block(block, inputs, h0)
+        run_block(block, inputs, inputs.hidden[0])
     finally:
         for h in handles:
             h.remove()
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(h0.device) - base
-        window_bytes[0] = max(window_bytes[0], peak)
     unused = [r.name for r in layers if id(r) not in seen]
     if unused:
         log.warning("layers never called by their block, left unchanged: %s", ", ".join(unused))
