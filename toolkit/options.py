@@ -288,11 +288,12 @@ OPTIONS: tuple[Option, ...] = (
            choices=("sequential", "parallel")),
     Option("sweep_memory_mb", None, _int(0, " (or None for the device default)", allow_none=True),
            "MiB the sweep may use on the compute device besides the block, its Hessians and the "
-           "calibration activations: a quarter for batching calibration windows through the "
-           "block, the rest to keep the outputs of already-final parts of the block for the "
-           "next pass (None: a quarter of the GPU's memory on CUDA, 1024 on the CPU; 0: one "
-           "window at a time and nothing kept). Results depend on it only through float "
-           "rounding", flag="--sweep-memory-mb", parse=_parse_optional(_parse_int),
+           "calibration activations: one forward of all windows per block when their "
+           "activations fit, else a quarter for a batch of windows and the rest to keep the "
+           "outputs of already-solved parts of the block for the next pass (None: a quarter of "
+           "the GPU's memory on CUDA, 1024 on the CPU; 0: one window at a time, nothing kept). "
+           "Results depend on it only through float rounding", flag="--sweep-memory-mb",
+           parse=_parse_optional(_parse_int),
            metavar="MiB", annotation="int | None"),
     Option("allocation", "uniform", _passthrough,
            "per-layer sparsity: uniform, or owl (blocks with more outlier weights pruned less; "

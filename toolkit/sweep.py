@@ -5,27 +5,34 @@
     for each block, on the compute device:
         probe once (one window): which linear layers read the same input tensor -> groups, in
             forward order; the tree of module calls; the activation bytes of one window
-        sequential schedule, for each group:
-            one pass of the windows, in batches, through the block, stopping as soon as the
-            group's input is seen -> one Hessian; solve every layer of the group
-        parallel schedule: one pass of the unchanged block -> every group's Hessian; solve all
-        one last pass -> inputs of the next block
+        sequential schedule (the default):
+            if the activations of all windows fit the budget: ONE forward of all windows; at
+                each group's input (a pre-hook) -> its Hessian, solve the group's layers, and
+                the forward goes on through the solved layers -> inputs of the next block
+            else, for each group: a pass of the windows, in batches, stopping at the group's
+                input -> its Hessian -> solve; then a last pass -> inputs of the next block
+        parallel schedule: one pass of the unchanged block -> every group's Hessian; solve all;
+            a last pass -> inputs of the next block
         move the block back
 
 Each group sees the inputs produced by the already-compressed earlier groups of its block (in
-the sequential schedule, the default). Only one block and the calibration activations live on
-the device at a time.
+the sequential schedule). Only one block and the calibration activations live on the device at
+a time.
 
-Fewer, cheaper passes. A module's output is *final* once every linear layer called before it
-returns (the ones inside it included) is solved: later passes would compute it again, bit for
-bit. The sweep keeps such outputs, within a memory budget, and the later passes take them
-instead of calling the module: with q/k/v solved, the pass for o_proj's Hessian computes them
-once and the next passes reuse them; with o solved, the whole attention is reused. For a LLaMA
-block this cuts the block work of the sequential schedule from about 2.3 full passes to about
-1.1. Nothing is model specific: the probe finds the modules and the order of their calls, and
-every pass checks that the calls follow that order (if they do not, the sweep computes
-everything from there on, as before). Windows go through the block in batches (a power of two,
-sized by the budget); :func:`sweep_memory` states the budget.
+Fewer, cheaper passes. The old walk re-ran the block from its input up to each group, then once
+more in full: about 2.4 block passes of linear-layer work for a LLaMA block. The one-forward
+mode does one pass. When the windows do not fit at once, the passes reuse what earlier passes
+computed: a module's output is *final* once every linear layer called before it returns (the
+ones inside it included) is solved, so later passes would compute it again bit for bit. The
+sweep keeps such outputs, within the budget, and a later pass takes them instead of calling the
+module (q/k/v computed once; the whole attention once o_proj is solved): about one block pass
+plus the attention once more. Nothing is model specific: the probe finds the modules and the
+order of their calls, and every pass checks that the calls follow that order and that no kept
+output was changed in place (if not, the sweep computes everything from there on, as before).
+Batches are powers of two (or all windows); :func:`sweep_memory` states the budget. Kept
+outputs are bit-for-bit what recomputing gives; the batch size changes results only through
+float rounding, and it depends on the block and the budget alone, so a run is reproducible for
+a given thread count.
 """
 
 from __future__ import annotations
@@ -107,8 +114,12 @@ def _nbytes(obj) -> int:
 def sweep_memory(device, mb: int | None = None) -> int:
     """Bytes the sweep may use on ``device`` besides the block, its Hessians and the calibration
     activations (option ``sweep_memory_mb``; None: a quarter of the GPU's total memory on CUDA,
-    :data:`CPU_SWEEP_MEMORY_MB` MiB elsewhere). A quarter of it bounds the activations of one
-    batch of windows going through the block, the rest the outputs kept between passes. It
+    :data:`CPU_SWEEP_MEMORY_MB` MiB elsewhere).
+
+    If the activations of every window at once fit in it, each block is one forward of all
+    windows; otherwise a quarter of it bounds the activations of a batch and the rest the
+    outputs kept between passes. The activations of a window are estimated from the block's
+    own outputs (every distinct tensor its modules return, measured by the probe). The budget
     depends on the device's total memory, never on what is free, so a run is reproducible."""
     if mb is not None:
         return int(mb) << 20
