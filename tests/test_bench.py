@@ -15,8 +15,8 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 
 
 def test_every_script_is_listed():
-    assert {"act_order.py", "compress.py", "distributed.py", "inference.py", "readers.py",
-            "refine.py", "solver.py", "stream.py", "tradeoff.py"} <= set(SCRIPTS)
+    assert {"act_order.py", "compress.py", "distributed.py", "gpu.py", "inference.py",
+            "readers.py", "refine.py", "solver.py", "stream.py", "tradeoff.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -42,3 +42,29 @@ def test_stream_bench_tiny(tmp_path):
     assert df["share_vs_memory"].iloc[1] == 1.0
     assert "CPU cores" in df["machine"].iloc[0] and "torch" in df["machine"].iloc[0]
     assert (tmp_path / "work" / "out-stream" / "config.json").is_file()
+
+
+def test_gpu_bench_says_no_gpu_and_runs_its_cpu_smoke(tmp_path):
+    """bench/gpu.py: without a GPU it says so (exit 2); --cpu-smoke runs every step on the CPU
+    (a random tiny LLaMA, the CUDA tests left to their own run) and writes its three tables."""
+    import torch
+
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, str(BENCH / "gpu.py")], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and "NO CUDA GPU IS PRESENT" in r.stdout
+    r = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--cpu-smoke", "--model", "tiny",
+                        "--skip-tests", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CPU SMOKE RUN" in r.stdout
+    runs = pd.read_csv(tmp_path / "gpu_smoke_compress.csv")
+    assert list(runs["setting"]) == ["dense", "SparseGPT 50%", "GPTQ 4-bit g128",
+                                     "SparseGPT 50% + GPTQ 4-bit g128"]
+    assert (runs["perplexity"] > 1).all() and runs["smoke"].all()
+    blocks = pd.read_csv(tmp_path / "gpu_smoke_blocks.csv")
+    assert sorted(blocks["block"].unique()) == [0, 1, 2, 3] and len(blocks) == 12
+    agree = pd.read_csv(tmp_path / "gpu_smoke_agreement.csv")
+    # on the CPU both sides are the CPU: every mask agrees
+    assert (agree["mask_agreement"] == 1.0).all()
+    assert len(agree[agree["kind"] == "same problem"]) == 2 * 7

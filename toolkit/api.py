@@ -124,7 +124,8 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
                          percdamp=config.percdamp,
                          hessian_dtype=getattr(torch, config.hessian_dtype),
                          verbose=config.verbose and distributed.is_main(),
-                         expert_hessian=config.expert_hessian, routers=config.routers)
+                         expert_hessian=config.expert_hessian, routers=config.routers,
+                         schedule=config.schedule, memory_mb=config.sweep_memory_mb)
     finally:
         model.train(was_training)
     after = model_bytes(model)

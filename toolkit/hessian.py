@@ -13,19 +13,28 @@ import torch
 from .models import is_conv1d
 
 __all__ = ["HessianAccumulator", "inverse_cholesky_factor", "reconstruction_error",
-           "row_errors", "SolverError", "capture_hessians", "capture_hessian"]
+           "row_errors", "quadratic_form", "SolverError", "capture_hessians", "capture_hessian",
+           "PANEL"]
 
 
 class SolverError(ValueError):
     """Raised when a layer cannot be solved (bad inputs, or a Hessian that will not factorise)."""
 
 
+PANEL = 128  # Hessian columns per matrix product: only the blocks on and above the diagonal
+CONVERT_BYTES = 64 << 20  # inputs of another dtype or device are converted this much at a time
+
+
 class HessianAccumulator:
     """Streaming ``H = 2/n * sum_i x_i x_i^T`` over the rows of calibration inputs.
 
     ``add(x)`` takes inputs of shape ``(..., cols)``: every leading index is one sample (token).
-    The running mean is kept exactly, so the result does not depend on how the samples are
-    batched. ``name`` is used in error messages.
+    It adds ``x^T x`` to a running sum, computing only the panels of ``PANEL`` rows on and above
+    the diagonal (about half the arithmetic of the full product); ``H`` mirrors them and divides
+    by ``n / 2`` when read, so the result is exactly symmetric and depends on how the samples
+    are batched only through float rounding. Inputs in another dtype (float16 activations into a
+    float32 or float64 Hessian) or on another device are converted ``CONVERT_BYTES`` at a time.
+    ``name`` is used in error messages.
     """
 
     def __init__(self, cols: int, device=None, dtype: torch.dtype = torch.float32, name: str = "layer"):
@@ -34,30 +43,72 @@ class HessianAccumulator:
         self.cols = cols
         self.name = name
         self.dtype = dtype
-        self.H = torch.zeros(cols, cols, dtype=dtype, device=device)
+        self._M = torch.zeros(cols, cols, dtype=dtype, device=device)
+        self._is_sum = True  # _M holds the raw sum (upper panels) or the finished H
         self.nsamples = 0
+        edges = list(range(0, cols, PANEL)) + [cols] if cols > 2 * PANEL else [0, cols]
+        self._panels = list(zip(edges[:-1], edges[1:]))
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs ``x`` of shape (..., cols)."""
+    def add(self, x: torch.Tensor, check: bool = True) -> None:
+        """Add a batch of inputs ``x`` of shape (..., cols).
+
+        ``check``: refuse non-finite inputs now (the batch is then not added). The sweep passes
+        False and calls :meth:`check_finite` once, after the last batch.
+        """
         if x.shape[-1] != self.cols:
             raise SolverError(
                 f"{self.name}: input has {x.shape[-1]} features, the layer expects {self.cols}"
             )
-        x = x.reshape(-1, self.cols).to(device=self.H.device, dtype=self.dtype)
-        if not torch.isfinite(x).all():
-            raise SolverError(
-                f"{self.name}: calibration inputs contain NaN or inf; the model produces "
-                "non-finite activations here (check the dtype, e.g. fp16 overflow, or the inputs)"
-            )
-        m = x.shape[0]
-        if m == 0:
+        x = x.reshape(-1, self.cols)
+        if check and not torch.isfinite(x).all():
+            raise self._non_finite()
+        if x.shape[0] == 0:
             return
-        total = self.nsamples + m
-        self.H.mul_(self.nsamples / total)
-        x = x * (2.0 / total) ** 0.5
-        self.H.addmm_(x.T, x)
-        self.nsamples = total
+        if not self._is_sum:  # back from a finished H to the running sum
+            self._M.mul_(self.nsamples / 2)
+            self._is_sum = True
+        step = x.shape[0]
+        if x.dtype != self.dtype or x.device != self._M.device:  # converted copies, bounded
+            step = max(1, CONVERT_BYTES // (self.cols * self._M.element_size()))
+        for i in range(0, x.shape[0], step):
+            xi = x[i:i + step].to(device=self._M.device, dtype=self.dtype)
+            for a, b in self._panels:
+                self._M[a:b, a:].addmm_(xi[:, a:b].T, xi[:, a:])
+        self.nsamples += x.shape[0]
+
+    def _non_finite(self) -> SolverError:
+        return SolverError(
+            f"{self.name}: calibration inputs contain NaN or inf; the model produces "
+            "non-finite activations here (check the dtype, e.g. fp16 overflow, or the inputs)"
+        )
+
+    def check_finite(self) -> None:
+        """Raise :class:`SolverError` naming the layer if any input added so far was NaN or inf
+        (they make the sum non-finite)."""
+        if not torch.isfinite(self.H).all():
+            raise self._non_finite()
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The Hessian ``2/n sum x x^T`` (zeros before any input)."""
+        if self._is_sum:
+            M = self._M
+            for a, b in self._panels:  # mirror what lies above the diagonal
+                D = M[a:b, a:b]
+                D.copy_(torch.triu(D) + torch.triu(D, 1).T)
+                if b < self.cols:
+                    M[b:, a:b] = M[a:b, b:].T
+            if self.nsamples:
+                M.mul_(2.0 / self.nsamples)
+            self._is_sum = False
+        return self._M
+
+    @H.setter
+    def H(self, value: torch.Tensor) -> None:
+        """Replace the Hessian (e.g. by its sum over processes; set ``nsamples`` to match)."""
+        self._M = value
+        self._is_sum = False
 
 
 def inverse_cholesky_factor(
@@ -115,6 +166,13 @@ def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.T
 def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """``tr((W - W_hat) H (W - W_hat)^T)`` = ``2/n * ||(W - W_hat) X||^2`` for ``H = 2/n X X^T``."""
     return float(row_errors(W, W_hat, H).sum())
+
+
+def quadratic_form(W: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(W H W^T)`` in ``H``'s dtype: the layer's output energy ``2/n ||W X||^2``, the
+    yardstick of a relative error."""
+    W = W.to(H.dtype)
+    return float(((W @ H) * W).sum())
 
 
 @torch.no_grad()

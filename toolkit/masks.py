@@ -39,14 +39,23 @@ def check_pattern(pattern, name: str = "pattern") -> tuple[int, int] | None:
 
 
 def prune_lowest(score: torch.Tensor, count: int) -> torch.Tensor:
-    """Keep-mask that prunes exactly ``count`` entries of ``score`` with the lowest values."""
-    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)  # contiguous
+    """Keep-mask that prunes exactly ``count`` entries of ``score`` with the lowest values.
+
+    Selection by the ``count``-th smallest value (a linear-time select, not a sort); among
+    entries equal to that value, the first ones in row-major order are pruned.
+    """
+    flat = score.reshape(-1)
     if count <= 0:
-        return keep
-    flat = keep.view(-1)
-    idx = torch.topk(score.reshape(-1), count, largest=False).indices
-    flat[idx] = False
-    return keep
+        return torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    if count >= flat.numel():
+        return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+    kth = torch.kthvalue(flat, count).values
+    pruned = flat <= kth
+    extra = int(pruned.sum()) - count
+    if extra > 0:  # ties at the threshold: keep the last ones
+        ties = torch.nonzero(flat == kth).flatten()
+        pruned[ties[len(ties) - extra:]] = False
+    return (~pruned).reshape(score.shape)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -292,6 +292,23 @@ OPTIONS: tuple[Option, ...] = (
            "default they stay dense (small, and every token's choice of experts depends on "
            "them)", flag="--routers", parse=_parse_bool,
            label=lambda v, s, long: "routers compressed" if v else None, annotation="bool"),
+    Option("schedule", "sequential", _passthrough,
+           "order of the Hessians inside a block: sequential (each group of layers, q/k/v -> o "
+           "-> gate/up -> down, is solved on the inputs the already-compressed groups before it "
+           "produce) or parallel (every group's Hessian from one pass of the unchanged block, "
+           "as the GPTQ/SparseGPT papers' code does)", flag="--schedule",
+           label=lambda v, s, long: None if v == "sequential" else (
+               f"{v} schedule" if long else v), part="schedule", annotation="str",
+           choices=("sequential", "parallel")),
+    Option("sweep_memory_mb", None, _int(0, " (or None for the device default)", allow_none=True),
+           "MiB the sweep may use on the compute device besides the block, its Hessians and the "
+           "calibration activations: one forward of all windows per block when their "
+           "activations fit, else a quarter for a batch of windows and the rest to keep the "
+           "outputs of already-solved parts of the block for the next pass (None: a quarter of "
+           "the GPU's memory on CUDA, 1024 on the CPU; 0: one window at a time, nothing kept). "
+           "Results depend on it only through float rounding", flag="--sweep-memory-mb",
+           parse=_parse_optional(_parse_int),
+           metavar="MiB", annotation="int | None"),
     Option("allocation", "uniform", _passthrough,
            "per-layer sparsity: uniform, or owl (blocks with more outlier weights pruned less; "
            "the total stays exactly at sparsity)", flag="--allocation",

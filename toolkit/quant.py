@@ -110,14 +110,21 @@ def fit_grid(
     return scale, zero
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes ``clamp(round(w / scale) + zero, 0, maxq)`` (float tensor holding integers)."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes ``clamp(round(w / scale) + zero, 0, maxq)`` (float tensor holding integers);
+    written into ``out`` when given (the same values, no temporaries)."""
+    if out is None:
+        return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return torch.div(w, scale, out=out).round_().add_(zero).clamp_(0, maxq)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Values ``scale * (q - zero)``."""
-    return scale * (q - zero)
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Values ``scale * (q - zero)``; written into ``out`` when given."""
+    if out is None:
+        return scale * (q - zero)
+    return torch.sub(q, zero, out=out).mul_(scale)
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

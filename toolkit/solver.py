@@ -153,6 +153,29 @@ def solve(weight: torch.Tensor, H: torch.Tensor | Factor, *, sparsity: float = 0
                         names=[name])[0]
 
 
+SUB_BLOCK = 32
+
+
+def _sub_block(block_size: int, pattern, dynamic_group_size: int | None) -> tuple[int, bool]:
+    """``(columns per sub-block, whether quantization groups start new sub-blocks)``.
+
+    Inside a block the solver updates, after each column, only the columns up to the end of its
+    sub-block; a finished sub-block updates the rest of the block with one matrix product. The
+    arithmetic is the same (up to float rounding) and far less memory is swept per column. Every
+    place that reads columns ahead of the current one must see them up to date: an n:m group
+    (inside one sub-block when sub-blocks are multiples of m) and the first column of a
+    quantization group, whose grid is fitted to the rest of the group (made a sub-block edge).
+    With n:m and groups that are not a multiple of m, the whole block is one sub-block.
+    """
+    size = SUB_BLOCK
+    if pattern is not None:
+        m = pattern[1]
+        if dynamic_group_size is not None and dynamic_group_size % m:
+            return block_size, False
+        size = max(m, size // m * m)
+    return min(size, block_size), True
+
+
 @torch.no_grad()
 def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, sparsity: float = 0.0,
                  pattern=None, bits: int | None = None, group_size: int | None = None,
@@ -242,7 +265,6 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
         maxq = 2**bits - 1
         bounds = group_bounds(cols, group_size)
         starts = {a: (g, b) for g, (a, b) in enumerate(bounds)}
-        codes = torch.empty(rows, cols, dtype=torch.uint8, device=device)
         scales = torch.empty(rows, len(bounds), dtype=torch.float32, device=device)
         zeros = torch.empty_like(scales)
         natural_group = torch.empty(cols, dtype=torch.int32, device=device)
@@ -260,73 +282,109 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
             static_of = (natural_group if perm is None else natural_group[perm]).tolist()
             current_group = -1
     del W_natural
+    # the sweep works on W transposed (cols x rows): column i is one contiguous row of WT, and
+    # the update of the columns after it is one contiguous slab
+    WT = W.t().contiguous()
+    del W
+    if prune:
+        keepT = keep.t().contiguous()
+        del keep
     loss = torch.zeros(rows, dtype=torch.float32, device=device)
+    if bits is not None:
+        codesT = torch.empty(cols, rows, dtype=torch.uint8, device=device)
+        cbuf = torch.empty(rows, dtype=torch.float32, device=device)
     scale = zero = None
+    dyn_starts = starts if bits is not None and not static else {}
+    sub, split_groups = _sub_block(block_size, pattern, group_size if dyn_starts else None)
+    d_all = torch.diagonal(U)
+    d_float = d_all.tolist()  # U_ii as Python numbers (the exact float32 values)
 
-    for i1 in range(0, cols, block_size):
+    for i1 in range(0, cols if (prune or bits is not None) else 0, block_size):
         i2 = min(i1 + block_size, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2]  # a view: updated in place, then replaced by the block's targets
         Err1 = torch.zeros_like(W1)
-        C1 = torch.empty_like(W1) if bits is not None else None  # codes, as floats, of the block
+        Q1 = torch.empty_like(W1) if bits is not None else None
+        C1 = torch.empty_like(W1) if bits is not None else None  # codes, as floats
         U1 = U[i1:i2, i1:i2]
-        d = torch.diagonal(U1)
-        keep1 = keep[:, i1:i2] if prune else None
+        d = d_all[i1:i2]
+        df = d_float[i1:i2]
+        keep1 = keepT[i1:i2] if prune else None
 
         if sparsity > 0:
-            score = W1.pow(2) / d.pow(2)[None, :]
+            # in the (rows x count) orientation, so that ties break as they always have
+            score = W1.t().pow(2) / d.pow(2)[None, :]
             for s, (r0, r1) in enumerate(seg_bounds):
                 target = round(sparsity * (r1 - r0) * i2)
                 k = min(max(target - pruned_so_far[s], 0), (r1 - r0) * count)
-                keep1[r0:r1] = prune_lowest(score[r0:r1], k)
+                keep1[:, r0:r1] = prune_lowest(score[r0:r1], k).t()
                 pruned_so_far[s] += k
+        pruned1 = (~keep1).float() if prune else None  # 1 where pruned
 
-        for i in range(count):
-            col = i1 + i
-            w = W1[:, i]
-            di = d[i]
-            if pattern is not None and i % pattern[1] == 0:
-                n, m = pattern
-                score = W1[:, i:i + m].pow(2) / d[i:i + m].pow(2)[None, :]
-                keep1[:, i:i + m] = nm_mask(score, n, m)
-            if bits is not None:
-                if static:
-                    if static_of[col] != current_group:
-                        current_group = static_of[col]
-                        scale, zero = scales[:, current_group], zeros[:, current_group]
-                elif col in starts:
-                    g, gend = starts[col]
-                    inblock = min(gend, i2) - i1
-                    gw = W1[:, i:inblock]
-                    gk = keep1[:, i:inblock] if prune else None
-                    if gend > i2:  # the group reaches past this block: use the current values there
-                        gw = torch.cat([gw, W[:, i2:gend]], 1)
-                        if prune:
-                            gk = torch.cat([gk, torch.ones_like(W[:, i2:gend], dtype=torch.bool)], 1)
-                    scale, zero = fit_grid(gw, bits, sym=sym, mse=mse, keep=gk)
-                    scales[:, g], zeros[:, g] = scale, zero
-                qc = quantize(w, scale, zero, maxq)
-                if prune:
-                    qc = torch.where(keep1[:, i], qc, zero)
-                C1[:, i] = qc
-                q = dequantize(qc, scale, zero)
-            elif prune:
-                q = w * keep1[:, i]
-            else:
-                q = w
-            Q1[:, i] = q
-            err = (w - q) / di
-            loss += err.pow(2) / 2
-            W1[:, i + 1:] -= err[:, None] * U1[i, i + 1:][None, :]
-            Err1[:, i] = err
+        # sub-blocks: the in-block update of a column reaches the end of its sub-block; each
+        # finished sub-block updates the rest of the block with one matrix product
+        edges = set(range(0, count, sub))
+        if split_groups:
+            edges |= {c - i1 for c in dyn_starts if i1 < c < i2}
+        edges = sorted(edges) + [count]
+        for a, b in zip(edges[:-1], edges[1:]):
+            for i in range(a, b):
+                col = i1 + i
+                w = W1[i]
+                e = Err1[i]
+                if pattern is not None and i % pattern[1] == 0:
+                    n, m = pattern
+                    score = W1[i:i + m].t().pow(2) / d[i:i + m].pow(2)[None, :]
+                    km = nm_mask(score, n, m).t()
+                    keep1[i:i + m] = km
+                    pruned1[i:i + m] = (~km).float()
+                if bits is not None:
+                    if static:
+                        if static_of[col] != current_group:
+                            current_group = static_of[col]
+                            scale, zero = scales[:, current_group], zeros[:, current_group]
+                    elif col in starts:
+                        g, gend = starts[col]
+                        inblock = min(gend, i2) - i1
+                        gw = W1[i:inblock]
+                        gk = keep1[i:inblock] if prune else None
+                        if gend > i2:  # the group reaches past this block: current values there
+                            gw = torch.cat([gw, WT[i2:gend]], 0)
+                            if prune:
+                                gk = torch.cat([gk, torch.ones_like(WT[i2:gend], dtype=torch.bool)],
+                                               0)
+                        scale, zero = fit_grid(gw.t().contiguous(), bits, sym=sym, mse=mse,
+                                               keep=None if gk is None else gk.t().contiguous())
+                        scales[:, g], zeros[:, g] = scale, zero
+                    # codes clamp(round(w / scale) + zero, 0, maxq); pruned weights get the zero
+                    quantize(w, scale, zero, maxq, out=cbuf)
+                    if prune:
+                        torch.where(keep1[i], cbuf, zero, out=C1[i])
+                    else:
+                        C1[i].copy_(cbuf)
+                    q = Q1[i]
+                    dequantize(C1[i], scale, zero, out=q)
+                    torch.sub(w, q, out=e)
+                else:  # pruning only: the target is 0 where pruned, w elsewhere
+                    torch.mul(w, pruned1[i], out=e)
+                e.div_(df[i])
+                if i + 1 < b:
+                    W1[i + 1:b].addr_(U1[i, i + 1:b], e, alpha=-1)
+            if b < count:
+                W1[b:].addmm_(U1[a:b, b:].t(), Err1[a:b], alpha=-1)
 
-        W[:, i1:i2] = Q1
+        loss += Err1.pow(2).sum(0) / 2
         if bits is not None:
-            codes[:, i1:i2] = C1.to(torch.uint8)
+            W1.copy_(Q1)
+            codesT[i1:i2] = C1.to(torch.uint8)
+        else:
+            W1.mul_(1 - pruned1)  # the kept weights as they are now, 0 where pruned
         if i2 < cols:
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
 
+    W = WT.t()
+    keep = keepT.t() if prune else None
+    codes = codesT.t() if bits is not None else None
     g_idx = None
     if bits is not None:
         # dynamic: groups are ranges of visiting positions; static: natural column ranges
@@ -345,7 +403,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     seconds = time.perf_counter() - t0
     Hf = factor.H.to(device)
     for (r0, r1), w_in in zip(seg_bounds, weights):
-        new = W[r0:r1].to(w_in.dtype)
+        new = W[r0:r1].to(w_in.dtype, memory_format=torch.contiguous_format)
         results.append(SolveResult(
             weight=new,
             mask=keep[r0:r1].clone() if prune else None,
@@ -354,7 +412,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
             zero=zeros[r0:r1].clone() if bits is not None else None,
             g_idx=g_idx,
             loss=float(loss[r0:r1].sum()),
-            error=reconstruction_error(w_in.float(), new.float(), Hf.float()),
+            error=reconstruction_error(w_in, new, Hf),  # in H's dtype
             seconds=seconds * (r1 - r0) / rows,
         ))
     return results

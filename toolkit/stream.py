@@ -18,8 +18,10 @@ seed give bitwise the same tensors)::
     finalize: the rest (embeddings, final norm, lm_head) -> model-00001-of-N, copied one tensor
         at a time; index; toolkit_compression.json; generation config; tokenizer; config.json last
 
-Peak host memory: max(embeddings, one block) + the calibration activations (twice while a
-block runs: inputs and outputs) + one group's Hessian; see README "Large models".
+Peak host memory: max(embeddings, one block) + the calibration activations (once: each batch's
+outputs replace its inputs) + one group's Hessian (all of a block's with schedule="parallel") +
+at most ``sweep_memory_mb`` (batches of windows and the outputs kept between passes;
+:func:`toolkit.sweep.sweep_memory`); see README "Large models".
 
 Resuming: the output folder keeps ``toolkit_stream.json`` (a fingerprint of the configuration,
 the source checkpoint's headers and the calibration tokens; the finished blocks with the SHA-256
@@ -542,7 +544,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         for n in front:
             _set_tensor(model, n, loaded[source_key[n]])
         del loaded
-        inputs = sweep.capture_block_inputs(model, blocks, ids, device)
+        inputs = sweep.capture_block_inputs(model, blocks, ids, device, config.sweep_memory_mb)
         for n in front:
             _set_tensor(model, n, None)  # the embeddings are not needed until the end
         _return_freed_memory()
@@ -570,7 +572,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
             p.requires_grad_(False)
         rows = sweep.sweep_block(block, b, plans[b], inputs, device=device,
                            block_size=config.block_size, percdamp=config.percdamp,
-                           hessian_dtype=getattr(torch, config.hessian_dtype))
+                           hessian_dtype=getattr(torch, config.hessian_dtype),
+                           schedule=config.schedule, memory_mb=config.sweep_memory_mb)
         # the block's stored tensors: compressed layers, then its dense tensors
         tensors: dict[str, torch.Tensor] = OrderedDict()
         records = OrderedDict()
