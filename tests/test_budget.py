@@ -345,3 +345,109 @@ def test_overrides_and_ignore_shape_the_choices():
     chosen = report.budget.layers.set_index("layer")
     assert (chosen.loc[[n for n in choices if "down_proj" in n], "bits"] == 8).all()
     assert not any(n.endswith("k_proj") for n in report.layers["layer"])
+
+
+def test_output_sensitivity_matches_autograd():
+    """f_i = mean over tokens of (dL/dy_i)^2, against retain_grad on the outputs with the
+    parameters requiring gradients as usual; the model's flags and gradients are left alone."""
+    from toolkit.budget import output_sensitivity
+
+    model = tiny_model("llama")
+    ids = random_ids(3, 16)
+    refs = [r for _b, r in budgeted_layers(model, CompressConfig(target_bits=4))]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    got = output_sensitivity(model, ids, refs)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    ref = copy.deepcopy(model)
+    names = {id(m): n for n, m in ref.named_modules()}
+    sums = {r.name: 0.0 for r in refs}
+    per_token = {r.name: [] for r in refs}
+    for row in ids:
+        outs = {}
+
+        def grab(m, _i, out, outs=outs):
+            out.retain_grad()
+            outs[names[id(m)]] = out
+        handles = [m.register_forward_hook(grab) for n, m in ref.named_modules() if n in sums]
+        ref(row[None], labels=row[None], use_cache=False).loss.backward()
+        for h in handles:
+            h.remove()
+        for n, out in outs.items():
+            g2 = out.grad.pow(2).reshape(-1, out.shape[-1])
+            sums[n] = sums[n] + g2.sum(0)
+            per_token[n].append(g2.mean(1))
+    for n, s in sums.items():
+        torch.testing.assert_close(got[n].channel, s / ids.numel(), rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(got[n].token, torch.cat(per_token[n]), rtol=1e-4,
+                                   atol=1e-12)
+        assert got[n].token.shape == (ids.numel(),)
+        assert float(got[n].channel.sum()) > 0
+        assert float(got[n].token[-1]) == 0  # the last position predicts nothing
+
+
+def test_fisher_metric_weights_rows():
+    """The weighted error of each layer and option is sum_i f_i (dW H dW^T)_ii: equal to the
+    plain error when every f_i is the same, and the plan under 'fisher' uses it."""
+    model = tiny_model("llama")
+    ids = random_ids(N, L)
+    cfg = CompressConfig(target_bits=4.0, profile_rows=1.0, budget_metric="fisher",
+                         budget_menu="16,4g128,3g128,2g128")
+    prof = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    assert prof.weighted is not None and prof.sensitivity_seconds > 0
+    t = prof.table()
+    quant = t["option"] != "16"
+    assert (t.loc[quant, "weighted_error"] > 0).all()
+    # a layer's options are ranked alike by both (more bits, less error) but the weights differ
+    ratio = t.loc[quant, "weighted_error"] / t.loc[quant, "error"]
+    assert ratio.groupby(t.loc[quant, "layer"]).std().max() < 0.5 * ratio.mean()
+    assert ratio.groupby(t.loc[quant, "layer"]).mean().std() > 0
+    plain = profile_layers(model, ids, replace_metric(cfg, "relative"), device="cpu",
+                           verbose=False)
+    assert plain.weighted is None
+    with pytest.raises(ValueError, match="needs a profile measured with the loss gradients"):
+        plan_budget(plain, target_bits=4.0, metric="fisher")
+    report = compress(model, config=replace_metric(cfg, "fisher", calibration=ids, nsamples=N,
+                                                   seqlen=L, verbose=False), profile=prof)
+    assert report.budget.plan.metric == "fisher"
+
+
+def replace_metric(cfg, metric, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, budget_metric=metric, **kw)
+
+
+def test_fisher_weighted_error_from_first_principles():
+    """Block 0's q_proj: the profile's weighted error equals
+    2/n sum_t sum_i channel_i / mean(channel) * token_t * ((W - W_hat) x_t)_i^2, computed here
+    from the layer's own inputs, the gradients and a separate solve with the same Hessian."""
+    from toolkit.budget import output_sensitivity
+    from toolkit.solver import solve
+
+    model = tiny_model("llama")
+    ids = random_ids(N, L)
+    cfg = CompressConfig(target_bits=4.0, profile_rows=1.0, budget_metric="fisher",
+                         budget_menu="16,3g128")
+    prof = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    name = "model.layers.0.self_attn.q_proj"
+    i = [c.name for c in prof.layers].index(name)
+    ref = {r.name: r for _b, r in budgeted_layers(model, cfg)}[name]
+    xs = []
+    h = ref.module.register_forward_pre_hook(lambda _m, a: xs.append(a[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for row in ids:
+            model(row[None], use_cache=False)
+    h.remove()
+    X = torch.cat(xs).double()
+    n = X.shape[0]
+    H = (2 / n * X.T @ X).float()
+    W = ref.get_weight().detach().clone()
+    W_hat = solve(W, H, bits=3, group_size=128).weight
+    sens = output_sensitivity(model, ids, [ref])[name]
+    E = (W - W_hat).double() @ X.T  # rows x tokens
+    expect = 2 / n * float(((sens.channel / sens.channel.mean()).double()[:, None]
+                            * sens.token.double()[None, :] * E.pow(2)).sum())
+    k = prof.layers[i].specs.index("3g128")
+    assert prof.weighted[i][k] == pytest.approx(expect, rel=1e-3)
+    assert prof.errors[i][k] == pytest.approx(2 / n * float(E.pow(2).sum()), rel=1e-3)

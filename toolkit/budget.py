@@ -66,7 +66,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .hessian import HessianAccumulator, reconstruction_error
+from .hessian import HessianAccumulator, reconstruction_error, row_errors
 from .menu import DEFAULT_MENU, METRICS, menu_spec, parse_menu, parse_size
 from .models import LinearRef, find_blocks, find_linears
 from .options import CompressConfig, LayerSettings, resolve_settings
@@ -78,7 +78,7 @@ from .sweep import capture_block_inputs, find_groups, run_block, sweep_block
 __all__ = ["DEFAULT_MENU", "METRICS", "parse_menu", "parse_size", "check_budget_config",
            "wants_budget", "budgeted_layers", "LayerChoices", "layer_choices", "budget_range",
            "BudgetProfile", "profile_layers", "solve_knapsack", "BudgetPlan", "plan_budget",
-           "BudgetResult", "budget_sweep"]
+           "BudgetResult", "budget_sweep", "output_sensitivity", "Sensitivity"]
 
 log = logging.getLogger("toolkit")
 
@@ -262,10 +262,13 @@ class BudgetProfile:
 
     ``layers``: the :class:`LayerChoices`; ``errors[i][k]``: the solver's error
     ``tr(dW H dW^T)`` of layer ``i`` with option ``k`` (scaled from the rows solved to the whole
-    layer; 0 for the 16-bit option; NaN when not measured); ``energy[i]``:
-    ``tr(W H W^T)``; ``dense_rest``: bytes of everything else in the checkpoint (dense, 16
-    bits); ``seconds``: wall time; ``rows_fraction``; ``key``: a fingerprint of the model's
-    weights, the calibration and the settings (checked when a profile is reused).
+    layer; 0 for the 16-bit option; NaN when not measured); ``energy[i]``: ``tr(W H W^T)``;
+    ``weighted[i][k]``: the same error with each output row weighted by the layer's
+    ``sensitivity`` (None when not measured, see :func:`output_sensitivity`); ``dense_rest``:
+    bytes of everything else in the checkpoint (dense, 16 bits); ``seconds``: wall time (of
+    which ``sensitivity_seconds`` for the gradient pass); ``rows_fraction``; ``key``: a
+    fingerprint of the model's weights, the calibration and the settings (checked when a
+    profile is reused).
     """
 
     layers: list[LayerChoices]
@@ -276,15 +279,20 @@ class BudgetProfile:
     rows_fraction: float
     layout: str
     key: str = ""
+    weighted: list[list[float]] | None = None
+    sensitivity_seconds: float = 0.0
 
     def table(self) -> pd.DataFrame:
         """One row per layer and option: ``layer``, ``block``, ``option``, ``error``,
-        ``rel_error`` (error / energy), ``params``."""
+        ``rel_error`` (error / energy), ``weighted_error`` (NaN without sensitivities),
+        ``params``."""
         rows = []
-        for c, errs, en in zip(self.layers, self.errors, self.energy):
-            for spec, err in zip(c.specs, errs):
+        for i, (c, errs, en) in enumerate(zip(self.layers, self.errors, self.energy)):
+            for k, (spec, err) in enumerate(zip(c.specs, errs)):
                 rows.append(dict(layer=c.name, block=c.block, option=spec, error=err,
-                                 rel_error=err / en if en > 0 else 0.0, params=c.params))
+                                 rel_error=err / en if en > 0 else 0.0,
+                                 weighted_error=self.weighted[i][k] if self.weighted
+                                 else math.nan, params=c.params))
         return pd.DataFrame(rows)
 
 
@@ -312,41 +320,149 @@ def _rows_subset(rows: int, fraction: float, seed: int, index: int) -> torch.Ten
     return torch.randperm(rows, generator=g)[:n].sort().values
 
 
+@dataclass
+class Sensitivity:
+    """How much the calibration loss reacts to one layer's outputs: ``channel[i]`` = mean over
+    the calibration tokens of ``(dL/dy_ti)^2`` and ``token[t]`` = mean over the output channels
+    of the same (tokens in calibration order, windows one after the other)."""
+
+    channel: torch.Tensor
+    token: torch.Tensor
+
+
+def output_sensitivity(model: nn.Module, ids: torch.Tensor,
+                       refs: list[LinearRef]) -> dict[str, Sensitivity]:
+    """The :class:`Sensitivity` of each layer of ``refs``: squared gradients of the language
+    model loss (the mean next-token loss of each calibration window) with respect to the
+    layer's outputs, from one forward and backward pass per window on the model where it is
+    (float32, CPU). No parameter gets a gradient (only the activations carry one); the model
+    is not changed.
+
+    Used by the ``"fisher"`` metric: with ``g_ti^2 ~ token[t] * channel[i] / mean(channel)``
+    (a rank-one fit of the squared gradients), the diagonal empirical-Fisher estimate of the
+    loss increase of a change ``dW``, ``1/2 sum_t sum_i g_ti^2 ((dW x_t)_i)^2``, is proportional
+    to ``sum_i channel[i] / mean(channel) * (dW H_s dW^T)_ii`` with the token-weighted input
+    Hessian ``H_s = 2/n sum_t token[t] x_t x_t^T``. The token weights matter: tokens with huge
+    activations (attention sinks) make large layer errors but have small gradients.
+    """
+    chan = {r.name: torch.zeros(r.get_weight().shape[0]) for r in refs}
+    tok: dict[str, list[torch.Tensor]] = {r.name: [] for r in refs}
+    grads_on = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+
+    def keep(name):
+        def on_grad(g):
+            g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1]).cpu()
+            chan[name] += g2.sum(0)
+            tok[name].append(g2.mean(1))
+
+        def hook(_m, _inp, out):  # returns None: the output is left as it is
+            if out.requires_grad:
+                out.register_hook(on_grad)
+        return hook
+
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(
+        lambda _m, _inp, out: out.detach().requires_grad_(True)))
+    handles += [r.module.register_forward_hook(keep(r.name)) for r in refs]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for p in grads_on:
+            p.requires_grad_(False)
+        for row in ids:
+            x = row[None].to(device)
+            with torch.enable_grad():
+                model(x, labels=x, use_cache=False).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, on in grads_on.items():
+            p.requires_grad_(on)
+        model.train(was_training)
+    n = ids.numel()
+    out = {}
+    for name in chan:
+        if len(tok[name]) != len(ids):
+            raise RuntimeError(f"{name}: got {len(tok[name])} output gradients for "
+                               f"{len(ids)} calibration windows")
+        out[name] = Sensitivity(channel=chan[name] / n, token=torch.cat(tok[name]))
+    return out
+
+
 @torch.no_grad()
-def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dtype):
-    """One Hessian per group from one forward pass per sample; also returns the block's
-    outputs (the next block's inputs), as the dense model computes them."""
-    accs = [HessianAccumulator(g[0].in_features, device=inputs.hidden[0].device, dtype=dtype,
-                               name=g[0].name) for g in groups]
+def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dtype,
+                    sens: dict[str, Sensitivity] | None):
+    """One Hessian per group from one forward pass per sample, and with ``sens`` one
+    token-weighted Hessian per layer (``H_s`` of :func:`output_sensitivity`); also returns the
+    block's outputs (the next block's inputs), as the dense model computes them."""
+    device = inputs.hidden[0].device
+    accs = [HessianAccumulator(g[0].in_features, device=device, dtype=dtype, name=g[0].name)
+            for g in groups]
     handles = [g[0].module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0]))
                for g, acc in zip(groups, accs)]
+    weighted: dict[str, HessianAccumulator] = {}
+    if sens is not None:
+        for g in groups:
+            for r in g:
+                acc = weighted[r.name] = HessianAccumulator(r.in_features, device=device,
+                                                            dtype=dtype, name=r.name)
+                handles.append(r.module.register_forward_pre_hook(
+                    _weighted_hook(acc, sens[r.name].token.to(device))))
     try:
         outputs = [run_block(block, inputs, h) for h in inputs.hidden]
     finally:
         for hd in handles:
             hd.remove()
-    return [a.H for a in accs], outputs
+    return [a.H for a in accs], {n: a.H for n, a in weighted.items()}, outputs
+
+
+def _weighted_hook(acc: HessianAccumulator, token: torch.Tensor):
+    """A pre-hook adding ``token[t] x_t x_t^T`` for the tokens of each call, in order."""
+    seen = [0]
+
+    def hook(_m, args):
+        x = args[0]
+        t = x.shape[:-1].numel()
+        w = token[seen[0]:seen[0] + t].sqrt().to(x.dtype).reshape(x.shape[:-1] + (1,))
+        acc.add(x * w)
+        seen[0] += t
+    return hook
 
 
 @torch.no_grad()
 def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
                    layout: str | None = None, choices: list[LayerChoices] | None = None,
-                   verbose: bool = True) -> BudgetProfile:
+                   sensitivity: bool | None = None, verbose: bool = True) -> BudgetProfile:
     """Measure every budgeted layer's solver error for every option it may take (see the
     module docstring). The model is not changed. ``choices`` default to
-    :func:`layer_choices` for ``layout`` (default ``config.budget_layout``)."""
+    :func:`layer_choices` for ``layout`` (default ``config.budget_layout``);
+    ``sensitivity`` (default: when ``config.budget_metric`` is ``"fisher"``) also measures
+    :func:`output_sensitivity` and the weighted errors."""
     t0 = time.perf_counter()
     layout = layout or config.budget_layout
     if choices is None:
         choices = layer_choices(model, config, layout)
+    if sensitivity is None:
+        sensitivity = config.budget_metric == "fisher"
+    prof = BudgetProfile(
+        layers=choices, errors=[[0.0 if not s.active else math.nan for s in c.settings]
+                                for c in choices],
+        energy=[0.0] * len(choices), dense_rest=0.0, seconds=0.0,
+        rows_fraction=config.profile_rows, layout=layout,
+        weighted=[[0.0 if not s.active else math.nan for s in c.settings] for c in choices]
+        if sensitivity else None)
     by_name = {c.name: i for i, c in enumerate(choices)}
-    errors = [[0.0 if not s.active else math.nan for s in c.settings] for c in choices]
-    energy = [0.0] * len(choices)
     blocks_name, blocks = find_blocks(model)
     refs = {r.name: r for _b, r in budgeted_layers(model, config)}
-    key = _fingerprint(model, list(refs.values()), ids, config)
-    dense_rest = model_bytes(model, DENSE_BITS, layout)["bytes"] - \
+    prof.key = _fingerprint(model, list(refs.values()), ids, config)
+    prof.dense_rest = model_bytes(model, DENSE_BITS, layout)["bytes"] - \
         sum(c.params for c in choices) * DENSE_BITS / 8
+    fisher = None
+    if sensitivity:
+        fisher = output_sensitivity(model, ids, [refs[c.name] for c in choices])
+        prof.sensitivity_seconds = time.perf_counter() - t0
     inputs = capture_block_inputs(model, blocks, ids, device)
     dtype = getattr(torch, config.hessian_dtype)
     was_training = model.training
@@ -360,32 +476,36 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
             block.to(device)
             mine = [r for r in find_linears(block, f"{blocks_name}.{b}") if r.name in by_name]
             groups = find_groups(block, mine, inputs) if mine else []
-            Hs, outputs = _block_hessians(block, groups, inputs, dtype)
+            Hs, Hw, outputs = _block_hessians(block, groups, inputs, dtype, fisher)
             for group, H in zip(groups, Hs):
-                _profile_group(group, H, choices, by_name, errors, energy, config, device)
+                _profile_group(prof, group, H, Hw, by_name, fisher, config, device)
             inputs.hidden = outputs
             block.to(home)
-            del Hs
+            del Hs, Hw
     finally:
         model.train(was_training)
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return BudgetProfile(layers=choices, errors=errors, energy=energy, dense_rest=dense_rest,
-                         seconds=time.perf_counter() - t0, rows_fraction=config.profile_rows,
-                         layout=layout, key=key)
+    prof.seconds = time.perf_counter() - t0
+    return prof
 
 
-def _profile_group(group, H, choices, by_name, errors, energy, config, device):
+def _profile_group(prof, group, H, Hw, by_name, fisher, config, device):
     """Every option of every layer of one group: one solve per distinct setting, the group's
     layers that may take it stacked (each on its row subset)."""
+    choices = prof.layers
     idx = [by_name[r.name] for r in group]
-    weights, subsets = [], []
+    weights, subsets, weights_f = [], [], []
     for r, i in zip(group, idx):
         w = r.get_weight().to(device=device, dtype=torch.float32)
-        energy[i] = reconstruction_error(w, torch.zeros_like(w), H)
+        prof.energy[i] = reconstruction_error(w, torch.zeros_like(w), H)
         sub = _rows_subset(w.shape[0], config.profile_rows, config.seed, i)
         subsets.append(sub)
         weights.append(w if sub is None else w[sub.to(device)])
+        if fisher is not None:
+            f = fisher[r.name].channel.to(device=device, dtype=H.dtype)
+            f = f / f.mean() if f.mean() > 0 else f  # the scale is in the weighted Hessian
+            weights_f.append(f if sub is None else f[sub.to(device)])
     buckets: dict[LayerSettings, list[int]] = {}
     for j, i in enumerate(idx):
         if len(choices[i].settings) < 2:
@@ -405,8 +525,12 @@ def _profile_group(group, H, choices, by_name, errors, energy, config, device):
             names=[group[j].name for j in members])
         for j, res in zip(members, results):
             i = idx[j]
+            k = choices[i].settings.index(s)
             scale = 1.0 if subsets[j] is None else choices[i].rows / len(subsets[j])
-            errors[i][choices[i].settings.index(s)] = res.error * scale
+            prof.errors[i][k] = res.error * scale
+            if fisher is not None:
+                per_row = row_errors(weights[j], res.weight, Hw[group[j].name])
+                prof.weighted[i][k] = float((weights_f[j] * per_row).sum()) * scale
 
 
 # ---- planning -------------------------------------------------------------------------------
@@ -510,6 +634,11 @@ def _values(profile: BudgetProfile, i: int, metric: str) -> list[float]:
     errs = profile.errors[i]
     if len(errs) == 1:
         return [0.0]  # one option: nothing to choose, nothing was measured
+    if metric == "fisher":
+        if profile.weighted is None:
+            raise ValueError("budget_metric='fisher' needs a profile measured with the loss "
+                             "gradients (profile_layers(..., sensitivity=True))")
+        return list(profile.weighted[i])
     if metric == "raw":
         return list(errs)
     en = profile.energy[i]
