@@ -118,7 +118,8 @@ def test_plan_is_the_exact_optimum_on_its_grid(layout):
         prof = _synthetic_profile(rng, layers=5)
         params = sum(c.params for c in prof.layers)
         target = rng.uniform(2.5, 9.0)
-        plan = plan_budget(prof, target_bits=target, layout=layout, slack=0.02)
+        plan = plan_budget(prof, target_bits=target, layout=layout, slack=0.02,
+                           metric="relative")
         nbytes = [[c.option_bytes(k, layout) for k in range(len(c.specs))] for c in prof.layers]
         vals = [[e / en for e in errs] for errs, en in zip(prof.errors, prof.energy)]
         budget = target * params / 8

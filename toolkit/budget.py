@@ -13,9 +13,12 @@ Three steps, all with the shared solver and size accounting:
    option. To keep the cost of many options near that of one compress, each option is solved
    on a random subset of each layer's rows (``profile_rows``, the same rows for every option)
    and the error is scaled up by ``rows / rows solved``.
-2. **Plan** (:func:`plan_budget`): one option per layer minimising the summed normalised error
-   (``budget_metric``; default ``"relative"``: the error divided by the layer's output energy
-   ``tr(W H W^T)``, the report's ``rel_error``) under the byte budget, by an exact
+2. **Plan** (:func:`plan_budget`): one option per layer minimising the summed error under the
+   byte budget, the errors of different layers made comparable by ``budget_metric`` (default
+   ``"fisher"``: each output row and calibration token weighted by the squared gradient of
+   the calibration loss with respect to that output, :func:`output_sensitivity`, which makes
+   the sum an estimate of the loss increase; ``"relative"``: each error divided by the
+   layer's output energy ``tr(W H W^T)``, the report's ``rel_error``; ``"raw"``), by an exact
    multiple-choice knapsack dynamic programme over the layers (:func:`solve_knapsack`) on a
    byte axis discretised to ``r`` bytes. Each option's bytes are rounded *up* to whole units,
    so the plan never exceeds the budget, and any choice that fits in ``budget - layers * r``
@@ -330,13 +333,15 @@ class Sensitivity:
     token: torch.Tensor
 
 
-def output_sensitivity(model: nn.Module, ids: torch.Tensor,
-                       refs: list[LinearRef]) -> dict[str, Sensitivity]:
+def output_sensitivity(model: nn.Module, ids: torch.Tensor, refs: list[LinearRef], *,
+                       labels: str = "data", seed: int = 0) -> dict[str, Sensitivity]:
     """The :class:`Sensitivity` of each layer of ``refs``: squared gradients of the language
     model loss (the mean next-token loss of each calibration window) with respect to the
     layer's outputs, from one forward and backward pass per window on the model where it is
     (float32, CPU). No parameter gets a gradient (only the activations carry one); the model
-    is not changed.
+    is not changed. ``labels="data"``: the loss of the calibration text's own next tokens (the
+    empirical Fisher); ``"model"``: of next tokens drawn from the model's own predictions
+    (``seed``), whose squared gradients estimate the Fisher information itself.
 
     Used by the ``"fisher"`` metric: with ``g_ti^2 ~ token[t] * channel[i] / mean(channel)``
     (a rank-one fit of the squared gradients), the diagonal empirical-Fisher estimate of the
@@ -371,10 +376,16 @@ def output_sensitivity(model: nn.Module, ids: torch.Tensor,
     try:
         for p in grads_on:
             p.requires_grad_(False)
+        gen = torch.Generator(device=device).manual_seed(seed)
         for row in ids:
             x = row[None].to(device)
             with torch.enable_grad():
-                model(x, labels=x, use_cache=False).loss.backward()
+                if labels == "model":
+                    logits = model(x, use_cache=False).logits[0].float()
+                    y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)[:, 0]
+                    nn.functional.cross_entropy(logits, y).backward()
+                else:
+                    model(x, labels=x, use_cache=False).loss.backward()
     finally:
         for h in handles:
             h.remove()
@@ -647,16 +658,17 @@ def _values(profile: BudgetProfile, i: int, metric: str) -> list[float]:
 
 def plan_budget(profile: BudgetProfile, *, target_bits: float | None = None,
                 target_size=None, budget: float | None = None, layout: str | None = None,
-                metric: str = "relative", layers: list[str] | None = None,
+                metric: str = "fisher", layers: list[str] | None = None,
                 slack: float = 0.002) -> BudgetPlan:
     """Choose one option per layer minimising the summed error under the byte budget.
 
     The budget is ``target_bits`` (bits per weight of the budgeted layers), ``target_size``
     (bytes of the whole checkpoint, or a string such as ``"60MB"``), or ``budget`` (bytes of
     the layers ``layers``, default all). ``layout``: the size layout the bytes are counted in
-    (default: the profile's). ``metric``: ``"relative"`` sums ``error / tr(W H W^T)`` (each
-    layer's lost fraction of its output energy on the calibration inputs, so that layers with
-    large outputs do not dominate); ``"raw"`` sums ``tr(dW H dW^T)`` as is.
+    (default: the profile's). ``metric``: ``"fisher"`` sums the loss-gradient-weighted errors
+    (an estimate of the loss increase, see :func:`output_sensitivity`; the profile must have
+    them); ``"relative"`` sums ``error / tr(W H W^T)`` (each layer's lost fraction of its
+    output energy on the calibration inputs); ``"raw"`` sums ``tr(dW H dW^T)`` as is.
 
     Options whose error was not measured are left out; so is any option another one of the
     same layer beats on both bytes and error. Bytes are discretised to ``resolution =

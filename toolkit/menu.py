@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_MENU", "DEFAULT_LAYOUT", "METRICS", "MenuOption", "parse_men
 #: layout ``transformers`` loads (every quantized code stored; sparse-only layers dense).
 DEFAULT_LAYOUT = "transformers"
 #: How errors of different layers are made comparable (see :func:`plan_budget`).
-METRICS = ("relative", "raw", "fisher")
+METRICS = ("fisher", "relative", "raw")
 
 #: The default menu: 16-bit (left alone), 8-bit, 4/3-bit at groups of 128 and 32, 2-bit, and
 #: 50% sparsity with 4 or 3 bits (these two only compete in layouts where sparsity saves

@@ -348,9 +348,11 @@ OPTIONS: tuple[Option, ...] = (
            "specs such as 16,8g128,4g128,4g32,3g128,50%+4g128,2:4+4g128 (None: "
            "toolkit.menu.DEFAULT_MENU)", flag="--budget-menu", metavar="SPECS",
            annotation="tuple[str, ...] | None"),
-    Option("budget_metric", "relative", _passthrough,
-           "how layers' errors are summed under a target: relative (each error over the "
-           "layer's output energy tr(W H W^T)) or raw", flag="--budget-metric",
+    Option("budget_metric", "fisher", _passthrough,
+           "how layers' errors are made comparable under a target: fisher (each output "
+           "weighted by the squared gradient of the calibration loss: an estimate of the loss "
+           "increase; one extra forward and backward pass), relative (error over the layer's "
+           "output energy tr(W H W^T)) or raw (tr(dW H dW^T))", flag="--budget-metric",
            annotation="str", choices=METRICS),
     Option("profile_rows", 0.25, _fraction,
            "under a target, the fraction of each layer's rows the profile solves per option "
