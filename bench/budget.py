@@ -62,9 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--targets", type=float, nargs="+", default=[2.6, 3.2, 3.7, 4.2, 5.0])
     p.add_argument("--layouts", nargs="+", default=["transformers", "compressed-tensors"])
-    p.add_argument("--metrics", nargs="+", default=["relative"],
+    p.add_argument("--metrics", nargs="+", default=["fisher", "relative"],
                    help="budget_metric values to run (each on every layout and target)")
-    p.add_argument("--rows", type=float, nargs="+", default=[0.25],
+    p.add_argument("--rows", type=float, nargs="+", default=[0.25, 1.0],
                    help="profile_rows values (each profiled and run at the compared targets)")
     p.add_argument("--uniform", nargs="+", default=[label for label, _ in UNIFORM],
                    help="the uniform rows to run (labels)")
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                          verbose=False)
         b = report.budget
         label = (f"budget {target:g} bits ({LAYOUT_NAMES[layout]}"
-                 f"{', ' + metric if metric != 'relative' else ''}"
+                 f"{', ' + metric if metric != 'fisher' else ''}"
                  f"{f', rows {rows:g}' if rows != 0.25 else ''})")
         row = dict(method=label, kind="budget", layout=LAYOUT_NAMES[layout], target_bits=target,
                    metric=metric, profile_rows=rows,
