@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from . import distributed, experts
+from . import budget, distributed, experts
 from .allocation import allocate, apply_allocation
 from .data import calibration_plan, default_calibration_size, get_calibration
 from .models import find_blocks
@@ -51,7 +51,7 @@ def _find_tokenizer(model):
 
 
 def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None = None,
-             **kwargs) -> CompressionReport:
+             profile: budget.BudgetProfile | None = None, **kwargs) -> CompressionReport:
     """Prune and/or quantize every linear layer inside the decoder blocks of ``model``, in place.
 
     Typical calls::
@@ -67,6 +67,15 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     ``allocation="owl"`` moves sparsity between blocks, keeping the model's total pruned count
     exactly at ``sparsity`` (per-layer values in ``report.layers["sparsity"]``).
 
+    Compress to a size instead of a setting: ``compress(model, tok, target_bits=3.2)`` (bits per
+    weight of the budgeted layers) or ``target_size="60MB"`` (the whole checkpoint) profiles
+    every layer's error for every option of ``budget_menu``, chooses one option per layer that
+    minimises the summed error under the budget (bytes of ``budget_layout``, the layout the
+    checkpoint will be saved in), then runs the sweep with those settings (see
+    :mod:`toolkit.budget`). ``report.budget`` holds the choices, bytes and profile; pass
+    ``profile=report.budget.profile`` to another call on a fresh copy of the same model, with
+    the same calibration and settings, to try another target without profiling again.
+
     Returns a :class:`CompressionReport`. Everything is checked before any weight changes; an
     error raised before the first block is solved leaves the model untouched.
     """
@@ -77,6 +86,13 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch nn.Module (a transformers model), got "
                          f"{type(model).__name__}")
+    planned = budget.wants_budget(config)
+    if planned:
+        budget.check_budget_config(config)
+        if distributed.world_size() > 1:
+            raise ValueError("target_bits/target_size cannot run under a process group yet")
+    elif profile is not None:
+        raise ValueError("profile= is only used with target_bits or target_size")
     t0 = time.perf_counter()
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device = distributed.rank_device(device)  # cuda:LOCAL_RANK under a process group
@@ -106,13 +122,16 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     if config.allocation != "uniform" and any(experts.is_expert(r) for r in layers):
         raise ValueError(f"allocation={config.allocation!r} does not cover mixture-of-experts "
                          "experts yet; use allocation='uniform' (or overrides) on this model")
+    if planned and any(experts.is_expert(r) for r in layers):
+        raise ValueError("target_bits/target_size do not cover mixture-of-experts experts yet; "
+                         "give sparsity/bits (and overrides) on this model")
     if config.allocation != "uniform":  # per-layer sparsity from a dense pre-pass (allocation.py)
         allocated = allocate(model, ids, settings, allocation=config.allocation, device=device,
                              owl_m=config.owl_m, owl_lambda=config.owl_lambda)
         settings = apply_allocation(settings, allocated)
 
     active = [r.name for r in layers if (s := settings(r.name)) is not None and s.active]
-    if not active:
+    if not active and not planned:
         raise ValueError("nothing to do: give sparsity, pattern or bits (or overrides that set "
                          "them), and make sure ignore does not exclude every layer")
 
@@ -120,12 +139,16 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     was_training = model.training
     model.eval()
     try:
-        rows = run_sweep(model, ids, settings, device=device, block_size=config.block_size,
-                         percdamp=config.percdamp,
-                         hessian_dtype=getattr(torch, config.hessian_dtype),
-                         verbose=config.verbose and distributed.is_main(),
-                         expert_hessian=config.expert_hessian, routers=config.routers,
-                         schedule=config.schedule, memory_mb=config.sweep_memory_mb)
+        if planned:  # profile, plan, then the sweep with each layer's chosen settings
+            rows, result = budget.budget_sweep(model, ids, config, device=device,
+                                               profile=profile, verbose=config.verbose)
+        else:
+            rows = run_sweep(model, ids, settings, device=device, block_size=config.block_size,
+                             percdamp=config.percdamp,
+                             hessian_dtype=getattr(torch, config.hessian_dtype),
+                             verbose=config.verbose and distributed.is_main(),
+                             expert_hessian=config.expert_hessian, routers=config.routers,
+                             schedule=config.schedule, memory_mb=config.sweep_memory_mb)
     finally:
         model.train(was_training)
     after = model_bytes(model)
@@ -139,6 +162,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         "bytes after": after["bytes"],
         "bits/weight (compressed)": after["bits_per_weight"],
         **notes,  # MoE routers left dense; tensors left dense by ignore
+        **(result.summary if planned else {}),
     }
     compact = model_bytes(model, layout="compact")
     if compact["bytes"] != after["bytes"]:  # pruned layers: save_compressed(layout="compact")
@@ -146,6 +170,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     report = build_report(config, rows, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
                           device=device, extra=extra)
     report.summary["seconds"] = time.perf_counter() - t0
+    report.budget = result if planned else None
     summary = report.summary
     log.info("compressed %d layers (%s) in %.1fs", len(report.layers), summary["method"],
              summary["seconds"])

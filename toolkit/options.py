@@ -26,6 +26,7 @@ import torch
 
 from .allocation import check_allocation
 from .masks import check_pattern, check_sparsity
+from .menu import DEFAULT_LAYOUT, METRICS, parse_menu, parse_size
 from .quant import check_bits, check_group_size
 
 __all__ = ["Option", "OPTIONS", "LayerSettings", "CompressConfig", "OVERRIDE_KEYS",
@@ -119,6 +120,35 @@ def _owl_m(value, name):
 def _owl_lambda(value, name):
     check_allocation("uniform", owl_lambda=value)
     return value
+
+
+def _target_bits(value, name):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a number of bits per weight > 0 (e.g. 3.2), or None, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _target_size(value, name):
+    return None if value is None else parse_size(value, name)
+
+
+def _budget_menu(value, name):
+    return None if value is None else tuple(o.spec for o in parse_menu(value, name))
+
+
+def _fraction(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _budget_label(fmt):
+    return lambda v, s, long: None if v is None else fmt(v)
 
 
 # ---- parsers: a command-line string -> a value (then checked) --------------------------------
@@ -320,6 +350,44 @@ OPTIONS: tuple[Option, ...] = (
            "|W|*||X|| (5)", flag="--owl-m", parse=_parse_float, annotation="float"),
     Option("owl_lambda", 0.08, _owl_lambda, "owl: largest deviation of a block's sparsity "
            "from sparsity (0.08)", flag="--owl-lambda", parse=_parse_float,
+           annotation="float"),
+    # compress to a size (toolkit.budget): each layer's option chosen under a byte budget
+    Option("target_bits", None, _target_bits,
+           "compress to this many bits per weight of the budgeted layers (every linear layer "
+           "of the blocks that ignore does not exclude; scales, zero points and masks "
+           "included), choosing each layer's sparsity and bits from budget_menu so that the "
+           "summed error is smallest", flag="--target-bits", parse=_parse_float, metavar="BITS",
+           label=_budget_label(lambda v: f"budget {v:g} bits/weight"), part="budget",
+           annotation="float | None"),
+    Option("target_size", None, _target_size,
+           "compress so that the whole checkpoint (dense tensors at 16 bits) takes at most this "
+           "many bytes: an integer or a size such as 60MB or 1.5GiB (MB = 10^6 bytes)",
+           flag="--target-size", metavar="SIZE",
+           label=_budget_label(lambda v: f"budget {v / 1e6:.1f} MB"), part="budget",
+           annotation="int | str | None"),
+    Option("budget_layout", DEFAULT_LAYOUT, _passthrough,
+           "the checkpoint layout the budget counts bytes in (toolkit.size; save in the same "
+           "layout): standard (what transformers and vLLM load: every code stored, sparse-only layers "
+           "dense, so sparsity saves nothing) or compact (kept codes + bitmask: sparsity saves "
+           "bytes; read by load_compressed)",
+           flag="--budget-layout",
+           label=lambda v, s, long: f"{v} layout" if long and (
+               s.target_bits is not None or s.target_size is not None) else None,
+           part="budget", annotation="str", choices=("standard", "compact")),
+    Option("budget_menu", None, _budget_menu,
+           "the options each layer may take under a target, comma-separated [SPARSITY+]BITS "
+           "specs such as 16,8g128,4g128,4g32,3g128,50%+4g128,2:4+4g128 (None: "
+           "toolkit.menu.DEFAULT_MENU)", flag="--budget-menu", metavar="SPECS",
+           annotation="tuple[str, ...] | None"),
+    Option("budget_metric", "fisher", _passthrough,
+           "how layers' errors are made comparable under a target: fisher (each output "
+           "weighted by the squared gradient of the calibration loss: an estimate of the loss "
+           "increase; one extra forward and backward pass), relative (error over the layer's "
+           "output energy tr(W H W^T)) or raw (tr(dW H dW^T))", flag="--budget-metric",
+           annotation="str", choices=METRICS),
+    Option("profile_rows", 0.25, _fraction,
+           "under a target, the fraction of each layer's rows the profile solves per option "
+           "(at least 64 rows; 1 = all)", flag="--profile-rows", parse=_parse_float,
            annotation="float"),
 )
 

@@ -57,11 +57,13 @@ REPORT_COLUMNS = ["block", "layer", "shape", "sparsity", "zeros", "bits", "group
 @dataclass
 class CompressionReport:
     """What :func:`toolkit.compress` did: ``layers`` (one row per layer, columns
-    :data:`REPORT_COLUMNS`) and ``summary`` (totals)."""
+    :data:`REPORT_COLUMNS`) and ``summary`` (totals); ``budget``: with a size target, the
+    :class:`toolkit.budget.BudgetResult` (choices, bytes, profile), else None."""
 
     config: CompressConfig
     layers: pd.DataFrame
     summary: dict
+    budget: object = None
 
     def __str__(self) -> str:
         cols = ["block", "layer", "shape", "sparsity", "bits", "group_size", "error", "rel_error",

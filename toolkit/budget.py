@@ -1,0 +1,872 @@
+"""Compress to a size: each layer's sparsity and bits chosen from the solver's own errors.
+
+    report = compress(model, tok, target_bits=3.2)       # 3.2 bits per weight, budgeted layers
+    report = compress(model, tok, target_size="60MB")    # the whole checkpoint, 60 * 10**6 bytes
+
+Three steps, all with the shared solver and size accounting:
+
+1. **Profile** (:func:`profile_layers`): one pass over the *dense* model, block by block. For
+   every group of layers that read the same input, one Hessian (all groups of a block from one
+   forward pass) and one factorisation per act-order setting; then, for every option of the
+   menu (:data:`DEFAULT_MENU`, e.g. ``"4g128"``, ``"50%+3g128"``), one :func:`solve_layers` call
+   on the group's layers stacked, which gives each layer's error ``tr(dW H dW^T)`` for that
+   option. To keep the cost of many options near that of one compress, each option is solved
+   on a random subset of each layer's rows (``profile_rows``, the same rows for every option)
+   and the error is scaled up by ``rows / rows solved``.
+2. **Plan** (:func:`plan_budget`): one option per layer minimising the summed error under the
+   byte budget, the errors of different layers made comparable by ``budget_metric`` (default
+   ``"fisher"``: each output row and calibration token weighted by the squared gradient of
+   the calibration loss with respect to that output, :func:`output_sensitivity`, which makes
+   the sum an estimate of the loss increase; ``"relative"``: each error divided by the
+   layer's output energy ``tr(W H W^T)``, the report's ``rel_error``; ``"raw"``), by an exact
+   multiple-choice knapsack dynamic programme over the layers (:func:`solve_knapsack`) on a
+   byte axis discretised to ``r`` bytes. Each option's bytes are rounded *up* to whole units,
+   so the plan never exceeds the budget, and any choice that fits in ``budget - layers * r``
+   is in the programme's search space (``r`` is chosen so that this slack is at most 0.2% of
+   the budget: :attr:`BudgetPlan.rounding_bytes`).
+3. **Sweep** (:func:`budget_sweep`): the ordinary sequential sweep, block by block
+   (:func:`toolkit.sweep.sweep_block`), each layer with its chosen settings. After each block
+   the bytes its layers really take are counted; when they differ from the plan (kept codes
+   that quantize to exactly 0 are stored as pruned in the compact layout, so a pruned layer can
+   take fewer bytes than planned, never more) the remaining layers are planned again with the
+   bytes left.
+
+Granularity: one option per *layer* (q, k and v may differ). The layers of a group share the
+Hessian and the factorisation, so profiling per layer costs nothing more than per group (each
+layer's rows are solved as in its own solve), and a finer choice can only lower the optimum;
+each layer stays storable on its own (its format does not depend on its neighbours).
+
+Bytes are those of the checkpoint layout the model will be written in (``budget_layout``, a
+layout of :mod:`toolkit.size`): in ``"standard"`` (the layout ``transformers`` loads: every
+quantized code stored, pruned weights at the zero point, sparse-only layers dense) pruning saves
+no bytes, so pruned options are dropped from the menu before profiling (they cost the same as
+the unpruned option and only add error); in ``"compact"`` (kept codes + bitmask,
+``save_compressed(layout="compact")``) sparsity saves bytes and the pruned options compete.
+Dense tensors and scales count at 16 bits: save a float32 model with
+``save_compressed(..., dtype=torch.float16)`` for the file to match.
+
+Definitions: ``target_bits`` = ``8 * bytes / parameters`` over the *budgeted layers* (every
+linear layer inside the decoder blocks that ``ignore`` does not exclude, including any the
+plan leaves at 16 bits), scales, zero points and masks included -- the same quantity as
+``model_bytes(model, layout=...)["bits_per_weight"]`` after the run. ``target_size`` = the
+bytes of the whole checkpoint (:func:`toolkit.size.model_bytes` ``["bytes"]``: the budgeted
+layers plus every other tensor dense at 16 bits, tied tensors once), an integer or a string such
+as ``"60MB"`` (MB = 10**6 bytes, MiB = 2**20).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .hessian import HessianAccumulator, reconstruction_error, row_errors
+from .menu import DEFAULT_MENU, METRICS, menu_spec, parse_menu, parse_size
+from .models import LinearRef, find_blocks, find_linears
+from .options import CompressConfig, LayerSettings, resolve_settings
+from .records import LayerCompression
+from .size import linear_bytes, model_bytes
+from .solver import factorize, solve_layers
+from .sweep import capture_block_inputs, find_groups, run_block, sweep_block
+
+__all__ = ["DEFAULT_MENU", "METRICS", "parse_menu", "parse_size", "check_budget_config",
+           "wants_budget", "budgeted_layers", "LayerChoices", "layer_choices", "budget_range",
+           "BudgetProfile", "profile_layers", "solve_knapsack", "BudgetPlan", "plan_budget",
+           "BudgetResult", "budget_sweep", "output_sensitivity", "Sensitivity"]
+
+log = logging.getLogger("toolkit")
+
+#: Dense tensors and scales are counted at this width (fp16 / bf16 checkpoints).
+DENSE_BITS = 16
+
+
+# ---- the configuration ---------------------------------------------------------------------
+
+def wants_budget(config: CompressConfig) -> bool:
+    """True when ``config`` asks for a size (``target_bits`` or ``target_size``)."""
+    return config.target_bits is not None or config.target_size is not None
+
+
+def check_budget_config(config: CompressConfig) -> None:
+    """Raise ``ValueError`` for settings a size target cannot be combined with."""
+    if config.target_bits is not None and config.target_size is not None:
+        raise ValueError(f"give either target_bits or target_size, not both (got "
+                         f"target_bits={config.target_bits}, target_size={config.target_size})")
+    s = config.settings
+    given = [f"{k}={getattr(s, k)!r}" for k, unset in (("sparsity", 0.0), ("pattern", None),
+                                                        ("bits", None))
+             if getattr(s, k) != unset]
+    if given:
+        raise ValueError(f"with target_bits/target_size the planner chooses sparsity, pattern, "
+                         f"bits and group_size per layer from budget_menu; do not give "
+                         f"{', '.join(given)} (put the settings you want in budget_menu, or fix "
+                         f"some layers with overrides)")
+    if config.allocation != "uniform":
+        raise ValueError("allocation='owl' cannot be combined with target_bits/target_size "
+                         "(the planner chooses each layer's sparsity itself)")
+    if config.refine_iters:
+        raise ValueError("refine_iters cannot be combined with target_bits/target_size yet "
+                         "(the profile would not measure the re-solved errors)")
+    if s.method != "sparsegpt" or s.quant != "gptq":
+        raise ValueError(f"target_bits/target_size profile every option with the shared solver: "
+                         f"they need method='sparsegpt' and quant='gptq', got "
+                         f"method={s.method!r}, quant={s.quant!r}")
+    for opt in parse_menu(config.budget_menu):  # each option valid with the global settings
+        try:
+            CompressConfig(**{**{k: getattr(s, k) for k in s.to_dict()}, **opt.changes(),
+                              "block_size": config.block_size})
+        except ValueError as e:
+            raise ValueError(f"budget_menu option {opt.spec!r} with the global settings: "
+                             f"{e}") from None
+
+
+# ---- the layers and their choices -------------------------------------------------------------
+
+def budgeted_layers(model: nn.Module, config: CompressConfig) -> list[tuple[int, LinearRef]]:
+    """``[(block index, LinearRef)]``: every linear layer inside the blocks that ``ignore``
+    does not exclude, in block order."""
+    name, blocks = find_blocks(model)
+    return [(b, r) for b, blk in enumerate(blocks) for r in find_linears(blk, f"{name}.{b}")
+            if config.layer_settings(r.name) is not None]
+
+
+@dataclass
+class LayerChoices:
+    """One budgeted layer and the settings it may take (the menu after the global settings and
+    ``overrides``, duplicates merged; options this layer's shape cannot take left out)."""
+
+    name: str
+    block: int
+    rows: int
+    cols: int
+    specs: list[str]
+    settings: list[LayerSettings]
+    skipped: dict[str, str] = field(default_factory=dict)  # spec -> why it was left out
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols
+
+    def option_bytes(self, k: int, layout: str) -> float:
+        """Bytes of option ``k`` in ``layout``; for pruned options an upper bound (every weight
+        the mask keeps counted as stored; a kept code that lands exactly on 0 is stored as
+        pruned in the compact layout)."""
+        return _settings_bytes(self.settings[k], self.rows, self.cols, layout)
+
+
+def _settings_bytes(s: LayerSettings, rows: int, cols: int, layout: str) -> float:
+    numel = rows * cols
+    if not s.active:
+        return numel * DENSE_BITS / 8
+    kept = None
+    if s.pattern is not None:
+        kept = numel // s.pattern[1] * (s.pattern[1] - s.pattern[0])
+    elif s.sparsity:
+        kept = numel - round(s.sparsity * numel)
+    terms = linear_bytes(rows, cols, nnz=kept, pattern=s.pattern, sparse=s.prunes,
+                         bits=s.bits, group_size=s.group_size, sym=s.sym,
+                         act_order=bool(s.act_order and not s.static_groups and s.bits),
+                         dense_bits=DENSE_BITS, layout=layout)
+    return float(sum(terms.values()))
+
+
+def layer_choices(model: nn.Module, config: CompressConfig,
+                  layout: str | None = None) -> list[LayerChoices]:
+    """The :class:`LayerChoices` of every budgeted layer. With ``layout``, options that cost at
+    least as many bytes as the same option without pruning are left out (pruning only adds
+    error there, e.g. every pruned option in the ``"standard"`` layout)."""
+    menu = parse_menu(config.budget_menu)
+    base = config.settings
+    out = []
+    for b, ref in budgeted_layers(model, config):
+        rows, cols = ref.get_weight().shape
+        specs, settings, skipped = [], [], {}
+        for opt in menu:
+            s = resolve_settings(ref.name, replace(base, **opt.changes()), config.ignore,
+                                 config.overrides)
+            if s.pattern is not None and cols % s.pattern[1]:
+                skipped[opt.spec] = f"{cols} columns are not a multiple of {s.pattern[1]}"
+                continue
+            spec = menu_spec(s.sparsity, s.pattern, s.bits, s.group_size)
+            if s in settings:
+                skipped[opt.spec] = f"same settings as {specs[settings.index(s)]!r} here"
+                continue
+            specs.append(spec)  # after overrides: what the layer really gets
+            settings.append(s)
+        if layout is not None:
+            for k in range(len(settings) - 1, -1, -1):
+                s = settings[k]
+                if not s.prunes:
+                    continue
+                plain = replace(s, sparsity=0.0, pattern=None)
+                if _settings_bytes(plain, rows, cols, layout) <= \
+                        _settings_bytes(s, rows, cols, layout):
+                    skipped[specs[k]] = (f"in the {layout} layout it takes as many bytes as "
+                                         f"{menu_spec(0.0, None, s.bits, s.group_size)!r}")
+                    del specs[k], settings[k]
+        out.append(LayerChoices(ref.name, b, rows, cols, specs, settings, skipped))
+    return out
+
+
+def budget_bytes(choices: list[LayerChoices], dense_rest: float, *, target_bits=None,
+                 target_size=None) -> float:
+    """The bytes the budgeted layers may take: ``target_bits * params / 8``, or
+    ``target_size`` minus the dense rest of the checkpoint."""
+    if target_bits is not None:
+        return target_bits * sum(c.params for c in choices) / 8
+    return float(target_size) - dense_rest
+
+
+def budget_range(choices: list[LayerChoices], layout: str) -> tuple[float, float]:
+    """``(smallest, largest)`` bytes the budgeted layers can take with these choices."""
+    lo = sum(min(c.option_bytes(k, layout) for k in range(len(c.specs))) for c in choices)
+    hi = sum(max(c.option_bytes(k, layout) for k in range(len(c.specs))) for c in choices)
+    return lo, hi
+
+
+def _check_target(choices, layout, dense_rest, target_bits, target_size) -> float:
+    if not choices:
+        raise ValueError("no layer to budget: every linear layer of the blocks is ignored")
+    lo, hi = budget_range(choices, layout)
+    params = sum(c.params for c in choices)
+    budget = budget_bytes(choices, dense_rest, target_bits=target_bits, target_size=target_size)
+    if target_bits is not None:
+        lo_v, hi_v, got, unit = 8 * lo / params, 8 * hi / params, target_bits, "bits per weight"
+        fmt = "{:.4g}"
+    else:
+        lo_v, hi_v, got, unit = lo + dense_rest, hi + dense_rest, target_size, "bytes"
+        fmt = "{:,.0f}"
+    if budget < lo - 1e-6 or budget > hi + 1e-6:
+        what = "below the smallest" if budget < lo else "above the largest"
+        raise ValueError(
+            f"{'target_bits' if target_bits is not None else 'target_size'}={fmt.format(got)} "
+            f"{unit} is {what} size this menu can reach in the {layout!r} layout: the "
+            f"achievable range is {fmt.format(lo_v)} .. {fmt.format(hi_v)} {unit} "
+            f"({len(choices)} layers, {params:,} weights"
+            + (f", {dense_rest:,.0f} bytes of dense tensors besides" if target_size else "")
+            + ")")
+    return budget
+
+
+# ---- profiling ----------------------------------------------------------------------------
+
+@dataclass
+class BudgetProfile:
+    """What :func:`profile_layers` measured, reusable for several targets and layouts.
+
+    ``layers``: the :class:`LayerChoices`; ``errors[i][k]``: the solver's error
+    ``tr(dW H dW^T)`` of layer ``i`` with option ``k`` (scaled from the rows solved to the whole
+    layer; 0 for the 16-bit option; NaN when not measured); ``energy[i]``: ``tr(W H W^T)``;
+    ``weighted[i][k]``: the same error with each output row weighted by the layer's
+    ``sensitivity`` (None when not measured, see :func:`output_sensitivity`); ``dense_rest``:
+    bytes of everything else in the checkpoint (dense, 16 bits); ``seconds``: wall time (of
+    which ``sensitivity_seconds`` for the gradient pass); ``rows_fraction``; ``key``: a
+    fingerprint of the model's weights, the calibration and the settings (checked when a
+    profile is reused).
+    """
+
+    layers: list[LayerChoices]
+    errors: list[list[float]]
+    energy: list[float]
+    dense_rest: float
+    seconds: float
+    rows_fraction: float
+    layout: str
+    key: str = ""
+    weighted: list[list[float]] | None = None
+    sensitivity_seconds: float = 0.0
+
+    def table(self) -> pd.DataFrame:
+        """One row per layer and option: ``layer``, ``block``, ``option``, ``error``,
+        ``rel_error`` (error / energy), ``weighted_error`` (NaN without sensitivities),
+        ``params``."""
+        rows = []
+        for i, (c, errs, en) in enumerate(zip(self.layers, self.errors, self.energy)):
+            for k, (spec, err) in enumerate(zip(c.specs, errs)):
+                rows.append(dict(layer=c.name, block=c.block, option=spec, error=err,
+                                 rel_error=err / en if en > 0 else 0.0,
+                                 weighted_error=self.weighted[i][k] if self.weighted
+                                 else math.nan, params=c.params))
+        return pd.DataFrame(rows)
+
+
+def _fingerprint(model: nn.Module, refs: list[LinearRef], ids: torch.Tensor,
+                 config: CompressConfig) -> str:
+    h = hashlib.sha256()
+    h.update(ids.detach().cpu().numpy().tobytes())
+    for r in refs:
+        w = r.get_weight()
+        h.update(r.name.encode())
+        h.update(repr((tuple(w.shape), float(w.double().sum()), float(w.double().abs().sum())))
+                 .encode())
+    keep = {k: v for k, v in config.to_dict().items()
+            if k not in ("target_bits", "target_size", "budget_layout", "budget_metric",
+                         "verbose", "device", "calibration", "nsamples", "seqlen")}
+    h.update(repr(sorted(keep.items(), key=lambda kv: kv[0])).encode())
+    return h.hexdigest()[:16]
+
+
+def _rows_subset(rows: int, fraction: float, seed: int, index: int) -> torch.Tensor | None:
+    n = max(min(rows, 64), math.ceil(fraction * rows))
+    if n >= rows:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.randperm(rows, generator=g)[:n].sort().values
+
+
+@dataclass
+class Sensitivity:
+    """How much the calibration loss reacts to one layer's outputs: ``channel[i]`` = mean over
+    the calibration tokens of ``(dL/dy_ti)^2`` and ``token[t]`` = mean over the output channels
+    of the same (tokens in calibration order, windows one after the other)."""
+
+    channel: torch.Tensor
+    token: torch.Tensor
+
+
+def output_sensitivity(model: nn.Module, ids: torch.Tensor, refs: list[LinearRef], *,
+                       labels: str = "data", seed: int = 0) -> dict[str, Sensitivity]:
+    """The :class:`Sensitivity` of each layer of ``refs``: squared gradients of the language
+    model loss (the mean next-token loss of each calibration window) with respect to the
+    layer's outputs, from one forward and backward pass per window on the model where it is
+    (float32, CPU). No parameter gets a gradient (only the activations carry one); the model
+    is not changed. ``labels="data"``: the loss of the calibration text's own next tokens (the
+    empirical Fisher); ``"model"``: of next tokens drawn from the model's own predictions
+    (``seed``), whose squared gradients estimate the Fisher information itself.
+
+    Used by the ``"fisher"`` metric: with ``g_ti^2 ~ token[t] * channel[i] / mean(channel)``
+    (a rank-one fit of the squared gradients), the diagonal empirical-Fisher estimate of the
+    loss increase of a change ``dW``, ``1/2 sum_t sum_i g_ti^2 ((dW x_t)_i)^2``, is proportional
+    to ``sum_i channel[i] / mean(channel) * (dW H_s dW^T)_ii`` with the token-weighted input
+    Hessian ``H_s = 2/n sum_t token[t] x_t x_t^T``. The token weights matter: tokens with huge
+    activations (attention sinks) make large layer errors but have small gradients.
+    """
+    chan = {r.name: torch.zeros(r.get_weight().shape[0]) for r in refs}
+    tok: dict[str, list[torch.Tensor]] = {r.name: [] for r in refs}
+    grads_on = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+
+    def keep(name):
+        def on_grad(g):
+            g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1]).cpu()
+            chan[name] += g2.sum(0)
+            tok[name].append(g2.mean(1))
+
+        def hook(_m, _inp, out):  # returns None: the output is left as it is
+            if out.requires_grad:
+                out.register_hook(on_grad)
+        return hook
+
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(
+        lambda _m, _inp, out: out.detach().requires_grad_(True)))
+    handles += [r.module.register_forward_hook(keep(r.name)) for r in refs]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for p in grads_on:
+            p.requires_grad_(False)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for row in ids:
+            x = row[None].to(device)
+            with torch.enable_grad():
+                if labels == "model":
+                    logits = model(x, use_cache=False).logits[0].float()
+                    y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)[:, 0]
+                    nn.functional.cross_entropy(logits, y).backward()
+                else:
+                    model(x, labels=x, use_cache=False).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, on in grads_on.items():
+            p.requires_grad_(on)
+        model.train(was_training)
+    n = ids.numel()
+    out = {}
+    for name in chan:
+        if len(tok[name]) != len(ids):
+            raise RuntimeError(f"{name}: got {len(tok[name])} output gradients for "
+                               f"{len(ids)} calibration windows")
+        out[name] = Sensitivity(channel=chan[name] / n, token=torch.cat(tok[name]))
+    return out
+
+
+@torch.no_grad()
+def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dtype,
+                    sens: dict[str, Sensitivity] | None):
+    """One Hessian per group from one forward pass per sample, and with ``sens`` one
+    token-weighted Hessian per layer (``H_s`` of :func:`output_sensitivity`); also returns the
+    block's outputs (the next block's inputs), as the dense model computes them."""
+    device = inputs.hidden[0].device
+    accs = [HessianAccumulator(g[0].in_features, device=device, dtype=dtype, name=g[0].name)
+            for g in groups]
+    handles = [g[0].module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0]))
+               for g, acc in zip(groups, accs)]
+    weighted: dict[str, HessianAccumulator] = {}
+    if sens is not None:
+        for g in groups:
+            for r in g:
+                acc = weighted[r.name] = HessianAccumulator(r.in_features, device=device,
+                                                            dtype=dtype, name=r.name)
+                handles.append(r.module.register_forward_pre_hook(
+                    _weighted_hook(acc, sens[r.name].token.to(device))))
+    try:
+        outputs = [run_block(block, inputs, h) for h in inputs.hidden]
+    finally:
+        for hd in handles:
+            hd.remove()
+    return [a.H for a in accs], {n: a.H for n, a in weighted.items()}, outputs
+
+
+def _weighted_hook(acc: HessianAccumulator, token: torch.Tensor):
+    """A pre-hook adding ``token[t] x_t x_t^T`` for the tokens of each call, in order."""
+    seen = [0]
+
+    def hook(_m, args):
+        x = args[0]
+        t = x.shape[:-1].numel()
+        w = token[seen[0]:seen[0] + t].sqrt().to(x.dtype).reshape(x.shape[:-1] + (1,))
+        acc.add(x * w)
+        seen[0] += t
+    return hook
+
+
+@torch.no_grad()
+def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
+                   layout: str | None = None, choices: list[LayerChoices] | None = None,
+                   sensitivity: bool | None = None, verbose: bool = True) -> BudgetProfile:
+    """Measure every budgeted layer's solver error for every option it may take (see the
+    module docstring). The model is not changed. ``choices`` default to
+    :func:`layer_choices` for ``layout`` (default ``config.budget_layout``);
+    ``sensitivity`` (default: when ``config.budget_metric`` is ``"fisher"``) also measures
+    :func:`output_sensitivity` and the weighted errors."""
+    t0 = time.perf_counter()
+    layout = layout or config.budget_layout
+    if choices is None:
+        choices = layer_choices(model, config, layout)
+    if sensitivity is None:
+        sensitivity = config.budget_metric == "fisher"
+    prof = BudgetProfile(
+        layers=choices, errors=[[0.0 if not s.active else math.nan for s in c.settings]
+                                for c in choices],
+        energy=[0.0] * len(choices), dense_rest=0.0, seconds=0.0,
+        rows_fraction=config.profile_rows, layout=layout,
+        weighted=[[0.0 if not s.active else math.nan for s in c.settings] for c in choices]
+        if sensitivity else None)
+    by_name = {c.name: i for i, c in enumerate(choices)}
+    blocks_name, blocks = find_blocks(model)
+    refs = {r.name: r for _b, r in budgeted_layers(model, config)}
+    prof.key = _fingerprint(model, list(refs.values()), ids, config)
+    prof.dense_rest = model_bytes(model, DENSE_BITS, layout)["bytes"] - \
+        sum(c.params for c in choices) * DENSE_BITS / 8
+    fisher = None
+    if sensitivity:
+        fisher = output_sensitivity(model, ids, [refs[c.name] for c in choices])
+        prof.sensitivity_seconds = time.perf_counter() - t0
+    inputs = capture_block_inputs(model, blocks, ids, device)
+    dtype = getattr(torch, config.hessian_dtype)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(range(len(blocks)), desc="profiling blocks", unit="block",
+               disable=not verbose)
+    try:
+        for b in bar:
+            block = blocks[b]
+            home = next(block.parameters()).device
+            block.to(device)
+            mine = [r for r in find_linears(block, f"{blocks_name}.{b}") if r.name in by_name]
+            groups = find_groups(block, mine, inputs) if mine else []
+            Hs, Hw, outputs = _block_hessians(block, groups, inputs, dtype, fisher)
+            for group, H in zip(groups, Hs):
+                _profile_group(prof, group, H, Hw, by_name, fisher, config, device)
+            inputs.hidden = outputs
+            block.to(home)
+            del Hs, Hw
+    finally:
+        model.train(was_training)
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    prof.seconds = time.perf_counter() - t0
+    return prof
+
+
+def _profile_group(prof, group, H, Hw, by_name, fisher, config, device):
+    """Every option of every layer of one group: one solve per distinct setting, the group's
+    layers that may take it stacked (each on its row subset)."""
+    choices = prof.layers
+    idx = [by_name[r.name] for r in group]
+    weights, subsets, weights_f = [], [], []
+    for r, i in zip(group, idx):
+        w = r.get_weight().to(device=device, dtype=torch.float32)
+        prof.energy[i] = reconstruction_error(w, torch.zeros_like(w), H)
+        sub = _rows_subset(w.shape[0], config.profile_rows, config.seed, i)
+        subsets.append(sub)
+        weights.append(w if sub is None else w[sub.to(device)])
+        if fisher is not None:
+            f = fisher[r.name].channel.to(device=device, dtype=H.dtype)
+            f = f / f.mean() if f.mean() > 0 else f  # the scale is in the weighted Hessian
+            weights_f.append(f if sub is None else f[sub.to(device)])
+    buckets: dict[LayerSettings, list[int]] = {}
+    for j, i in enumerate(idx):
+        if len(choices[i].settings) < 2:
+            continue  # one choice: nothing to decide
+        for s in choices[i].settings:
+            if s.active:
+                buckets.setdefault(s, []).append(j)
+    factors = {}
+    for s, members in buckets.items():
+        if s.act_order not in factors:
+            factors[s.act_order] = factorize(H, config.percdamp, s.act_order,
+                                             name=group[0].name)
+        results = solve_layers(
+            [weights[j] for j in members], factors[s.act_order], sparsity=s.sparsity,
+            pattern=s.pattern, bits=s.bits, group_size=s.group_size, sym=s.sym, mse=s.mse,
+            act_order=s.act_order, static_groups=s.static_groups, block_size=config.block_size,
+            names=[group[j].name for j in members])
+        for j, res in zip(members, results):
+            i = idx[j]
+            k = choices[i].settings.index(s)
+            scale = 1.0 if subsets[j] is None else choices[i].rows / len(subsets[j])
+            prof.errors[i][k] = res.error * scale
+            if fisher is not None:
+                per_row = row_errors(weights[j], res.weight, Hw[group[j].name])
+                prof.weighted[i][k] = float((weights_f[j] * per_row).sum()) * scale
+
+
+# ---- planning -------------------------------------------------------------------------------
+
+def solve_knapsack(costs: list[list[int]], values: list[list[float]],
+                   capacity: int) -> tuple[list[int], float, int]:
+    """Exact multiple-choice knapsack: choose one option per item so that the summed integer
+    cost is at most ``capacity`` and the summed value is smallest.
+
+    Dynamic programme over the items with ``best[c]`` = the smallest value of the items so far
+    at total cost exactly ``c``; ``O(items * options * capacity)`` time,
+    ``O(items * capacity)`` memory for the choices. Among equal values the smaller total cost
+    (then the lower option index) wins. Returns ``(choice per item, value, cost)``; raises
+    ``ValueError`` when nothing fits.
+    """
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 0:
+        raise ValueError(f"capacity must be an integer >= 0, got {capacity!r}")
+    if len(costs) != len(values):
+        raise ValueError("costs and values must have one list per item")
+    cap = int(capacity)
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    width = max((len(c) for c in costs), default=1)
+    back = np.full((len(costs), cap + 1), -1, dtype=np.int8 if width < 127 else np.int32)
+    for i, (cs, vs) in enumerate(zip(costs, values)):
+        if len(cs) != len(vs) or not cs:
+            raise ValueError(f"item {i}: costs and values must be non-empty and of equal length")
+        new = np.full(cap + 1, np.inf)
+        arg = back[i]
+        for k, (c, v) in enumerate(zip(cs, vs)):
+            c = int(c)
+            if c < 0 or not math.isfinite(v):
+                raise ValueError(f"item {i} option {k}: cost must be >= 0 and value finite, "
+                                 f"got {c}, {v}")
+            if c > cap:
+                continue
+            cand = best[:cap + 1 - c] + v
+            better = cand < new[c:]
+            new[c:][better] = cand[better]
+            arg[c:][better] = k
+        best = new
+    if not np.isfinite(best).any():
+        raise ValueError(f"no choice fits in capacity {cap}")
+    end = int(np.argmin(best))  # the first (smallest cost) among the minimal values
+    total = float(best[end])
+    choice = [0] * len(costs)
+    c = end
+    for i in range(len(costs) - 1, -1, -1):
+        k = int(back[i, c])
+        choice[i] = k
+        c -= int(costs[i][k])
+    return choice, total, end
+
+
+@dataclass
+class BudgetPlan:
+    """One option per budgeted layer. ``choice[name]`` = index into the layer's options;
+    ``budget`` (bytes the layers may take), ``planned`` (their bytes with the chosen options;
+    upper bounds for pruned options in the compact layout), ``value`` (summed normalised
+    error), ``resolution`` (bytes per unit of the programme's byte axis),
+    ``rounding_bytes`` (``layers * resolution``: every choice that fits in
+    ``budget - rounding_bytes`` was in the search space), ``layout``, ``metric``."""
+
+    choice: dict[str, int]
+    budget: float
+    planned: float
+    value: float
+    resolution: float
+    rounding_bytes: float
+    layout: str
+    metric: str
+    layers: list[LayerChoices]
+
+    def settings(self, name: str) -> LayerSettings:
+        c = self._by_name[name]
+        return c.settings[self.choice[name]]
+
+    def spec(self, name: str) -> str:
+        c = self._by_name[name]
+        return c.specs[self.choice[name]]
+
+    def __post_init__(self):
+        self._by_name = {c.name: c for c in self.layers}
+
+    @property
+    def overrides(self) -> dict:
+        """The plan as ``overrides`` for :func:`toolkit.compress` (one exact regex per layer)."""
+        return {f"^{re.escape(c.name)}$": self.settings(c.name).to_dict()
+                for c in self.layers}
+
+    def counts(self) -> dict[str, int]:
+        """How many layers took each option."""
+        out: dict[str, int] = {}
+        for c in self.layers:
+            s = self.spec(c.name)
+            out[s] = out.get(s, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _values(profile: BudgetProfile, i: int, metric: str) -> list[float]:
+    errs = profile.errors[i]
+    if len(errs) == 1:
+        return [0.0]  # one option: nothing to choose, nothing was measured
+    if metric == "fisher":
+        if profile.weighted is None:
+            raise ValueError("budget_metric='fisher' needs a profile measured with the loss "
+                             "gradients (profile_layers(..., sensitivity=True))")
+        return list(profile.weighted[i])
+    if metric == "raw":
+        return list(errs)
+    en = profile.energy[i]
+    return [e / en if en > 0 else 0.0 for e in errs]
+
+
+def plan_budget(profile: BudgetProfile, *, target_bits: float | None = None,
+                target_size=None, budget: float | None = None, layout: str | None = None,
+                metric: str = "fisher", layers: list[str] | None = None,
+                slack: float = 0.002) -> BudgetPlan:
+    """Choose one option per layer minimising the summed error under the byte budget.
+
+    The budget is ``target_bits`` (bits per weight of the budgeted layers), ``target_size``
+    (bytes of the whole checkpoint, or a string such as ``"60MB"``), or ``budget`` (bytes of
+    the layers ``layers``, default all). ``layout``: the size layout the bytes are counted in
+    (default: the profile's). ``metric``: ``"fisher"`` sums the loss-gradient-weighted errors
+    (an estimate of the loss increase, see :func:`output_sensitivity`; the profile must have
+    them); ``"relative"`` sums ``error / tr(W H W^T)`` (each layer's lost fraction of its
+    output energy on the calibration inputs); ``"raw"`` sums ``tr(dW H dW^T)`` as is.
+
+    Options whose error was not measured are left out; so is any option another one of the
+    same layer beats on both bytes and error. Bytes are discretised to ``resolution =
+    slack * budget / layers`` bytes (at least 1) and rounded up, so the plan fits the budget
+    and the programme is exact on that grid (:func:`solve_knapsack`).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(map(repr, METRICS))}, got "
+                         f"{metric!r}")
+    layout = layout or profile.layout
+    index = {c.name: i for i, c in enumerate(profile.layers)}
+    names = [c.name for c in profile.layers] if layers is None else list(layers)
+    chosen_layers = [profile.layers[index[n]] for n in names]
+    if budget is None:
+        if target_size is not None:
+            target_size = parse_size(target_size)
+        budget = _check_target(chosen_layers, layout, profile.dense_rest, target_bits,
+                               target_size)
+    opts, costs_b, vals = [], [], []
+    for n in names:
+        i = index[n]
+        c = profile.layers[i]
+        v = _values(profile, i, metric)
+        cand = [(c.option_bytes(k, layout), v[k], k) for k in range(len(c.specs))
+                if math.isfinite(v[k])]
+        cand.sort()
+        keep, best_v = [], math.inf  # drop options beaten on bytes and error
+        for bts, val, k in cand:
+            if val < best_v:
+                keep.append((bts, val, k))
+                best_v = val
+        opts.append([k for _b, _v, k in keep])
+        costs_b.append([b for b, _v, _k in keep])
+        vals.append([v for _b, v, _k in keep])
+    base = sum(min(cs) for cs in costs_b)
+    free = budget - base
+    if free < -1e-6:
+        lo = base
+        raise ValueError(f"budget of {budget:,.0f} bytes is below the {lo:,.0f} bytes the "
+                         f"measured options of these {len(names)} layers need at least")
+    resolution = max(1.0, slack * budget / max(len(names), 1))
+    capacity = max(0, math.floor(max(free, 0.0) / resolution))
+    costs = [[math.ceil((b - min(cs)) / resolution - 1e-9) for b in cs] for cs in costs_b]
+    pick, value, _units = solve_knapsack(costs, vals, capacity)
+    choice = {n: opts[j][pick[j]] for j, n in enumerate(names)}
+    planned = sum(costs_b[j][pick[j]] for j in range(len(names)))
+    return BudgetPlan(choice=choice, budget=budget, planned=planned, value=value,
+                      resolution=resolution, rounding_bytes=resolution * len(names),
+                      layout=layout, metric=metric, layers=chosen_layers)
+
+
+# ---- the sweep with the plan -------------------------------------------------------------------
+
+@dataclass
+class BudgetResult:
+    """What a budgeted :func:`toolkit.compress` did (``report.budget``): the ``profile`` (pass
+    it as ``compress(..., profile=...)`` to try other targets without profiling again), the
+    final ``plan``, ``layers`` (one row per budgeted layer: ``layer``, ``block``, ``option``,
+    ``bits``, ``sparsity``, ``group_size``, ``planned_bytes``, ``bytes`` (as stored),
+    ``profile_error``, ``profile_rel_error``, ``error`` (after the sweep), ``rel_error``),
+    ``summary`` (targets, bytes, timings), ``replans`` (how often the remaining layers were
+    planned again)."""
+
+    profile: BudgetProfile
+    plan: BudgetPlan
+    layers: pd.DataFrame
+    summary: dict
+    replans: int = 0
+
+
+def _stored_bytes(module: nn.Module, layout: str) -> float:
+    """Bytes of one layer's weight as stored (its record and its weight, zeros counted)."""
+    return model_bytes(module, DENSE_BITS, layout)["compressed_bytes"]
+
+
+def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
+                 profile: BudgetProfile | None = None,
+                 verbose: bool = True) -> tuple[list[dict], BudgetResult]:
+    """Profile (unless ``profile`` is given), plan and compress ``model`` in place to the
+    target of ``config``; returns the report rows and a :class:`BudgetResult`. Every check
+    (settings, target range, a reused profile) happens before any weight changes."""
+    check_budget_config(config)
+    layout, metric = config.budget_layout, config.budget_metric
+    target_size = parse_size(config.target_size) if config.target_size is not None else None
+    choices = layer_choices(model, config, layout)
+    dense_rest = model_bytes(model, DENSE_BITS, layout)["bytes"] - \
+        sum(c.params for c in choices) * DENSE_BITS / 8
+    _check_target(choices, layout, dense_rest, config.target_bits, target_size)
+    if profile is None:
+        profile = profile_layers(model, ids, config, device=device, layout=layout,
+                                 choices=choices, verbose=verbose)
+    else:
+        refs = [r for _b, r in budgeted_layers(model, config)]
+        if [c.name for c in profile.layers] != [c.name for c in choices] or \
+                profile.key != _fingerprint(model, refs, ids, config):
+            raise ValueError("the profile was measured on another model, calibration or "
+                             "settings than this call's: profile again (profile=None)")
+        choices = profile.layers
+    plan = plan_budget(profile, target_bits=config.target_bits, target_size=target_size,
+                       layout=layout, metric=metric)
+    first = plan
+    by_name = {c.name: c for c in choices}
+    choice = dict(plan.choice)
+    planned = {c.name: c.option_bytes(choice[c.name], layout) for c in choices}
+
+    # ---- the sequential sweep, block by block, planning the rest again when bytes moved ----
+    t0 = time.perf_counter()
+    blocks_name, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, ids, device)
+    rows: list[dict] = []
+    actual: dict[str, float] = {}
+    replans = 0
+    bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block",
+               disable=not verbose)
+    for b in bar:
+        refs = find_linears(blocks[b], f"{blocks_name}.{b}")
+        step = [(r, by_name[r.name].settings[choice[r.name]] if r.name in by_name else None)
+                for r in refs]
+        block_rows = sweep_block(blocks[b], b, step, inputs, device=device,
+                                 block_size=config.block_size, percdamp=config.percdamp,
+                                 hessian_dtype=getattr(torch, config.hessian_dtype))
+        for r, s in step:
+            if s is None:
+                continue
+            if not s.active:  # left at 16 bits: still one of the budgeted layers
+                r.module.compression = LayerCompression(settings=s)
+                w = r.get_weight()
+                block_rows.append(dict(layer=r.name, shape=tuple(w.shape), sparsity=0.0,
+                                       zeros=float((w == 0).float().mean()), bits=16,
+                                       group_size=None, method="-+-", error=0.0,
+                                       rel_error=0.0, seconds=0.0, block=b))
+            actual[r.name] = _stored_bytes(r.module, layout)
+        rows.extend(block_rows)
+        moved = any(abs(actual[r.name] - planned[r.name]) > 1e-6 for r, s in step
+                    if s is not None)
+        rest = [c.name for c in choices if c.block > b]
+        if moved and rest:
+            sub = plan_budget(profile, budget=plan.budget - sum(actual.values()),
+                              layers=rest, layout=layout, metric=metric)
+            choice.update(sub.choice)
+            planned.update({n: by_name[n].option_bytes(choice[n], layout) for n in rest})
+            replans += 1
+    seconds = time.perf_counter() - t0
+    spent = sum(actual.values())
+    if spent > plan.budget + 1e-6:
+        raise RuntimeError(f"the budgeted layers take {spent:,.0f} bytes, more than the budget "
+                           f"of {plan.budget:,.0f}: a bug in the size prediction, please "
+                           f"report it")
+    values = {c.name: _values(profile, i, metric) for i, c in enumerate(profile.layers)}
+    final = BudgetPlan(choice=choice, budget=first.budget, planned=sum(planned.values()),
+                       value=sum(values[n][choice[n]] for n in choice),
+                       resolution=first.resolution, rounding_bytes=first.rounding_bytes,
+                       layout=layout, metric=metric, layers=choices)
+    return rows, _result(profile, final, rows, actual, planned, dense_rest, config, seconds,
+                         replans)
+
+
+def _result(profile, plan, rows, actual, planned, dense_rest, config, seconds,
+            replans) -> BudgetResult:
+    index = {c.name: i for i, c in enumerate(profile.layers)}
+    swept = {r["layer"]: r for r in rows}
+    table = []
+    for c in plan.layers:
+        i, k = index[c.name], plan.choice[c.name]
+        s = c.settings[k]
+        en = profile.energy[i]
+        table.append(dict(
+            layer=c.name, block=c.block, option=c.specs[k],
+            sparsity=(1 - s.pattern[0] / s.pattern[1]) if s.pattern else s.sparsity,
+            bits=s.bits or 16, group_size=s.group_size if s.bits else None,
+            planned_bytes=planned[c.name], bytes=actual[c.name],
+            profile_error=profile.errors[i][k],
+            profile_rel_error=profile.errors[i][k] / en if en > 0 else 0.0,
+            error=swept.get(c.name, {}).get("error", math.nan),
+            rel_error=swept.get(c.name, {}).get("rel_error", math.nan)))
+    layers = pd.DataFrame(table)
+    params = sum(c.params for c in plan.layers)
+    spent = sum(actual.values())
+    if config.target_bits is not None:
+        target = f"{config.target_bits:g} bits/weight"
+    else:
+        target = f"{parse_size(config.target_size):,} bytes"
+    summary = {
+        "budget target": target,
+        "budget layout": plan.layout,
+        "budget metric": plan.metric,
+        "budgeted layers": len(plan.layers),
+        "budget bytes (layers)": plan.budget,
+        "bytes (budgeted layers)": spent,
+        "budget used": spent / plan.budget if plan.budget > 0 else math.nan,
+        "bits/weight (budgeted)": 8 * spent / params,
+        "checkpoint bytes": dense_rest + spent,
+        "options chosen": ", ".join(f"{k} x{v}" for k, v in plan.counts().items()),
+        "menu": ",".join(dict.fromkeys(s for c in plan.layers for s in c.specs)),
+        "profile seconds": profile.seconds,
+        "profile rows": profile.rows_fraction,
+        "budget sweep seconds": seconds,
+        "replans": replans,
+    }
+    return BudgetResult(profile=profile, plan=plan, layers=layers, summary=summary,
+                        replans=replans)
