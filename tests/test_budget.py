@@ -451,3 +451,12 @@ def test_fisher_weighted_error_from_first_principles():
     k = prof.layers[i].specs.index("3g128")
     assert prof.weighted[i][k] == pytest.approx(expect, rel=1e-3)
     assert prof.errors[i][k] == pytest.approx(2 / n * float(E.pow(2).sum()), rel=1e-3)
+
+
+def test_target_refused_on_mixture_of_experts_before_any_change():
+    from conftest import tiny_moe
+    model = tiny_moe("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="target_bits/target_size do not cover mixture-of-experts"):
+        compress(model, None, target_bits=4.2, calibration=random_ids(4, 16), verbose=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
