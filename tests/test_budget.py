@@ -458,5 +458,6 @@ def test_target_refused_on_mixture_of_experts_before_any_change():
     model = tiny_moe("mixtral")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="target_bits/target_size do not cover mixture-of-experts"):
-        compress(model, None, target_bits=4.2, calibration=random_ids(4, 16), verbose=False)
+        compress(model, None, target_bits=4.2, calibration=random_ids(4, 16), nsamples=4,
+                 seqlen=16, verbose=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
