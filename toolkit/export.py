@@ -1424,7 +1424,9 @@ def describe_checkpoint(path, verify: bool = False) -> str:
     """A text summary of a checkpoint folder (``toolkit info``): the model; who wrote it, the
     layout and dtype; with ``verify=True`` whether the weight files still have the SHA-256
     recorded at save time; which readers load it (:func:`checkpoint_readers`); per compressed
-    layer its format, shape, sparsity, bits and group size; the bytes on disk against the same
+    layer its format, shape, sparsity, bits, group size and bytes in the file (slices of fused
+    expert parameters too, named as stored, with their expert and projection); the bytes on
+    disk against the same
     model in dense fp16. Works for the toolkit's folders, other compressed-tensors checkpoints
     (llm-compressor's) and plain Hugging Face model folders."""
     import transformers
@@ -1486,6 +1488,11 @@ def describe_checkpoint(path, verify: bool = False) -> str:
     table = []
     meta_layers = meta.get("layers") or {}
     n_comp = n_zero = 0
+    size_of = {k: math.prod(v) * torch.empty(0, dtype=SAFETENSORS_DTYPES[dtypes[k]]).element_size()
+               for k, v in shapes.items() if dtypes.get(k) in SAFETENSORS_DTYPES}
+    by_prefix: dict[str, int] = {}
+    for k, n in size_of.items():
+        by_prefix[k.rsplit(".", 1)[0]] = by_prefix.get(k.rsplit(".", 1)[0], 0) + n
     for name, p in plan.items():
         e = meta_layers.get(name, {})
         a = p.args or {}
@@ -1505,25 +1512,42 @@ def describe_checkpoint(path, verify: bool = False) -> str:
             extra.append("asym")
         if a.get("actorder"):
             extra.append(f"actorder {a['actorder']}")
+        whole = e.get("stored") if p.expert else None
+        if whole in shapes and shape:  # a slice of a 3-D expert tensor stored whole
+            extra.append(f"inside {whole}")
+            nbytes = shape[0] * shape[1] * size_of[whole] // max(math.prod(shapes[whole]), 1)
+        else:  # its own tensors (a bias is not the layer's)
+            nbytes = by_prefix.get(name, 0) - size_of.get(f"{name}.bias", 0)
+        if p.expert:
+            x = p.expert
+            extra.insert(0, f"expert {x['expert']} {x['layer']}")
+        if e.get("compressed") is False:
+            extra.append("not compressed (stored beside its compressed slices)")
         table.append((name, "x".join(map(str, shape)) if shape else "?", p.fmt,
                       f"{sp:.1%}" if isinstance(sp, (int, float)) else "-",
-                      str(bits or 16), str(group or "-"), " ".join(extra)))
-        if shape:
+                      str(bits or 16), str(group or "-"), f"{nbytes:,}", " ".join(extra)))
+        if shape and e.get("compressed", True):
             n_comp += shape[0] * shape[1]
             n_zero += (sp or 0) * shape[0] * shape[1]
     if table:
-        head = ("layer", "shape", "format", "sparsity", "bits", "group", "")
+        head = ("layer", "shape", "format", "sparsity", "bits", "group", "bytes", "")
         w = [max(len(r[i]) for r in table + [head]) for i in range(len(head))]
         lines.append("")
-        lines.append("  " + "  ".join(f"{h:<{w[i]}}" if i in (0, 2, 6) else f"{h:>{w[i]}}"
+        lines.append("  " + "  ".join(f"{h:<{w[i]}}" if i in (0, 2, 7) else f"{h:>{w[i]}}"
                                       for i, h in enumerate(head)).rstrip())
         for r in table:
-            lines.append("  " + "  ".join(f"{c:<{w[i]}}" if i in (0, 2, 6) else f"{c:>{w[i]}}"
+            lines.append("  " + "  ".join(f"{c:<{w[i]}}" if i in (0, 2, 7) else f"{c:>{w[i]}}"
                                           for i, c in enumerate(r)).rstrip())
         lines.append("")
-        lines.append(f"  compressed layers: {len(table)}, {n_comp:,} weights, sparsity "
+        n_layers = sum(1 for n in plan if (meta_layers.get(n) or {}).get("compressed", True))
+        lines.append(f"  compressed layers: {n_layers}, {n_comp:,} weights, sparsity "
                      f"{n_zero / n_comp:.1%}" if n_comp else
-                     f"  compressed layers: {len(table)}")
+                     f"  compressed layers: {n_layers}")
+        n_ex = [p for p in plan.values() if p.expert]
+        if n_ex:
+            own = sum(1 for p in n_ex if (meta_layers.get(p.name) or {}).get("stored") not in shapes)
+            lines.append(f"  expert layers (slices of fused expert parameters): {len(n_ex)}, "
+                         f"{own} stored per expert, {len(n_ex) - own} inside their 3-D tensor")
 
     # ---- sizes ------------------------------------------------------------------------------
     if model is not None:

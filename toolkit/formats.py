@@ -721,4 +721,7 @@ def _vllm_verdict(qc: dict, layers: list[LayerPlan], linear_names) -> Verdict:
     note = "WNA16 (pack-quantized, " + "/".join(f"{b}-bit" for b in bits) + ")"
     if any(b not in (4, 8) for b in bits):
         note += "; widths other than 4/8 need a recent vLLM (older releases: 4 and 8 only)"
+    if any(p.expert and p.group is not None for p in layers):
+        note += ("; experts stored per expert under transformers' checkpoint names go to vLLM's "
+                 "compressed-tensors MoE method")
     return Verdict("loads", note)
