@@ -591,7 +591,7 @@ def test_checkpoint_round_trip_sizes_readers_and_info(label, tmp_path):
         loaded = load_compressed(out)
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, ref), layout
-        for (n, m), m2 in zip(moe, [loaded.get_submodule(n) for n, _ in moe]):
+        for (_n, m), m2 in zip(moe, [loaded.get_submodule(n) for n, _ in moe]):
             recs, recs2 = getattr(m, RECORDS), getattr(m2, RECORDS)
             assert recs2.keys() == recs.keys()
             for k, rec in recs.items():

@@ -35,6 +35,11 @@ pruned only           a dense ``weight`` (zeros included) and no quantization co
 GPT-2 ``Conv1D``      compressed-tensors quantizes ``nn.Linear`` only (it would load these
 (quantized)           layers transposed, without an error): stored as pack-quantized tensors
                       under the toolkit's format name ``toolkit-pack-quantized-conv1d``.
+fused MoE experts     slices of 3-D expert parameters (:mod:`toolkit.experts`), see
+                      :func:`encode_experts`: ``pack-quantized`` per expert under the names
+                      transformers' conversion mapping merges back (transformers 5.24 loads
+                      them, symmetric only), the 3-D tensor whole (pruned only), or the
+                      toolkit's ``toolkit-experts-pack-quantized`` / ``toolkit-experts-dense``.
 ====================  ===========================================================================
 
 ``layout="compact"`` (opt-in, the smallest file) stores what the standard layout stores densely
@@ -80,6 +85,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .experts import checkpoint_names, compressed_experts, fused_layers
 from .formats import (
     CONV1D_FORMAT,
     EXPERTS_DENSE_FORMAT,
@@ -102,7 +108,6 @@ from .formats import (
     unpack_codes,
     unpack_zero_point,
 )
-from .experts import checkpoint_names, compressed_experts, fused_layers
 from .models import is_conv1d
 from .options import LayerSettings
 from .records import LayerCompression, config_dict
@@ -111,7 +116,8 @@ __all__ = ["save_compressed", "load_compressed", "describe_checkpoint", "check_s
            "is_checkpoint", "checkpoint_readers", "source_dtype", "CheckpointError",
            "WEIGHTS_NAME", "TOOLKIT_NAME", "LAYOUTS",
            # the writer/reader pieces that save_compressed and toolkit.stream share
-           "compressed_layers", "encode_layer", "block_keys", "LayerTable", "stored_tensors",
+           "compressed_layers", "encode_layer", "encode_experts", "block_keys", "LayerTable",
+           "stored_tensors",
            "plain_config",
            "linear_names", "write_model_config", "read_header", "file_sha256",
            "SAFETENSORS_DTYPES", "SAFETENSORS_NAMES"]
@@ -505,7 +511,7 @@ def encode_experts(model: nn.Module, layout: str, partial_groups: str, dtype: to
         if all(ref.key in own and recs[ref.key]["entry"]["format"] == "pack-quantized"
                for ref, _ in pairs):
             names = checkpoint_names(model, mname, module)
-        for ref, comp in pairs:
+        for ref, _comp in pairs:
             rec = recs.get(ref.key)
             where = {"module": mname, "param": ref.param, "expert": ref.expert,
                      "layer": ref.layer}
