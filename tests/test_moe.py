@@ -523,14 +523,150 @@ def test_phases_cut_to_the_hessian_budget_give_the_same_model(monkeypatch):
         assert torch.equal(v, w), k
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_save_and_load_round_trip_gives_equal_logits(family, tmp_path):
-    from toolkit import load_compressed, save_compressed
+# ---- checkpoints ------------------------------------------------------------------------------
 
+#: (family, compress keywords, what the standard layout stores the experts as, transformers'
+#: plain and dequantizing loads of the standard file)
+EXPORTS = {
+    "mixtral 4-bit sym": ("mixtral", dict(bits=4, group_size=32, sym=True), "names",
+                          ("loads", "loads")),
+    "qwen3_moe 50%+4-bit asym": ("qwen3_moe", dict(sparsity=0.5, bits=4, group_size=32),
+                                 "names", ("error", "error")),
+    "olmoe 2:4": ("olmoe", dict(pattern="2:4"), "whole", ("loads", "error")),
+    "qwen2_moe 50%+4-bit sym": ("qwen2_moe", dict(sparsity=0.5, bits=4, group_size=32,
+                                                  sym=True), "names", ("loads", "loads")),
+    "gpt_oss 4-bit sym": ("gpt_oss", dict(bits=4, group_size=32, sym=True), "toolkit",
+                          ("error", "error")),
+    "mixtral 4-bit sym, expert 2 ignored": ("mixtral", dict(bits=4, group_size=32, sym=True,
+                                                            ignore=[r"experts\.2\."]),
+                                            "toolkit", ("error", "error")),
+}
+
+
+def _data_bytes(folder) -> tuple[dict, int]:
+    """The safetensors header (name -> info) and the bytes of its data section."""
+    import json
+
+    raw = (folder / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = {k: v for k, v in json.loads(raw[8:8 + n]).items() if k != "__metadata__"}
+    return header, len(raw) - 8 - n
+
+
+def _transformers_load(folder, dequantize: bool):
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    kw = dict(quantization_config=CompressedTensorsConfig(dequantize=True)) if dequantize else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
+
+
+@pytest.mark.parametrize("label", list(EXPORTS))
+def test_checkpoint_round_trip_sizes_readers_and_info(label, tmp_path):
+    """save_compressed / load_compressed with compressed fused experts, both layouts: equal
+    logits bit for bit, the compression records back, the bytes of the file's data section
+    exactly model_bytes, transformers' real loads as predicted (never wrong weights), and
+    ``toolkit info`` listing every expert layer with its format and bytes."""
+    from toolkit import load_compressed, save_compressed
+    from toolkit.experts import RECORDS, checkpoint_names, fused_layers
+    from toolkit.export import checkpoint_readers, describe_checkpoint
+    from toolkit.formats import EXPERTS_DENSE_FORMAT, EXPERTS_FORMAT
+
+    family, kw, stored, expect_tf = EXPORTS[label]
     model = tiny_moe(family)
-    report = _compress(model, sparsity=0.5, bits=4, group_size=32)
-    save_compressed(model, tmp_path / "ckpt", report=report)
-    loaded = load_compressed(tmp_path / "ckpt")
+    _compress(model, **kw)
     ids = random_ids(2, 16, seed=5)
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, loaded(ids).logits)
+        ref = model(ids).logits
+    moe = [(n, m) for n, m in model.named_modules() if getattr(m, RECORDS, None)]
+    assert moe
+    for layout in ("standard", "compact"):
+        out = save_compressed(model, tmp_path / layout, layout=layout)  # float32: exact
+        header, data = _data_bytes(out)
+        assert data == model_bytes(model, dense_bits=32, layout=layout)["bytes"], layout
+        loaded = load_compressed(out)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, ref), layout
+        for (_n, m), m2 in zip(moe, [loaded.get_submodule(n) for n, _ in moe]):
+            recs, recs2 = getattr(m, RECORDS), getattr(m2, RECORDS)
+            assert recs2.keys() == recs.keys()
+            for k, rec in recs.items():
+                assert recs2[k].settings == rec.settings, k
+                if rec.scale is not None:
+                    assert torch.equal(recs2[k].scale, rec.scale.float()), k
+        assert model_bytes(loaded, dense_bits=32, layout=layout)["bytes"] == data
+        # where the experts went
+        n0, m0 = moe[0]
+        fused_in_file = any(f"{n0}.{r.param}" in header for r in fused_layers(m0, n0))
+        refs = fused_layers(m0, n0)
+        if stored == "names" or (stored == "whole" and layout == "compact"):
+            names = checkpoint_names(model, n0, m0) if stored == "names" else \
+                {r.key: r.name for r in refs}
+            assert not fused_in_file
+            for r in refs:
+                assert any(k.startswith(names[r.key] + ".") for k in header), r.name
+        elif stored == "whole":
+            assert f"{n0}.gate_up_proj" in header and f"{n0}.down_proj" in header
+        else:
+            assert not fused_in_file
+            assert all(f"{r.name}.weight_packed" in header or f"{r.name}.weight" in header
+                       for r in refs)
+        # the readers: predicted = real, and never wrong weights
+        readers = checkpoint_readers(out)
+        assert readers["load_compressed"].status == "loads"
+        for dequantize, key in ((False, "transformers"), (True, "dequantize")):
+            try:
+                with torch.no_grad():
+                    got = "loads" if torch.equal(
+                        _transformers_load(out, dequantize)(ids).logits, ref) else "wrong"
+            except Exception:  # noqa: BLE001 - any refusal
+                got = "error"
+            assert got == readers[key].status, (layout, key, readers[key])
+            if layout == "standard":
+                assert got == expect_tf[dequantize], (key, got)
+        if stored == "toolkit":  # the toolkit's own format names: every other reader refuses
+            cfg = (out / "config.json").read_text()
+            assert EXPERTS_FORMAT in cfg
+            assert readers["vllm"].status == "error"
+            assert (EXPERTS_DENSE_FORMAT in describe_checkpoint(out)) == ("ignored" in label)
+        # toolkit info: one row per expert slice with its format and the bytes of its tensors
+        info = describe_checkpoint(out)
+        rows = [line.split() for line in info.splitlines() if " expert " in f" {line} "
+                and line.strip().startswith("model.")]
+        n_slices = sum(len(fused_layers(m, n)) for n, m in moe)
+        assert len(rows) == n_slices, (layout, len(rows))
+        for row in rows:
+            name, fmt, nbytes = row[0], row[2], int(row[6].replace(",", ""))
+            own = sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                      if k.rsplit(".", 1)[0] == name)
+            shape = [int(x) for x in row[1].split("x")]
+            assert nbytes == (own or shape[0] * shape[1] * 4), (name, fmt)
+        assert f"expert layers (slices of fused expert parameters): {n_slices}" in info
+
+
+def test_per_expert_linear_modules_export_as_ordinary_layers(tmp_path):
+    """nn.Linear experts are ordinary layers: pack-quantized in a standard config group, the
+    router listed in ``ignore``, the file's data section exactly model_bytes. (No causal LM of
+    transformers 5.24 keeps its experts as nn.Linear modules, so no from_pretrained load of
+    such a file can be run here.)"""
+    import json
+
+    from toolkit import save_compressed
+
+    model = list_moe_model()
+    _compress(model, bits=4, group_size=16, sym=True)
+    out = save_compressed(model, tmp_path / "ckpt")
+    header, data = _data_bytes(out)
+    assert data == model_bytes(model, dense_bits=32)["bytes"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    targets = {t for g in qc["config_groups"].values() for t in g["targets"]}
+    for b in range(2):
+        assert f"model.layers.{b}.mlp.gate" in qc["ignore"]
+        for e in range(4):
+            for w in ("w1", "w2", "w3"):
+                name = f"model.layers.{b}.mlp.experts.{e}.{w}"
+                assert name in targets and f"{name}.weight_packed" in header

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ from .models import LinearRef, find_linears, is_conv1d
 __all__ = ["FUSED_PARTS", "RECORDS", "ExpertRef", "ExpertLinearRef", "UnsupportedWeights",
            "ExpertsError", "find_layers", "fused_layers", "is_expert", "check_layers",
            "watch", "calibrating", "complete_groups", "phases", "hessian_budget",
-           "phase_hessians", "has_experts", "HESSIAN_SOURCES"]
+           "phase_hessians", "has_experts", "HESSIAN_SOURCES", "compressed_experts",
+           "checkpoint_names"]
 
 log = logging.getLogger("toolkit")
 
@@ -228,6 +230,76 @@ def fused_layers(module: nn.Module, prefix: str = "") -> list[ExpertRef]:
                 name = f"{prefix}.{e}.{layer}" if prefix else f"{e}.{layer}"
                 refs.append(ExpertRef(name, module, pname, e, i, transposed, interleaved))
     return refs
+
+
+def compressed_experts(model: nn.Module) -> list[tuple[str, nn.Module, list]]:
+    """``[(name, experts module, [(ExpertRef, record or None), ...])]`` for every module of
+    ``model`` whose fused expert parameters have at least one compressed slice (a record in
+    ``module.expert_compression``), in module order; the list holds every slice of the module
+    (:func:`fused_layers` order), compressed or not."""
+    out = []
+    for name, module in model.named_modules():
+        records = getattr(module, RECORDS, None)
+        if not records:
+            continue
+        refs = fused_layers(module, name)
+        pairs = [(r, records.get(r.key)) for r in refs]
+        if any(rec is not None for _, rec in pairs):
+            out.append((name, module, pairs))
+    return out
+
+
+def checkpoint_names(model: nn.Module, name: str, module: nn.Module) -> dict[str, str] | None:
+    """The per-expert names under which transformers saves (``save_pretrained``) and loads
+    (``from_pretrained``, its conversion mapping merges them into the fused parameters) each
+    slice of ``module``'s fused parameters: ``{ExpertRef.key: module-like name}``, e.g.
+    ``{"3.gate_proj": "model.layers.0.block_sparse_moe.experts.3.w1"}`` for Mixtral (the
+    tensor is that name + ``.weight``). None when transformers has no such mapping for the
+    model (e.g. GPT-OSS: its checkpoints store the 3-D tensors) or the mapping does not give
+    each slice exactly one ``(out, in)`` tensor.
+
+    Found by running transformers' own ``revert_weight_conversion`` on small stand-ins of the
+    fused parameters whose entries number their positions (the same experts count, a few rows
+    and columns), so any renaming, split or transpose of the mapping is followed."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x: no conversion mapping
+        return None
+    refs = fused_layers(module, name)
+    if not refs:
+        return None
+    holder = nn.Module()
+    proxies, start = {}, 0
+    for pname, p in _fused_params(module).items():
+        k = len(FUSED_PARTS[pname])
+        rows, cols = 2 * k, 3  # (out, in) of one expert's stand-in
+        shape = (p.shape[0], cols, rows) if refs[0].transposed else (p.shape[0], rows, cols)
+        t = torch.arange(start, start + math.prod(shape), dtype=torch.float64).reshape(shape)
+        start += t.numel()
+        setattr(holder, pname, nn.Parameter(t, requires_grad=False))
+        proxies[f"{name}.{pname}"] = t
+    try:
+        out = revert_weight_conversion(model, dict(proxies))
+    except Exception as e:  # noqa: BLE001 - a mapping that does not apply: no names
+        log.debug("%s: transformers' reverse conversion failed: %s", name, e)
+        return None
+    by_first = {}
+    for key, t in out.items():
+        t = t[0] if isinstance(t, list) else t
+        if not key.endswith(".weight") or t.ndim != 2 or not t.numel():
+            return None
+        by_first[float(t[0, 0])] = (key[:-len(".weight")], t)
+    names = {}
+    for r in refs:
+        w = ExpertRef(r.name, holder, r.param, r.expert, r.part, r.transposed,
+                      r.interleaved).get_weight()
+        hit = by_first.get(float(w[0, 0]))
+        if hit is None or hit[1].shape != w.shape or not torch.equal(hit[1], w):
+            return None
+        names[r.key] = hit[0]
+    if len(set(names.values())) != len(refs) or len(out) != len(refs):
+        return None
+    return names
 
 
 def _has_linear(module: nn.Module) -> bool:

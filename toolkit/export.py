@@ -35,6 +35,11 @@ pruned only           a dense ``weight`` (zeros included) and no quantization co
 GPT-2 ``Conv1D``      compressed-tensors quantizes ``nn.Linear`` only (it would load these
 (quantized)           layers transposed, without an error): stored as pack-quantized tensors
                       under the toolkit's format name ``toolkit-pack-quantized-conv1d``.
+fused MoE experts     slices of 3-D expert parameters (:mod:`toolkit.experts`), see
+                      :func:`encode_experts`: ``pack-quantized`` per expert under the names
+                      transformers' conversion mapping merges back (transformers 5.24 loads
+                      them, symmetric only), the 3-D tensor whole (pruned only), or the
+                      toolkit's ``toolkit-experts-pack-quantized`` / ``toolkit-experts-dense``.
 ====================  ===========================================================================
 
 ``layout="compact"`` (opt-in, the smallest file) stores what the standard layout stores densely
@@ -80,8 +85,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .experts import checkpoint_names, compressed_experts, fused_layers
 from .formats import (
     CONV1D_FORMAT,
+    EXPERTS_DENSE_FORMAT,
+    EXPERTS_FORMAT,
     JOINT_FORMAT,
     MEASURED_WITH,
     MIXED_FORMAT,
@@ -108,7 +116,8 @@ __all__ = ["save_compressed", "load_compressed", "describe_checkpoint", "check_s
            "is_checkpoint", "checkpoint_readers", "source_dtype", "CheckpointError",
            "WEIGHTS_NAME", "TOOLKIT_NAME", "LAYOUTS",
            # the writer/reader pieces that save_compressed and toolkit.stream share
-           "compressed_layers", "encode_layer", "block_keys", "LayerTable", "stored_tensors",
+           "compressed_layers", "encode_layer", "encode_experts", "block_keys", "LayerTable",
+           "stored_tensors",
            "plain_config",
            "linear_names", "write_model_config", "read_header", "file_sha256",
            "SAFETENSORS_DTYPES", "SAFETENSORS_NAMES"]
@@ -453,9 +462,90 @@ class LayerTable:
 
 def block_keys(model: nn.Module) -> set[tuple]:
     """The settings whose layers the standard layout stores with the ``block`` strategy
-    (:func:`toolkit.formats.partial_group_keys`) for the compressed layers of ``model``."""
-    return partial_group_keys((m.compression.settings, _weight_out_in(m).shape[1])
-                              for _, m in compressed_layers(model))
+    (:func:`toolkit.formats.partial_group_keys`) for the compressed layers of ``model``
+    (slices of fused expert parameters included)."""
+    return partial_group_keys(
+        [(m.compression.settings, _weight_out_in(m).shape[1]) for _, m in compressed_layers(model)]
+        + [(rec.settings, ref.get_weight().shape[1]) for _, _, pairs in compressed_experts(model)
+           for ref, rec in pairs if rec is not None])
+
+
+class _Slice:
+    """One slice of a fused expert parameter seen as a layer by :func:`encode_layer`."""
+
+    def __init__(self, ref, record):
+        self.weight = ref.get_weight()
+        self.compression = record
+
+
+def encode_experts(model: nn.Module, layout: str, partial_groups: str, dtype: torch.dtype,
+                   blocks: set | frozenset = frozenset()) -> tuple[list, set[str]]:
+    """The stored form of the compressed slices of fused expert parameters (see
+    :mod:`toolkit.experts`): ``([(name, rec)], fused parameter names not stored)``, each
+    ``rec`` as :func:`encode_layer` returns it, with an ``experts`` entry in
+    ``rec["entry"]`` saying where the slice goes.
+
+    A fused parameter none of whose slices needs tensors of its own (pruned-only slices in the
+    standard layout: dense values) is stored whole, as the model holds it; its compressed
+    slices are recorded under their own names (format ``dense``). Otherwise every slice of the
+    parameter is stored on its own and the 3-D tensor is not: under the per-expert names
+    transformers' conversion mapping merges back (:func:`toolkit.experts.checkpoint_names`,
+    e.g. ``...block_sparse_moe.experts.3.w1`` for Mixtral) when every slice of the experts
+    module is ``pack-quantized``; else under the slice's own name
+    (``...mlp.experts.3.gate_proj``) in the toolkit's formats (:data:`EXPERTS_FORMAT` for
+    pack-quantized slices, :data:`EXPERTS_DENSE_FORMAT` for uncompressed ones), which other
+    readers refuse, since they would leave the fused parameter missing without an error."""
+    out: list = []
+    dropped: set[str] = set()
+    for mname, module, pairs in compressed_experts(model):
+        recs = {}
+        for ref, comp in pairs:
+            if comp is None:
+                continue
+            rec = encode_layer(ref.name, _Slice(ref, comp), layout, partial_groups, dtype, blocks)
+            if rec is not None:
+                recs[ref.key] = rec
+        own = {k for k, r in recs.items() if not r["problem"] and not r["dense_sparse"]}
+        split = {ref.param for ref, _ in pairs if ref.key in own}
+        names = None
+        if all(ref.key in own and recs[ref.key]["entry"]["format"] == "pack-quantized"
+               for ref, _ in pairs):
+            names = checkpoint_names(model, mname, module)
+        for ref, _comp in pairs:
+            rec = recs.get(ref.key)
+            where = {"module": mname, "param": ref.param, "expert": ref.expert,
+                     "layer": ref.layer}
+            if ref.param not in split:  # stored whole: the slice's record only
+                if rec is not None:
+                    rec["tensors"] = {}
+                    rec["entry"].update(experts=where, stored=f"{mname}.{ref.param}")
+                    out.append((ref.name, rec))
+                continue
+            name = names[ref.key] if names else ref.name
+            if rec is None or rec["dense_sparse"] or rec["problem"]:
+                if rec is not None and rec["problem"]:
+                    out.append((ref.name, rec))  # refused by LayerTable.check
+                    continue
+                w = ref.get_weight().detach()
+                rows, cols = w.shape
+                entry = dict(shape=[rows, cols], format=EXPERTS_DENSE_FORMAT,
+                             compressed=rec is not None)
+                if rec is not None:  # pruned only (standard layout): its record, stored dense
+                    entry.update(rec["entry"], format=EXPERTS_DENSE_FORMAT)
+                rec = dict(tensors={f"{name}.weight": w.to(dtype).cpu().contiguous()},
+                           entry=entry, scheme=None, dense_sparse=False, partial=None,
+                           problem=None)
+            else:
+                rec["tensors"] = {name + k[len(ref.name):]: v for k, v in rec["tensors"].items()}
+                if rec["partial"]:
+                    rec["partial"] = name + rec["partial"][len(ref.name):]
+                if names is None and rec["entry"]["format"] == "pack-quantized":
+                    rec["entry"]["format"] = EXPERTS_FORMAT
+                    rec["scheme"] = (rec["scheme"][0], EXPERTS_FORMAT)
+            rec["entry"].update(experts=where, stored=name)
+            out.append((name, rec))
+        dropped.update(f"{mname}.{p}" for p in split)
+    return out, dropped
 
 
 def encode_layer(name: str, module: nn.Module, layout: str, partial_groups: str,
@@ -719,11 +809,16 @@ def save_compressed(model: nn.Module, path, report=None, tokenizer=None, overwri
         if rec is not None:
             acc.add(name, rec)
             tensors.update(rec["tensors"])
+    expert_recs, fused_dropped = encode_experts(model, layout, partial_groups, dtype, blocks)
+    for name, rec in expert_recs:
+        acc.add(name, rec)
+        tensors.update(rec["tensors"])
     acc.check(partial_groups)
 
     # ---- the dense rest of the state dict (tied tensors once) ------------------------------
     table, tied = stored_tensors(model)
-    stored = {f"{n}.weight" for n in acc.meta_layers}
+    stored = {f"{n}.weight" for n, e in acc.meta_layers.items() if not e.get("experts")}
+    stored |= fused_dropped
     for full, t in table:
         if full in stored:
             continue
@@ -1137,6 +1232,9 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
     plan = plan_layers(model, qc, meta_layers, ts.where)
     version = qc.get("version")
     modules = dict(model.named_modules())
+    slices = {(mname, r.param, r.expert, r.layer): r for mname, mod in modules.items()
+              for r in fused_layers(mod, mname)}
+    filled: dict[tuple, set] = {}  # (experts module, parameter) -> slices read from own tensors
     state = {}
     for name, p in plan.items():
         if p.activations:
@@ -1149,6 +1247,9 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
         if p.sparse and p.kind != "dense":
             raise CheckpointError(f"{path / 'config.json'}: layer {name} is {p.fmt} and "
                                   f"{p.sparse} at once (not supported)")
+        if p.expert:
+            _load_slice(ts, p, meta_layers.get(name) or {}, slices, filled, dtype, version, path)
+            continue
         module = modules.get(name)
         if module is None:
             raise CheckpointError(f"{path / 'config.json'}: compressed layer {name!r} is not a "
@@ -1176,6 +1277,15 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
         if record is not None and comp.settings.bits is not None:
             comp.scale, comp.zero, comp.g_idx = record
         module.compression = comp
+    for (mname, pname), keys in filled.items():  # fused parameters rebuilt from their slices
+        module = modules[mname]
+        missing = [r.name for r in fused_layers(module, mname) if r.param == pname and
+                   (r.expert, r.layer) not in keys]
+        if missing:
+            raise CheckpointError(f"{path}: {mname}.{pname} is stored per expert, but no tensors "
+                                  f"for {missing[0]}" + (f" and {len(missing) - 1} more slices"
+                                                         if len(missing) > 1 else ""))
+        state[f"{mname}.{pname}"] = getattr(module, pname).data
     expected = model.state_dict()
     tied = set((meta.get("tied") or {}).keys())
     for key, ref in expected.items():
@@ -1204,6 +1314,40 @@ def load_compressed(path, device=None, dtype: torch.dtype | None = None,
     if device is not None:
         model.to(device)
     return model
+
+
+def _load_slice(ts: _Tensors, p, e: dict, slices: dict, filled: dict, dtype, version,
+                path: Path) -> None:
+    """Read one slice of a fused expert parameter (written by :func:`encode_experts`) into the
+    model's parameter, and its record into the experts module."""
+    x = p.expert
+    ref = slices.get((x["module"], x["param"], int(x["expert"]), x["layer"]))
+    if ref is None:
+        raise CheckpointError(f"{path / TOOLKIT_NAME}: layer {p.name!r} is expert "
+                              f"{x['expert']}'s {x['layer']} of {x['module']}.{x['param']}, "
+                              "which the model does not have")
+    rows, cols = ref.get_weight().shape
+    record = None
+    if p.kind in ("pack", "joint"):
+        w, record = _decode_quantized(ts, p, rows, cols, version)
+    elif p.kind in ("sparse", "sparse24"):
+        w = _decode_sparse(ts, p, rows, cols)
+    elif p.fmt == EXPERTS_DENSE_FORMAT:
+        w = ts.expect(f"{p.name}.weight", [rows, cols], p.name)
+    elif p.kind == "dense":  # its values are in the fused parameter, stored whole
+        w = None
+    else:
+        raise CheckpointError(f"{path / 'config.json'}: expert layer {p.name} is stored in "
+                              f"format {p.fmt!r}, which load_compressed cannot decode")
+    if w is not None:
+        ref.set_weight(w.to(dtype))
+        filled.setdefault((x["module"], x["param"]), set()).add((ref.expert, ref.layer))
+    if e.get("compressed", True) and "error" in e:
+        comp = LayerCompression(settings=_entry_settings(e), error=e["error"],
+                                sparsity=e["sparsity"])
+        if record is not None and comp.settings.bits is not None:
+            comp.scale, comp.zero, comp.g_idx = record
+        ref.set_record(comp)
 
 
 def _entry_settings(e: dict) -> LayerSettings:
@@ -1286,7 +1430,9 @@ def describe_checkpoint(path, verify: bool = False) -> str:
     """A text summary of a checkpoint folder (``toolkit info``): the model; who wrote it, the
     layout and dtype; with ``verify=True`` whether the weight files still have the SHA-256
     recorded at save time; which readers load it (:func:`checkpoint_readers`); per compressed
-    layer its format, shape, sparsity, bits and group size; the bytes on disk against the same
+    layer its format, shape, sparsity, bits, group size and bytes in the file (slices of fused
+    expert parameters too, named as stored, with their expert and projection); the bytes on
+    disk against the same
     model in dense fp16. Works for the toolkit's folders, other compressed-tensors checkpoints
     (llm-compressor's) and plain Hugging Face model folders."""
     import transformers
@@ -1348,6 +1494,11 @@ def describe_checkpoint(path, verify: bool = False) -> str:
     table = []
     meta_layers = meta.get("layers") or {}
     n_comp = n_zero = 0
+    size_of = {k: math.prod(v) * torch.empty(0, dtype=SAFETENSORS_DTYPES[dtypes[k]]).element_size()
+               for k, v in shapes.items() if dtypes.get(k) in SAFETENSORS_DTYPES}
+    by_prefix: dict[str, int] = {}
+    for k, n in size_of.items():
+        by_prefix[k.rsplit(".", 1)[0]] = by_prefix.get(k.rsplit(".", 1)[0], 0) + n
     for name, p in plan.items():
         e = meta_layers.get(name, {})
         a = p.args or {}
@@ -1367,25 +1518,42 @@ def describe_checkpoint(path, verify: bool = False) -> str:
             extra.append("asym")
         if a.get("actorder"):
             extra.append(f"actorder {a['actorder']}")
+        whole = e.get("stored") if p.expert else None
+        if whole in shapes and shape:  # a slice of a 3-D expert tensor stored whole
+            extra.append(f"inside {whole}")
+            nbytes = shape[0] * shape[1] * size_of[whole] // max(math.prod(shapes[whole]), 1)
+        else:  # its own tensors (a bias is not the layer's)
+            nbytes = by_prefix.get(name, 0) - size_of.get(f"{name}.bias", 0)
+        if p.expert:
+            x = p.expert
+            extra.insert(0, f"expert {x['expert']} {x['layer']}")
+        if e.get("compressed") is False:
+            extra.append("not compressed (stored beside its compressed slices)")
         table.append((name, "x".join(map(str, shape)) if shape else "?", p.fmt,
                       f"{sp:.1%}" if isinstance(sp, (int, float)) else "-",
-                      str(bits or 16), str(group or "-"), " ".join(extra)))
-        if shape:
+                      str(bits or 16), str(group or "-"), f"{nbytes:,}", " ".join(extra)))
+        if shape and e.get("compressed", True):
             n_comp += shape[0] * shape[1]
             n_zero += (sp or 0) * shape[0] * shape[1]
     if table:
-        head = ("layer", "shape", "format", "sparsity", "bits", "group", "")
+        head = ("layer", "shape", "format", "sparsity", "bits", "group", "bytes", "")
         w = [max(len(r[i]) for r in table + [head]) for i in range(len(head))]
         lines.append("")
-        lines.append("  " + "  ".join(f"{h:<{w[i]}}" if i in (0, 2, 6) else f"{h:>{w[i]}}"
+        lines.append("  " + "  ".join(f"{h:<{w[i]}}" if i in (0, 2, 7) else f"{h:>{w[i]}}"
                                       for i, h in enumerate(head)).rstrip())
         for r in table:
-            lines.append("  " + "  ".join(f"{c:<{w[i]}}" if i in (0, 2, 6) else f"{c:>{w[i]}}"
+            lines.append("  " + "  ".join(f"{c:<{w[i]}}" if i in (0, 2, 7) else f"{c:>{w[i]}}"
                                           for i, c in enumerate(r)).rstrip())
         lines.append("")
-        lines.append(f"  compressed layers: {len(table)}, {n_comp:,} weights, sparsity "
+        n_layers = sum(1 for n in plan if (meta_layers.get(n) or {}).get("compressed", True))
+        lines.append(f"  compressed layers: {n_layers}, {n_comp:,} weights, sparsity "
                      f"{n_zero / n_comp:.1%}" if n_comp else
-                     f"  compressed layers: {len(table)}")
+                     f"  compressed layers: {n_layers}")
+        n_ex = [p for p in plan.values() if p.expert]
+        if n_ex:
+            own = sum(1 for p in n_ex if (meta_layers.get(p.name) or {}).get("stored") not in shapes)
+            lines.append(f"  expert layers (slices of fused expert parameters): {len(n_ex)}, "
+                         f"{own} stored per expert, {len(n_ex) - own} inside their 3-D tensor")
 
     # ---- sizes ------------------------------------------------------------------------------
     if model is not None:

@@ -31,6 +31,7 @@ import torch
 from .models import is_conv1d
 
 __all__ = ["JOINT_FORMAT", "SPARSE_FORMAT", "SPARSE24_FORMAT", "CONV1D_FORMAT", "MIXED_FORMAT",
+           "EXPERTS_FORMAT", "EXPERTS_DENSE_FORMAT",
            "TOOLKIT_FORMATS", "LEGACY_SPARSE_FORMATS", "READERS", "Group", "LayerPlan",
            "Verdict", "parse_groups", "matches", "plan_layers", "unpack_codes", "pack_layout",
            "unpack_zero_point", "column_groups", "dequantize", "expected_shapes",
@@ -49,7 +50,17 @@ SPARSE24_FORMAT = "toolkit-sparse-24-bitmask"
 CONV1D_FORMAT = "toolkit-pack-quantized-conv1d"
 #: top-level ``format`` of a file whose groups use several formats, one of them the toolkit's own
 MIXED_FORMAT = "toolkit-mixed"
-TOOLKIT_FORMATS = (JOINT_FORMAT, SPARSE_FORMAT, SPARSE24_FORMAT, CONV1D_FORMAT, MIXED_FORMAT)
+#: pack-quantized tensors of one slice of a fused mixture-of-experts parameter stored under a name
+#: transformers does not merge into the fused parameter (a model without a per-expert checkpoint
+#: layout, e.g. GPT-OSS, or a fused parameter some of whose slices are not quantized): a
+#: standard name would leave the fused parameter missing, i.e. randomly initialised, without
+#: an error
+EXPERTS_FORMAT = "toolkit-experts-pack-quantized"
+#: a slice of a fused expert parameter stored on its own as a plain (out, in) ``weight`` (the
+#: uncompressed slices of a parameter whose other slices are stored compressed)
+EXPERTS_DENSE_FORMAT = "toolkit-experts-dense"
+TOOLKIT_FORMATS = (JOINT_FORMAT, SPARSE_FORMAT, SPARSE24_FORMAT, CONV1D_FORMAT, MIXED_FORMAT,
+                   EXPERTS_FORMAT, EXPERTS_DENSE_FORMAT)
 #: sparse formats of compressed-tensors <= 0.14 (no decompressor since 0.15) -> the same tensors
 LEGACY_SPARSE_FORMATS = {"sparse-bitmask": SPARSE_FORMAT, "sparse-24-bitmask": SPARSE24_FORMAT}
 
@@ -161,11 +172,13 @@ class LayerPlan:
     activations: bool = False  # input activations are quantized
     sparse: str | None = None  # the sparsity_config format also covering this layer
     declared: str | None = None  # the format config.json declares, when the layer is not in it
+    expert: dict | None = None  # a slice of a fused expert parameter: where it goes (see export)
     notes: list[str] = field(default_factory=list)
 
 
 _KINDS = {"pack-quantized": "pack", "naive-quantized": "naive", "int-quantized": "int",
           JOINT_FORMAT: "joint", CONV1D_FORMAT: "pack", SPARSE_FORMAT: "sparse",
+          EXPERTS_FORMAT: "pack", EXPERTS_DENSE_FORMAT: "dense",
           SPARSE24_FORMAT: "sparse24", "sparse-bitmask": "sparse", "sparse-24-bitmask": "sparse24",
           "dense": "dense"}
 
@@ -226,18 +239,27 @@ def plan_layers(model, qc: dict, meta_layers: dict | None, tensor_names) -> dict
                     module_type=type(module).__name__ if module is not None else "?",
                     conv1d=module is not None and is_conv1d(module),
                     shape=_weight_shape(module) if module is not None else None)
+    groups = parse_groups(qc)
     for name, e in (meta_layers or {}).items():
         fmt = e.get("format")
         if fmt is None:
             continue
         p = plan.get(name)
-        if p is None:
+        if p is None and e.get("experts"):  # a slice of a fused expert parameter: no module
+            g = next((g for g in groups if _matched(name, None, g.targets, ignore)), None)
+            p = plan[name] = LayerPlan(
+                name=name, kind=_KINDS.get(fmt, "other"), fmt=fmt,
+                args=g.weights if g is not None else None, group=g.name if g else None,
+                module_type="experts", shape=tuple(e["shape"]) if e.get("shape") else None,
+                activations=bool(g is not None and g.input_activations))
+        elif p is None:
             module = dict(modules).get(name)
             p = plan[name] = LayerPlan(
                 name=name, kind="dense", fmt=fmt,
                 module_type=type(module).__name__ if module is not None else "?",
                 conv1d=bool(e.get("transposed")),
                 shape=tuple(e["shape"]) if e.get("shape") else None)
+        p.expert = e.get("experts")
         if fmt in _KINDS and fmt != p.fmt:  # a layout of ours declared under a standard name
             p.notes.append(f"declared {p.fmt!r} in config.json, stored as {fmt!r}")
             p.declared = p.fmt
@@ -245,7 +267,21 @@ def plan_layers(model, qc: dict, meta_layers: dict | None, tensor_names) -> dict
         if p.shape is None and e.get("shape"):
             p.shape = tuple(e["shape"])
     order = {n: i for i, (n, _) in enumerate(modules)}
-    return dict(sorted(plan.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+    def position(item):
+        name, p = item
+        if name in order or not p.expert:
+            return order.get(name, len(order))
+        # an expert slice: after the last module of its MoE block (e.g. the router)
+        prefix = p.expert["module"]
+        while "." in prefix:
+            prefix = prefix.rsplit(".", 1)[0]
+            near = [i for n, i in order.items() if n.startswith(prefix + ".")]
+            if near:
+                return max(near) + 0.5
+        return len(order)
+
+    return dict(sorted(plan.items(), key=position))
 
 
 # ---- decoding ------------------------------------------------------------------------------------
@@ -573,6 +609,11 @@ def predict_readers(config_data: dict, plan: dict[str, LayerPlan], shapes: dict[
                                            f"group's scheme ({len({_scheme_key(q) for q in layers if q.group})} "
                                            f"schemes here; {p.name} differs)")
             out["dequantize"] = deq or Verdict("loads")
+            fused = _experts_verdict(groups, layers)
+            for key in ("transformers", "dequantize"):
+                if fused is not None and out[key].status != "error" and \
+                        (fused.status == "error" or out[key].status == "loads"):
+                    out[key] = fused
 
     blocks = [p for p in layers if p.group is not None and (p.args or {}).get("strategy") == "block"]
     for key in ("transformers", "dequantize"):
@@ -584,6 +625,35 @@ def predict_readers(config_data: dict, plan: dict[str, LayerPlan], shapes: dict[
     # ---- vLLM, from its scheme selection rules (not run) ----
     out["vllm"] = _vllm_verdict(qc, layers, linear_names)
     return {k: out[k] for k in READERS}
+
+
+def _experts_verdict(groups: list[Group], layers: list[LayerPlan]) -> Verdict | None:
+    """What transformers 5.24 does with slices of fused expert parameters stored per expert in
+    a config group (None when there are none). Its conversion mapping merges the per-expert
+    tensors into the fused parameters, decompressing each with ONE scheme, the experts' group of
+    ``get_experts_scheme`` (the first group with a ``re:`` target naming experts, else the first
+    group with another target), through a module holding ``weight_packed``, ``weight_scale``
+    and ``weight_shape`` only: asymmetric schemes fail ("Asymmetric quant requires zero-point
+    values"), other schemes than that group's decode wrong. Both loaders take this path."""
+    ex = [p for p in layers if p.expert and p.group is not None]
+    if not ex:
+        return None
+    chosen = next((g for g in groups if any(t.startswith("re:") and "experts" in t
+                                            for t in g.targets)), None) or \
+        next((g for g in groups if any(not t.startswith("re:") for t in g.targets)), groups[0])
+    args = chosen.weights or {}
+    if not args.get("symmetric", True):
+        return Verdict("error", f"experts ({ex[0].name}, ...) are decompressed without their "
+                                "zero points: 'Asymmetric quant requires zero-point values'")
+    first = next((p for p in layers if p.group == chosen.name), None)
+    for p in ex:
+        if first is None or p.group == chosen.name or _scheme_key(p) == _scheme_key(first):
+            continue
+        fate = _dequantize_other_scheme(first, p)
+        if fate != "loads":
+            return Verdict(fate, f"every expert is decompressed with the scheme of config group "
+                                 f"{chosen.name!r}; {p.name} has another")
+    return Verdict("loads", "fused experts merged from per-expert tensors (conversion mapping)")
 
 
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -651,4 +721,7 @@ def _vllm_verdict(qc: dict, layers: list[LayerPlan], linear_names) -> Verdict:
     note = "WNA16 (pack-quantized, " + "/".join(f"{b}-bit" for b in bits) + ")"
     if any(b not in (4, 8) for b in bits):
         note += "; widths other than 4/8 need a recent vLLM (older releases: 4 and 8 only)"
+    if any(p.expert and p.group is not None for p in layers):
+        note += ("; experts stored per expert under transformers' checkpoint names go to vLLM's "
+                 "compressed-tensors MoE method")
     return Verdict("loads", note)

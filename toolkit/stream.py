@@ -36,8 +36,12 @@ persisted.
 
 Not supported: several processes (``torchrun``; each rank would need the whole stream, and
 writing is rank 0's) -- refused with a clear error; ``allocation="owl"`` (needs a dense pass
-over the whole model first); mixture-of-experts models (their experts are not written by the
-block shards yet) -- refused with a clear error.
+over the whole model first); mixture-of-experts models -- refused with a clear error before the
+output folder is touched: their checkpoints store the experts per expert
+(``experts.3.w1.weight``), which only transformers' conversion mapping merges into the fused 3-D
+parameters at load time; this reader reads tensors under the model's own parameter names and
+does not apply that mapping (in memory, :func:`toolkit.compress` + ``save_compressed`` handle
+them).
 """
 
 from __future__ import annotations
@@ -428,8 +432,10 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     experts.check_layers(blocks_name, blocks, config.layer_settings, routers=config.routers)
     if any(experts.has_experts(blk) for blk in blocks):
         raise StreamError(f"{model_dir}: streaming does not write mixture-of-experts experts yet "
-                          "(fused or per-expert); compress it in memory with compress() and "
-                          "save_compressed()")
+                          "(fused or per-expert): MoE checkpoints store the experts per expert, "
+                          "which only transformers' conversion mapping merges into the fused "
+                          "parameters, and streaming reads tensors by parameter name; compress "
+                          "it in memory with compress() and save_compressed()")
     table, tied = stored_tensors(model)
     config_tied = _config_tied(model)
     aliases: dict[str, list[str]] = {}
