@@ -126,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--only", nargs="*", help="run only the rows whose name contains one of these")
+    p.add_argument("--exact", action="store_true",
+                   help="--only names whole row names (e.g. \"SparseGPT 50%%\" alone)")
     p.add_argument("--baseline-commit", default=None, metavar="COMMIT",
                    help="also run each row with the toolkit of this commit, side by side")
     p.add_argument("--repeats", type=int, default=1, help="run every row this many times")
@@ -163,7 +165,8 @@ def main(argv=None) -> int:
     print(rows[-1], flush=True)
     base.cpu()
     for name, kw in CONFIGS:
-        if args.only and not any(o.lower() in name.lower() for o in args.only):
+        if args.only and not any(o.lower() == name.lower() if args.exact else
+                                 o.lower() in name.lower() for o in args.only):
             continue
         for repeat in range(args.repeats):
             for code, compress in codes:
