@@ -67,6 +67,8 @@ def main(argv=None) -> int:
                    help="profile_rows values (each profiled and run at the compared targets)")
     p.add_argument("--uniform", nargs="+", default=[label for label, _ in UNIFORM],
                    help="the uniform rows to run (labels)")
+    p.add_argument("--menu", default=None,
+                   help="budget_menu for every budget run (default: toolkit.menu.DEFAULT_MENU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(REPO / "data" / "results" / "budget_smollm2.csv"))
     args = p.parse_args(argv)
@@ -111,8 +113,11 @@ def main(argv=None) -> int:
     windows = min(args.eval_windows, eval_ids.numel() // args.eval_seqlen)
     eval_ids = eval_ids[: windows * args.eval_seqlen]
     timing = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     common = dict(calibration=ids, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
                   verbose=False)
+    if args.menu is not None:
+        common["budget_menu"] = args.menu
 
     # ---- 2. profiles, timed against a plain compress ------------------------------------------
     # the main grid: every layout and target with the first metric and rows setting; the other
@@ -178,11 +183,18 @@ def main(argv=None) -> int:
     df = pd.concat([uniform, pd.DataFrame(runs), pd.DataFrame(timing).assign(kind="profile")],
                    ignore_index=True)
     ppl_of = uniform.set_index("method")["perplexity"]
+    # a uniform row's size in each layout (NF4 is bitsandbytes' own format, compared as it is)
+    size_of = {"standard": uniform.set_index("method")["bits_per_weight"],
+               "compact": uniform.set_index("method")["compact_bits_per_weight"]
+               .fillna(uniform.set_index("method")["bits_per_weight"])}
     lines = []
     for r in runs:
         if r["target_bits"] in COMPARE:
+            # rivals of the same size in the budget's own layout: the joint row takes 4.2 bits in
+            # the standard layout (every code stored), so it is no 3.2-bit rival there
             rivals = {m: ppl_of[m] for m in COMPARE[r["target_bits"]]
-                      if m in ppl_of and ppl_of[m] == ppl_of[m]}
+                      if m in ppl_of and ppl_of[m] == ppl_of[m]
+                      and (m == "NF4" or size_of[r["layout"]][m] <= r["target_bits"] + 0.05)}
             if not rivals:
                 continue
             best = min(rivals, key=rivals.get)
