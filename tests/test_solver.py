@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import SMOLLM2_THREADS, torch_threads
 
 from toolkit import capture_hessians
 from toolkit.baselines import apply_mask, magnitude_mask, rtn_quantize, wanda_mask
@@ -450,7 +451,13 @@ REAL_LAYERS = ["self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"]
 @pytest.fixture(scope="module")
 def smollm2_layer_errors(smollm2_shared, wikitext_valid):
     """Reconstruction errors 2/n ||(W - W_new) X||^2 of three layers of SmolLM2-135M block 3,
-    with X captured by forward hooks on 8 windows x 256 tokens of WikiText-2 validation text."""
+    with X captured by forward hooks on 8 windows x 256 tokens of WikiText-2 validation text,
+    with SMOLLM2_THREADS torch threads."""
+    with torch_threads(SMOLLM2_THREADS):
+        return _layer_errors(smollm2_shared, wikitext_valid)
+
+
+def _layer_errors(smollm2_shared, wikitext_valid):
     from toolkit.data import get_calibration, tokenize_text
 
     model, tok = smollm2_shared
@@ -488,7 +495,7 @@ def smollm2_layer_errors(smollm2_shared, wikitext_valid):
     for a, b in [("sparsegpt_50", "magnitude_50"), ("sparsegpt_50", "wanda_50"),
                  ("sparsegpt_2:4", "magnitude_2:4"), ("gptq_4bit_g128", "rtn_4bit_g128"),
                  ("joint_50_4bit_g128", "magnitude_then_rtn")]:
-        print(f"{a + ' / ' + b:40s}" + "".join(f"{table[n][a] / table[n][b]:8.3f}" for n in table))
+        print(f"{a + ' / ' + b:40s}" + "".join(f"{table[n][a] / table[n][b]:8.4f}" for n in table))
     return table
 
 
@@ -496,24 +503,44 @@ def ratios(table, a, b):
     return {n: table[n][a] / table[n][b] for n in table}
 
 
+#: error(a) / error(b) per layer (q_proj, gate_proj, down_proj), recorded with 2 threads by
+#: ``python -m pytest -q -s -m slow tests/test_solver.py -k smollm2`` (the fixture prints them).
+#: Re-record the same way, with the reason in the commit message, when an intended change
+#: moves them.
+LAYER_RATIOS = {
+    ("sparsegpt_50", "magnitude_50"): (0.1415, 0.3649, 0.2670),
+    ("sparsegpt_50", "wanda_50"): (0.3010, 0.4525, 0.3107),
+    ("sparsegpt_2:4", "magnitude_2:4"): (0.1526, 0.3451, 0.2849),
+    ("gptq_4bit_g128", "rtn_4bit_g128"): (0.2171, 0.3579, 0.2520),
+    ("joint_50_4bit_g128", "magnitude_then_rtn"): (0.1646, 0.3720, 0.2772),
+}
+LAYER_RATIO_TOLERANCE = 0.05  # relative, per layer: a layer whose error doubles fails
+
+
+def check_ratios(table, a, b, low, high):
+    """Every layer's error(a) / error(b) lies in [low, high] (the range the test's name
+    states) and within 5% of its recorded value."""
+    got = ratios(table, a, b)
+    for (name, r), recorded in zip(got.items(), LAYER_RATIOS[a, b]):
+        assert low <= r <= high, (a, b, name, r)
+        assert abs(r / recorded - 1) <= LAYER_RATIO_TOLERANCE, (a, b, name, r, recorded)
+
+
 @pytest.mark.slow
-def test_smollm2_sparsegpt_50_is_0p14_to_0p37x_magnitude_and_0p30_to_0p45x_wanda(smollm2_layer_errors):
-    """Measured (q_proj, gate_proj, down_proj): SparseGPT 50% / magnitude 50% = 0.14, 0.37, 0.27;
-    SparseGPT / Wanda = 0.30, 0.45, 0.31. Required: <= 0.5x magnitude and below Wanda."""
-    t = smollm2_layer_errors
-    assert all(r <= 0.5 for r in ratios(t, "sparsegpt_50", "magnitude_50").values())
-    assert all(r < 1 for r in ratios(t, "sparsegpt_50", "wanda_50").values())
+def test_smollm2_sparsegpt_50_is_0p14_to_0p37x_magnitude_and_0p30_to_0p46x_wanda(smollm2_layer_errors):
+    """SparseGPT 50% / magnitude 50% and / Wanda 50%, per layer: see LAYER_RATIOS."""
+    check_ratios(smollm2_layer_errors, "sparsegpt_50", "magnitude_50", 0.14, 0.37)
+    check_ratios(smollm2_layer_errors, "sparsegpt_50", "wanda_50", 0.30, 0.46)
 
 
 @pytest.mark.slow
 def test_smollm2_sparsegpt_2_4_is_0p15_to_0p35x_magnitude_2_4(smollm2_layer_errors):
-    """Measured: 0.15, 0.35, 0.29 (q_proj, gate_proj, down_proj)."""
-    assert all(r < 1 for r in ratios(smollm2_layer_errors, "sparsegpt_2:4", "magnitude_2:4").values())
+    check_ratios(smollm2_layer_errors, "sparsegpt_2:4", "magnitude_2:4", 0.15, 0.35)
 
 
 @pytest.mark.slow
-def test_smollm2_gptq_4bit_g128_is_0p22_to_0p36x_rtn(smollm2_layer_errors):
-    """Measured: GPTQ / RTN (4-bit, group 128, asymmetric) = 0.22, 0.36, 0.25.
+def test_smollm2_gptq_4bit_g128_is_0p21_to_0p36x_rtn(smollm2_layer_errors):
+    """GPTQ / RTN (4-bit, group 128, asymmetric), per layer: see LAYER_RATIOS.
 
     SmolLM2's weights here are dequantized from a Q4_1 GGUF file: they already lie on a 4-bit
     asymmetric grid per block of 32 input columns. With groups of 128 neither RTN nor GPTQ can
@@ -521,17 +548,16 @@ def test_smollm2_gptq_4bit_g128_is_0p22_to_0p36x_rtn(smollm2_layer_errors):
     partial last group of 64 (issue 12)."""
     # NOTE: the weights were Q4_1 (4-bit, blocks of 32) in the GGUF file; the comparison holds
     # for these already-quantized weights and says nothing about fp16-trained originals.
-    assert all(r < 1 for r in ratios(smollm2_layer_errors, "gptq_4bit_g128", "rtn_4bit_g128").values())
+    check_ratios(smollm2_layer_errors, "gptq_4bit_g128", "rtn_4bit_g128", 0.21, 0.36)
 
 
 @pytest.mark.slow
-def test_smollm2_joint_50_4bit_is_0p17_to_0p37x_magnitude_then_rtn(smollm2_layer_errors):
-    """Measured: joint (50% + 4-bit g128 in one sweep) / (magnitude 50%, then RTN 4-bit g128 on
-    the survivors) = 0.17, 0.37, 0.28. The weights come from a Q4_1 GGUF (4-bit grid per block of
-    32 columns), see the GPTQ test."""
+def test_smollm2_joint_50_4bit_is_0p16_to_0p38x_magnitude_then_rtn(smollm2_layer_errors):
+    """Joint (50% + 4-bit g128 in one sweep) / (magnitude 50%, then RTN 4-bit g128 on the
+    survivors), per layer: see LAYER_RATIOS. The weights come from a Q4_1 GGUF (4-bit grid per
+    block of 32 columns), see the GPTQ test."""
     # NOTE: weights dequantized from Q4_1 GGUF (4-bit grid per 32 columns), as above.
-    assert all(r < 1 for r in ratios(smollm2_layer_errors, "joint_50_4bit_g128",
-                                     "magnitude_then_rtn").values())
+    check_ratios(smollm2_layer_errors, "joint_50_4bit_g128", "magnitude_then_rtn", 0.16, 0.38)
 
 
 @pytest.mark.slow

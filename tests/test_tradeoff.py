@@ -200,20 +200,120 @@ def test_tradeoff_same_windows_same_numbers(table):
                                                                    verbose=False))
 
 
-def test_tradeoff_keeps_a_failed_row(monkeypatch):
+def _tradeoff_tiny(configs, **kw):
+    base = tiny_model("llama")
+    return tradeoff(lambda: copy.deepcopy(base), None, configs, random_ids(1, 64).reshape(-1),
+                    eval_seqlen=32, eval_windows=2, calibration=random_ids(4, 32, seed=1),
+                    nsamples=4, seqlen=32, **kw)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, ImportError, NotImplementedError, ValueError,
+                                   KeyError])
+def test_an_unexpected_error_in_compress_propagates(monkeypatch, error):
+    """No error of compress() is turned into a "not run" row: it reaches the caller, with the
+    row's label in its message (same type where the type takes a message)."""
     import sys
 
     tr = sys.modules["toolkit.tradeoff"]  # the package attribute is the function
 
     def fail(*a, **k):
-        raise RuntimeError("no kernel for this format on cpu")
+        raise error("boom inside the solver")
 
-    monkeypatch.setattr(tr, "bnb_quantize", fail)
-    base = tiny_model("llama")
-    df = tradeoff(lambda: copy.deepcopy(base), None, [dict(bnb="fp4", label="FP4")],
-                  random_ids(1, 64).reshape(-1), eval_seqlen=32, eval_windows=2)
+    monkeypatch.setattr(tr, "compress", fail)
+    rows = []
+    expected = RuntimeError if error is KeyError else error  # KeyError quotes its message
+    with pytest.raises(expected, match="tradeoff row 'SparseGPT 50%': .*boom inside the solver") \
+            as info:
+        _tradeoff_tiny([dict(sparsity=0.5)], on_row=rows.append)
+    assert isinstance(info.value.__cause__, error)
+    assert [r["method"] for r in rows] == ["dense"]  # the dense row ran, then the failure
+
+
+@pytest.mark.parametrize("where", ["bnb_quantize", "perplexity"])
+def test_an_unexpected_error_in_a_bnb_row_propagates(monkeypatch, where):
+    """bitsandbytes rows are "not run" only for the reasons in NOT_RUN_BY_DESIGN: another
+    RuntimeError (here out of memory, or a failure in the forward pass) propagates."""
+    import sys
+
+    tr = sys.modules["toolkit.tradeoff"]
+    real = getattr(tr, where)
+
+    def fail(model, *a, **k):
+        if where == "perplexity" and not any(type(m).__module__.startswith("bitsandbytes")
+                                             for m in model.modules()):
+            return real(model, *a, **k)  # the dense row
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(tr, where, fail)
+    with pytest.raises(RuntimeError, match="tradeoff row 'NF4': out of memory"):
+        _tradeoff_tiny([dict(bnb="nf4")])
+
+
+def test_bnb_not_installed_is_a_not_run_row_with_its_reason(monkeypatch, tmp_path):
+    """Without bitsandbytes (bnb_available() says so, as it does when the import fails), the
+    bnb rows are not run: the reason of the table in ``not_run`` (and in the CSV), the error in
+    ``note``, no size or perplexity, and the plot lists and marks the row."""
+    import toolkit.bnb
+    from toolkit.tradeoff import NOT_RUN_BY_DESIGN
+
+    why = "bitsandbytes does not import: ModuleNotFoundError: No module named 'bitsandbytes'"
+    monkeypatch.setattr(toolkit.bnb, "bnb_available", lambda: (False, why))
+    df = _tradeoff_tiny([dict(bits=4, quant="rtn", group_size=32), dict(bnb="nf4"),
+                         dict(bnb="int8")])
+    assert df["method"].tolist() == ["dense", "RTN 4-bit g32", "NF4", "LLM.int8"]
+    reason = NOT_RUN_BY_DESIGN[0].reason
+    assert reason == "bitsandbytes is not installed (pip install -e '.[bnb]')"
+    assert df["not_run"].tolist() == ["", "", reason, reason]
+    assert df["note"].iloc[2] == f"not run: ImportError: {why}"
+    for col in ("bytes", "bits_per_weight", "perplexity", "memory_mb"):
+        assert df[col].iloc[2:].isna().all() and df[col].iloc[:2].notna().all(), col
+    csv = tmp_path / "t.csv"
+    df[COLUMNS].to_csv(csv, index=False)
+    back = pd.read_csv(csv, keep_default_na=False)
+    assert back["not_run"].tolist() == ["", "", reason, reason]
+
+    fig = plot_tradeoff(df)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert f"NF4: not run ({reason})" in labels and f"LLM.int8: not run ({reason})" in labels
+    marks = [ln for ln in ax.lines if ln.get_label().endswith(f"not run ({reason})")]
+    assert len(marks) == 2 and all(ln.get_marker() == "x" for ln in marks)
+    assert len(ax.collections) == 1  # RTN only: a row without perplexity has no point
+    assert len(ax.get_legend().legend_handles) == len(labels)
+
+
+def test_bnb_refused_on_the_device_is_a_not_run_row(monkeypatch):
+    """bitsandbytes refusing to quantize a format on the device (toolkit.bnb turns that into
+    "bitsandbytes <format> cannot run on <device>: ...") is the second by-design entry."""
+    import bitsandbytes as bnb
+
+    from toolkit.tradeoff import NOT_RUN_BY_DESIGN
+
+    def refuse(self, *a, **k):
+        raise RuntimeError("no 4-bit kernel for this device")
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "to", refuse)
+    df = _tradeoff_tiny([dict(bnb="fp4", label="FP4")])
     assert df["method"].tolist() == ["dense", "FP4"]
-    assert math.isnan(df.iloc[1]["perplexity"]) and "no kernel" in df.iloc[1]["note"]
+    assert df["not_run"].tolist() == ["", NOT_RUN_BY_DESIGN[1].reason]
+    assert df["note"].iloc[1] == ("not run: RuntimeError: bitsandbytes fp4 cannot run on cpu: "
+                                  "RuntimeError: no 4-bit kernel for this device")
+    assert math.isnan(df["perplexity"].iloc[1])
+
+
+def test_plot_marks_a_not_run_row_of_known_size_on_the_top_edge():
+    """A not-run row whose size is known gets an x at that size on the top edge of the axes
+    (axes coordinates in y, drawn outside the clip box); the others stay as they were."""
+    df = pd.DataFrame({"method": ["dense", "a", "b"], "bits_per_weight": [16.0, 4.0, 4.5],
+                       "perplexity": [10.0, 12.0, math.nan], "not_run": ["", "", "why not"]})
+    ax = plot_tradeoff(df).axes[0]
+    (mark,) = [ln for ln in ax.lines if ln.get_label() == "b: not run (why not)"]
+    assert list(mark.get_xdata()) == [4.5] and list(mark.get_ydata()) == [1.0]
+    assert mark.get_transform() == ax.get_xaxis_transform() and not mark.get_clip_on()
+    assert mark.get_marker() == "x" and len(ax.collections) == 1
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["dense (16 bits): 10.00", "a: 12.00", "b: not run (why not)",
+                      "Pareto front"]
 
 
 def test_bad_config():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SMOLLM2_EVAL
+from conftest import SMOLLM2_EVAL, SMOLLM2_THREADS, torch_threads
 
 from toolkit import compress, perplexity
 from toolkit.models import find_blocks, find_linears, smollm2_gguf_path
@@ -30,9 +30,17 @@ def _check_exact(model, report, sparsity, bits, group_size):
     assert s["calibration"] == "python-docs"
 
 
+#: Perplexity after the one-line call (default calibration: python-docs, 16 x 256 tokens;
+#: SMOLLM2_EVAL windows; SMOLLM2_THREADS threads), recorded on the CI machine like
+#: tests/test_quality_pinned.py's PINNED (re-record the same way, with a reason: the test prints
+#: the measured value with ``pytest -s``).
+USER_CALL_PINNED = 166.5423  # python-docs calibration: higher than on WikiText-2 (98.12)
+
+
 @pytest.mark.slow
-def test_smollm2_exactly_as_users_write_it(monkeypatch, wikitext_test, smollm2_results):
-    """SmolLM2 loaded from its GGUF file as a user would, then the one-line call.
+def test_smollm2_exactly_as_users_write_it(monkeypatch, wikitext_test):
+    """SmolLM2 loaded from its GGUF file as a user would, then the one-line call; the
+    perplexity is pinned within 1%.
 
     576-column layers with the default group size 128 have 4 full groups and one of 64
     (issue 12). SmolLM2's weights were stored on a 4-bit grid (Q4_1, blocks of 32).
@@ -43,16 +51,16 @@ def test_smollm2_exactly_as_users_write_it(monkeypatch, wikitext_test, smollm2_r
     path = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                  dtype=torch.float32)
-    report = compress(model, sparsity=0.5, bits=4)
-    assert report.summary["nsamples"] == 16 and report.summary["seqlen"] == 256
-    _check_exact(model, report, 0.5, 4, 128)
-    from toolkit.api import _find_tokenizer
+    with torch_threads(SMOLLM2_THREADS):
+        report = compress(model, sparsity=0.5, bits=4)
+        assert report.summary["nsamples"] == 16 and report.summary["seqlen"] == 256
+        _check_exact(model, report, 0.5, 4, 128)
+        from toolkit.api import _find_tokenizer
 
-    tok = _find_tokenizer(model)
-    ppl = perplexity(model, tok, wikitext_test, verbose=False, **SMOLLM2_EVAL)
-    print(f"\nexact user call: perplexity {ppl:.2f}; magnitude 50%: "
-          f"{smollm2_results['magnitude 50%']:.2f}; dense: {smollm2_results['dense']:.2f}")
-    assert ppl < smollm2_results["magnitude 50%"] / 2
+        tok = _find_tokenizer(model)
+        ppl = perplexity(model, tok, wikitext_test, verbose=False, **SMOLLM2_EVAL)
+    print(f"\nUSER_CALL_PINNED = {ppl:.4f}")
+    assert abs(ppl / USER_CALL_PINNED - 1) <= 0.01, (ppl, USER_CALL_PINNED)
 
 
 def test_tiny_model_from_a_local_folder(tmp_path, monkeypatch, smollm2_shared):

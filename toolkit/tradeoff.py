@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
@@ -40,18 +41,76 @@ from .options import label as settings_label
 from .pack import pack, resident_bytes
 from .size import model_bytes
 
-__all__ = ["tradeoff", "plot_tradeoff", "config_label", "COLUMNS", "to_markdown"]
+__all__ = ["tradeoff", "plot_tradeoff", "config_label", "COLUMNS", "to_markdown",
+           "NOT_RUN_BY_DESIGN", "NotRunByDesign"]
 
 log = logging.getLogger("toolkit")
 
 COLUMNS = ["method", "sparsity", "bits", "group_size", "bytes", "bits_per_weight", "perplexity",
            "compress_seconds", "model_bits_per_weight", "packed_bits_per_weight",
-           "compact_bits_per_weight", "memory_mb", "decode_tokens_per_s", "note"]
+           "compact_bits_per_weight", "memory_mb", "decode_tokens_per_s", "not_run", "note"]
 DENSE = "dense"
 #: the note of a row whose layouts differ in size (pruned layers): what each one stores
 LAYOUT_NOTE = ("standard layout (the default; transformers and vLLM load it): {standard:.2f} "
                "bits/weight, {what}; layout='compact' (kept {kept} + bitmask; "
                "toolkit.load_compressed only): {compact:.2f}")
+
+
+@dataclass(frozen=True)
+class NotRunByDesign:
+    """A combination that :func:`tradeoff` cannot run by design: it becomes a "not run" row.
+
+    A row is "not run" only when its configuration is a ``kind`` and the error it raised is one
+    of ``errors`` with a message matching ``message`` (a regular expression, searched from the
+    start); its ``not_run`` column then holds ``reason`` and its ``note`` the error itself.
+    """
+
+    kind: type
+    errors: tuple
+    message: str
+    reason: str
+
+    def matches(self, config, error: BaseException) -> bool:
+        return (isinstance(config, self.kind) and isinstance(error, self.errors)
+                and re.match(self.message, str(error)) is not None)
+
+
+#: The combinations :func:`tradeoff` reports as "not run" rows instead of raising. Every other
+#: error of a row -- from ``compress``, the size count, the perplexity, ``pack`` or the decode
+#: timing -- propagates, with the row's label in front of its message. The bitsandbytes
+#: baselines are optional: without the package (:func:`toolkit.bnb.bnb_quantize` raises
+#: ``ImportError("bitsandbytes does not import: ...")``), or on a device where bitsandbytes
+#: refuses to quantize a format (it raises ``RuntimeError("bitsandbytes <format> cannot run on
+#: <device>: ...")``), their rows are not run. The toolkit's own settings have no entry: a
+#: setting ``compress`` refuses is refused before any row runs (``CompressConfig`` validates
+#: it), and ``tradeoff`` writes no checkpoint, so no layout can refuse a setting here.
+NOT_RUN_BY_DESIGN: tuple[NotRunByDesign, ...] = (
+    NotRunByDesign(BnbConfig, (ImportError,), r"bitsandbytes does not import",
+                   "bitsandbytes is not installed (pip install -e '.[bnb]')"),
+    NotRunByDesign(BnbConfig, (RuntimeError,), r"bitsandbytes \w+ cannot run on \w+",
+                   "bitsandbytes cannot run this format on this device"),
+)
+
+
+def _not_run_reason(config, error: BaseException) -> str | None:
+    """The reason of the :data:`NOT_RUN_BY_DESIGN` entry that covers ``error``, else None."""
+    for entry in NOT_RUN_BY_DESIGN:
+        if entry.matches(config, error):
+            return entry.reason
+    return None
+
+
+def _with_label(error: BaseException, label: str) -> BaseException:
+    """``error`` with ``tradeoff row '<label>': `` in front of its message, of the same type
+    where that type takes a message (else a RuntimeError naming it)."""
+    message = f"tradeoff row {label!r}: {error}"
+    try:
+        new = type(error)(message)
+    except Exception:  # noqa: BLE001 - a type that does not take one message argument
+        new = None
+    if new is None or str(new) != message:  # e.g. KeyError quotes its message
+        new = RuntimeError(f"tradeoff row {label!r}: {type(error).__name__}: {error}")
+    return new
 
 
 def config_label(config) -> str:
@@ -146,8 +205,11 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
     Every row sees the same calibration windows (``calibration``, ``nsamples`` x ``seqlen``,
     drawn once with ``seed``; defaults as in :func:`toolkit.compress`) and the same evaluation
     windows (``eval_text`` tokenized once, the first ``eval_windows`` windows of
-    ``eval_seqlen`` tokens). A configuration that fails (e.g. a format that cannot run here)
-    gets a row with NaN perplexity and the reason in ``note``: no row is dropped.
+    ``eval_seqlen`` tokens). A configuration that cannot run by design (the combinations of
+    :data:`NOT_RUN_BY_DESIGN`: a bitsandbytes format without bitsandbytes, or one that
+    bitsandbytes cannot run on this device) gets a row with NaN size and perplexity, the
+    reason in ``not_run`` and the error in ``note``: no row is dropped. Any other error of a
+    row propagates, with the row's label in its message.
 
     Returns a DataFrame with the columns :data:`COLUMNS`: ``method``, ``sparsity`` (fraction
     pruned), ``bits`` (16 = not quantized), ``group_size`` (weights per scale; None: one per
@@ -167,7 +229,8 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
     batch 1, ``decode_tokens`` new tokens after the first ``decode_prompt`` tokens of the
     evaluation text, on the model as ``memory_mb`` counts it, see
     :func:`toolkit.evaluate.decode_speed`; NaN when ``decode_tokens`` is None, the default:
-    it is slow on a CPU), ``note``. ``df.attrs`` records the evaluation and calibration
+    it is slow on a CPU), ``not_run`` (empty for a row that ran; else why it could not, from
+    :data:`NOT_RUN_BY_DESIGN`), ``note``. ``df.attrs`` records the evaluation and calibration
     settings.
     """
     if decode_tokens is not None and (isinstance(decode_tokens, bool) or
@@ -201,7 +264,7 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
         row = dict(method=label, **_row_fields(config), bytes=math.nan, bits_per_weight=math.nan,
                    perplexity=math.nan, compress_seconds=0.0, model_bits_per_weight=math.nan,
                    packed_bits_per_weight=math.nan, compact_bits_per_weight=math.nan,
-                   memory_mb=math.nan, decode_tokens_per_s=math.nan, note="")
+                   memory_mb=math.nan, decode_tokens_per_s=math.nan, not_run="", note="")
         model = model_factory()
         try:
             t0 = time.perf_counter()
@@ -230,9 +293,15 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
                 if decode_tokens is not None:
                     row["decode_tokens_per_s"] = decode_speed(
                         model, ids[:decode_prompt], decode_tokens, device=device)["tokens_per_s"]
-        except (RuntimeError, ImportError, NotImplementedError, ValueError) as e:
-            if isinstance(e, ValueError) and not isinstance(config, BnbConfig):
-                raise
+        except Exception as e:
+            reason = _not_run_reason(config, e)
+            if reason is None:
+                raise _with_label(e, label) from e
+            row.update({k: math.nan for k in ("bytes", "bits_per_weight", "perplexity",
+                                              "model_bits_per_weight", "packed_bits_per_weight",
+                                              "compact_bits_per_weight", "memory_mb",
+                                              "decode_tokens_per_s")})
+            row["not_run"] = reason
             row["note"] = f"not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             log.warning("%s: %s", label, row["note"])
         if isinstance(config, CompressConfig) and config.settings.prunes and not row["note"] \
@@ -290,9 +359,11 @@ def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
     also writes it (PNG at 150 dpi).
 
     ``x``: the size column (``"bits_per_weight"``, ``"model_bits_per_weight"``,
-    ``"packed_bits_per_weight"``, ``"compact_bits_per_weight"`` or ``"bytes"``). ``logy``: log-scale perplexity (default: when
-    the perplexities span more than a factor 3). Rows without a perplexity are left out (their
-    note says why).
+    ``"packed_bits_per_weight"``, ``"compact_bits_per_weight"`` or ``"bytes"``). ``logy``:
+    log-scale perplexity (default: when the perplexities span more than a factor 3). A "not
+    run" row (its ``not_run`` column says why, see :data:`NOT_RUN_BY_DESIGN`) has no
+    perplexity: it is drawn as a grey ``x`` on the top edge of the axes at its size when the
+    size is known, and listed in the legend as ``"<method>: not run (<reason>)"`` either way.
     """
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
@@ -324,6 +395,15 @@ def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
         ax.scatter(r["_x"], r["perplexity"], marker=_MARKERS[i % len(_MARKERS)], s=70,
                    color=cmap(i % 20), edgecolor="black", linewidth=0.5, zorder=3,
                    label=f"{r['method']}: {r['perplexity']:.2f}")
+    not_run = df["not_run"].fillna("").astype(str) if "not_run" in df else None
+    for _, r in (df[not_run != ""] if not_run is not None else df.iloc[:0]).iterrows():
+        size = r[x] / 1e6 if x == "bytes" else r[x]
+        known = pd.notna(size)
+        # x in data coordinates, y on the top edge of the axes (axes coordinates)
+        ax.plot([size] if known else [], [1.0] if known else [], linestyle="none", marker="x",
+                markersize=9, markeredgewidth=2, color="0.35", clip_on=False, zorder=4,
+                transform=ax.get_xaxis_transform(),
+                label=f"{r['method']}: not run ({r['not_run']})")
     front = _pareto(data)
     if len(front) > 1:
         ax.plot(front["_x"], front["perplexity"], linestyle="--", color="tab:red", linewidth=1,
