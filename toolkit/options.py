@@ -627,7 +627,7 @@ def add_flags(parser: argparse.ArgumentParser, names=None) -> None:
     for opt in OPTIONS:
         if opt.flag is None or (names is not None and opt.name not in names):
             continue
-        kwargs = dict(dest=opt.name, help=opt.help)
+        kwargs = dict(dest=opt.name, help=opt.help.replace("%", "%%"))  # argparse %-formats help
         if opt.annotation == "bool":
             kwargs.update(action="store_true", default=opt.default)
         elif opt.name == "ignore":
