@@ -62,3 +62,19 @@ def apply_threads(args) -> int:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     return torch.get_num_threads()
+
+
+WIKITEXT = Path(__file__).resolve().parents[1] / "data" / "wikitext2"  # bundled (data/README.md)
+
+
+def add_text_flags(parser) -> None:
+    """The calibration and evaluation flags the SmolLM2 benches share: the bundled WikiText-2
+    validation text for calibration, its test text for perplexity, and the window sizes."""
+    parser.add_argument("--calibration", default=str(WIKITEXT / "wiki.valid.tokens"),
+                        help="calibration text (default: WikiText-2 validation)")
+    parser.add_argument("--eval-text", default=str(WIKITEXT / "wiki.test.raw"),
+                        help="evaluation text (default: WikiText-2 test, raw)")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--eval-seqlen", type=int, default=512)

