@@ -502,16 +502,6 @@ def test_owl_allocation_refused_on_experts():
         _compress(tiny_moe("mixtral"), sparsity=0.5, allocation="owl")
 
 
-def test_streaming_refuses_moe_with_a_clear_error(tmp_path):
-    from toolkit.stream import StreamError, compress_streaming
-
-    tiny_moe("mixtral").save_pretrained(tmp_path / "src")
-    with pytest.raises(StreamError, match="streaming does not write mixture-of-experts experts"):
-        compress_streaming(tmp_path / "src", tmp_path / "out", sparsity=0.5,
-                           calibration=random_ids(2, 16), nsamples=2, seqlen=16, verbose=False)
-    assert not (tmp_path / "out").exists()  # refused before the output folder is touched
-
-
 def test_phases_cut_to_the_hessian_budget_give_the_same_model(monkeypatch):
     """With room for one expert's Hessian at a time each expert takes its own pass: the same
     weights, bit for bit (the groups of a phase are independent)."""

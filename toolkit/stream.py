@@ -8,11 +8,13 @@ The flow (the same sweep step as :func:`toolkit.compress`, so the same Hessians,
 seed give bitwise the same tensors)::
 
     config.json --meta device--> skeleton (parameters not allocated; small buffers real)
-    shard headers: every tensor present with the shape the config implies (checked first)
+    shard headers: every tensor present with the shape the config implies (checked first;
+        keys mapped to the model's tensors as from_pretrained maps them, see below)
     embeddings (what runs before block 0) from the shards --calibration--> inputs of block 0
     embeddings back to meta
     for each block not finished yet:
-        load only its tensors (safetensors, by key) -> sweep_block() -> its compressed tensors
+        load only its tensors (safetensors, by key; experts merged) -> sweep_block() -> its
+            compressed tensors (experts: encode_experts, as save_compressed stores them)
         persist: shard model-(b+2)-of-N, the next block's inputs, then the journal (commit point)
         block back to meta
     finalize: the rest (embeddings, final norm, lm_head) -> model-00001-of-N, copied one tensor
@@ -34,18 +36,31 @@ refused. ``config.json`` and the index only appear at the end: a partial folder 
 ``TOOLKIT_FAIL_AFTER_BLOCK=k`` (for tests) raises :class:`InjectedFailure` once block ``k`` is
 persisted.
 
+Mixture-of-experts models (:mod:`toolkit.experts`) stream like dense ones. Their checkpoints
+store the experts per expert (Mixtral ``block_sparse_moe.experts.3.w1.weight``, Qwen3-MoE
+``mlp.experts.3.gate_proj.weight``) while the model holds fused 3-D parameters
+(``mlp.experts.gate_up_proj``); :class:`_Layout` maps the checkpoint's keys to the model's
+tensors with transformers' own conversion mapping for the model type (the renamings and
+``WeightConverter`` merges ``from_pretrained`` applies: keys sorted as the loader sorts them, each
+converter's keys gathered and converted together), so every family transformers converts is
+read, and a block equals the same block after ``from_pretrained``, bit for bit. Checkpoints that
+store the fused tensors under the model's own names (GPT-OSS) need no conversion. A layout the
+mapping does not explain (a parameter no key makes, or a merge of the wrong shape) is refused
+before the output folder is touched, naming the parameters, the keys nothing takes and the model
+type. Each block's experts are written by :func:`toolkit.export.encode_experts`, as
+``save_compressed`` writes them (``pack-quantized`` per expert under the names transformers
+merges back, or the toolkit's formats), so the streamed checkpoint holds the same tensors as the
+in-memory one; ``expert_hessian`` and ``routers`` apply, and the report has the experts' token
+counts and the routers left dense.
+
 Not supported: several processes (``torchrun``; each rank would need the whole stream, and
 writing is rank 0's) -- refused with a clear error; ``allocation="owl"`` (needs a dense pass
-over the whole model first); mixture-of-experts models -- refused with a clear error before the
-output folder is touched: their checkpoints store the experts per expert
-(``experts.3.w1.weight``), which only transformers' conversion mapping merges into the fused 3-D
-parameters at load time; this reader reads tensors under the model's own parameter names and
-does not apply that mapping (in memory, :func:`toolkit.compress` + ``save_compressed`` handle
-them).
+over the whole model first; it refuses MoE models in memory too).
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import hashlib
@@ -72,6 +87,7 @@ from .export import (
     CheckpointError,
     LayerTable,
     compressed_layers,
+    encode_experts,
     encode_layer,
     file_sha256,
     linear_names,
@@ -82,7 +98,7 @@ from .export import (
     write_model_config,
 )
 from .formats import partial_group_keys
-from .models import find_blocks, find_linears, is_conv1d
+from .models import find_blocks, is_conv1d
 from .options import CompressConfig
 from .records import build_report, config_dict
 
@@ -302,6 +318,176 @@ class _Source:
 
 
 # ----------------------------------------------------------------------------------------------
+# the source checkpoint's layout: which stored tensors make each tensor of the model
+# ----------------------------------------------------------------------------------------------
+
+class _Recipe:
+    """One tensor (or a few) of the model as transformers' loader builds it: the checkpoint keys
+    it reads, in the order it collects them, and the ``WeightConverter`` that turns them into the
+    model's tensors (None: one stored tensor taken as it is, possibly renamed)."""
+
+    def __init__(self, first: str, converter=None):
+        self.first = first  # the model tensor the loader files the keys under
+        self.converter = converter
+        self.keys: list[str] = []
+        self.patterns: list[str] = []  # the converter's source pattern each key matched
+
+    def run(self, tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+        """The model tensors made from ``tensors`` (checkpoint key -> tensor; meta tensors give
+        the shapes without reading anything)."""
+        if self.converter is None:
+            return {self.first: tensors[self.keys[0]]}
+        conv = copy.deepcopy(self.converter)  # a converter collects the tensors it is given
+        for key, pattern in zip(self.keys, self.patterns):
+            conv.add_tensor(self.first, key, pattern, tensors[key])
+        out = conv.convert(self.first, model=model, config=model.config)
+        return {k: v[0] if isinstance(v, list) else v for k, v in out.items()}
+
+
+def _conversion_mapping(model) -> list:
+    """The weight transforms ``from_pretrained`` applies to ``model``'s checkpoint keys
+    (transformers' conversion mapping for the model type: renamings, and converters such as the
+    merge of per-expert tensors into fused 3-D parameters); ``[]`` before transformers 5."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:  # transformers 4.x: keys are the model's own names
+        return []
+    return get_model_conversion_mapping(model)
+
+
+class _Layout:
+    """Which checkpoint tensors make each tensor of ``model``, found as transformers' loader
+    finds them (``from_pretrained``: every key renamed by the model type's conversion mapping,
+    keys sorted the loader's way, those of one converter gathered and converted together, e.g.
+    Mixtral's ``block_sparse_moe.experts.3.w1.weight`` into ``mlp.experts.gate_up_proj``), so
+    that a block read here equals the same block after ``from_pretrained``, bit for bit.
+    Checkpoints that already store the model's own names (fused 3-D experts as GPT-OSS stores
+    them) need no conversion. Only headers are read until :meth:`load`."""
+
+    def __init__(self, model: nn.Module, source: _Source, dtype: torch.dtype):
+        self.model, self.source, self.dtype = model, source, dtype
+        mapping = _conversion_mapping(model)
+        self.mapping = mapping
+        self.recipes: dict[str, _Recipe] = {}  # by first target
+        self.unmatched: list[str] = []  # checkpoint keys no tensor of the model takes
+        wanted = model.state_dict()  # every name the loader fills (tied aliases included)
+        if mapping:
+            from transformers.core_model_loading import (
+                WeightConverter,
+                WeightRenaming,
+                dot_natural_key,
+                rename_source_key,
+            )
+
+            renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+            converters = [t for t in mapping if isinstance(t, WeightConverter)]
+            by_pattern = {p: c for c in converters for p in c.source_patterns}
+            prefix = getattr(model, "base_model_prefix", None)
+            keys = sorted(source.where, key=dot_natural_key)
+        else:
+            keys = sorted(source.where)
+        for key in keys:
+            name, pattern = key, None
+            if mapping:
+                name, pattern = rename_source_key(key, renamings, converters, prefix, wanted)
+                if name not in wanted and key in wanted:  # as the loader: only the prefix
+                    name, pattern = rename_source_key(key, [], [], prefix, wanted)
+            if name not in wanted:
+                self.unmatched.append(key)
+                continue
+            rec = self.recipes.get(name)
+            conv = by_pattern[pattern] if pattern is not None else None
+            if rec is None:
+                rec = self.recipes[name] = _Recipe(name, copy.deepcopy(conv) if conv else None)
+            elif rec.converter is None or conv is None:
+                raise CheckpointError(
+                    f"{source.folder}: checkpoint keys {rec.keys + [key]} all give the model's "
+                    f"tensor {name!r}; which one to read is ambiguous")
+            rec.keys.append(key)
+            rec.patterns.append(pattern if pattern is not None else key)
+        # what each recipe makes, from the headers alone (meta tensors through the same ops)
+        self.made: dict[str, tuple[_Recipe, list[int]]] = {}
+        for rec in self.recipes.values():
+            metas = {}
+            for key in rec.keys:
+                info = source.info(key)
+                st_dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if st_dtype is None:
+                    raise CheckpointError(f"{source.where[key]}: tensor {key!r} has dtype "
+                                          f"{info['dtype']}, not supported by streaming")
+                metas[key] = torch.empty(info["shape"], dtype=st_dtype, device="meta")
+            try:
+                out = rec.run(metas, model)
+            except Exception as e:  # noqa: BLE001 - any failure: the layout is not understood
+                raise CheckpointError(
+                    f"{source.folder}: transformers' conversion of checkpoint keys "
+                    f"{_some(rec.keys)} into {rec.first!r} failed ({type(e).__name__}: {e})"
+                    f"{self._not_understood()}") from None
+            for name, t in out.items():
+                self.made[name] = (rec, list(t.shape))
+        used = [t for t in mapping if t.was_used()] if mapping else []
+        # what from_pretrained leaves on the model: save_pretrained (and export's per-expert
+        # names, toolkit.experts.checkpoint_names) reverts these
+        model._weight_conversions = used
+
+    def _not_understood(self) -> str:
+        """The end of an error message: the keys nothing takes, the model type and its
+        mapping."""
+        cfg = getattr(self.model, "config", None)
+        n_conv = sum(1 for t in self.mapping if hasattr(t, "operations"))
+        stray = (f"; checkpoint keys no tensor of the model takes: {_some(self.unmatched)}"
+                 if self.unmatched else "")
+        return (f"{stray}. Model type {getattr(cfg, 'model_type', None)!r} "
+                f"({type(self.model).__name__}; transformers' conversion mapping for it has "
+                f"{len(self.mapping)} transforms, {n_conv} of them converting): streaming reads "
+                "a checkpoint as from_pretrained does, and this layout is not understood")
+
+    def source_of(self, name: str, aliases: list[str]) -> str | None:
+        """The name under which :meth:`load` gives the tensor ``name`` (itself, or a tied alias
+        the checkpoint stores instead); None when the checkpoint lacks it."""
+        return next((n for n in [name] + aliases if n in self.made), None)
+
+    def check(self, table: list, found: dict[str, str | None]) -> None:
+        """Every parameter present with the shape the config implies (``found``: model name ->
+        :meth:`source_of`); raises :class:`CheckpointError` naming what is missing or wrong, and
+        the checkpoint keys nothing took."""
+        missing = [n for n, t in table if found[n] is None and isinstance(t, nn.Parameter)]
+        if missing:
+            raise CheckpointError(
+                f"{', '.join(str(f) for f in self.source.files)}: missing tensor"
+                f"{'s' if len(missing) > 1 else ''} {_some(missing)}"
+                + (self._not_understood() if self.unmatched else ""))
+        for name, t in table:
+            got = found[name]
+            if got is None:
+                continue
+            rec, shape = self.made[got]
+            if shape != list(t.shape):
+                where = (f"{self.source.where[rec.keys[0]]}: tensor {rec.keys[0]!r}"
+                         if rec.converter is None else
+                         f"{self.source.folder}: tensor {got!r} made by transformers' conversion "
+                         f"of {_some(rec.keys)}")
+                raise CheckpointError(
+                    f"{where} has shape {shape}, the model config implies {list(t.shape)}"
+                    + (self._not_understood() if rec.converter is not None else ""))
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` (as :meth:`source_of` gives them) read and converted, floating
+        ones in ``dtype`` (converted per stored tensor, before any merge, as the loader does)."""
+        recipes = list({id(self.made[n][0]): self.made[n][0] for n in names}.values())
+        out = {}
+        for rec in recipes:
+            made = rec.run(self.source.read(rec.keys, self.dtype), self.model)
+            out.update({n: made[n] for n in names if n in made})
+            del made
+        return out
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+# ----------------------------------------------------------------------------------------------
 # the skeleton
 # ----------------------------------------------------------------------------------------------
 
@@ -389,7 +575,10 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     source's ``config.json`` declares, as :func:`~toolkit.export.save_compressed` does);
     ``layout``/``partial_groups`` as in
     :func:`~toolkit.export.save_compressed`. The tokenizer is loaded from ``model_dir`` when not
-    given (and copied into ``out``).
+    given (and copied into ``out``). Mixture-of-experts checkpoints are read as
+    ``from_pretrained`` reads them (per-expert keys merged into the fused parameters by
+    transformers' conversion mapping) and their experts written as ``save_compressed`` writes
+    them; ``expert_hessian``/``routers`` apply (see the module docstring).
 
     ``out`` ends as the checkpoint :func:`~toolkit.export.save_compressed` writes (sharded:
     one shard for the embeddings/norm/lm_head, one per block), loadable with
@@ -428,33 +617,19 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         raise ValueError(f"save_dtype must be a floating torch dtype, got {save_dtype}")
     blocks_name, blocks = find_blocks(model)
     n_blocks = len(blocks)
-    # no weight of the blocks left dense unnoticed; MoE experts are not streamed yet
-    experts.check_layers(blocks_name, blocks, config.layer_settings, routers=config.routers)
-    if any(experts.has_experts(blk) for blk in blocks):
-        raise StreamError(f"{model_dir}: streaming does not write mixture-of-experts experts yet "
-                          "(fused or per-expert): MoE checkpoints store the experts per expert, "
-                          "which only transformers' conversion mapping merges into the fused "
-                          "parameters, and streaming reads tensors by parameter name; compress "
-                          "it in memory with compress() and save_compressed()")
+    # no weight of the blocks left dense unnoticed (MoE: the routers left dense, for the report)
+    notes = experts.check_layers(blocks_name, blocks, config.layer_settings,
+                                 routers=config.routers)
     table, tied = stored_tensors(model)
     config_tied = _config_tied(model)
     aliases: dict[str, list[str]] = {}
     for a, b in list(tied.items()) + list(config_tied.items()):
         aliases.setdefault(b, []).append(a)
         aliases.setdefault(a, []).append(b)
-    source_key: dict[str, str | None] = {}
-    for name, t in table:
-        key = name if name in source else next((a for a in aliases.get(name, [])
-                                                if a in source), None)
-        if key is None and isinstance(t, nn.Parameter):
-            raise CheckpointError(f"{', '.join(str(f) for f in source.files)}: missing tensor "
-                                  f"{name!r}")
-        if key is not None:
-            shape = list(source.info(key)["shape"])
-            if shape != list(t.shape):
-                raise CheckpointError(f"{source.where[key]}: tensor {key!r} has shape {shape}, "
-                                      f"the model config implies {list(t.shape)}")
-        source_key[name] = key
+    # where each tensor comes from (MoE: per-expert keys merged as from_pretrained merges them)
+    layout_src = _Layout(model, source, dtype)
+    source_key = {name: layout_src.source_of(name, aliases.get(name, [])) for name, _ in table}
+    layout_src.check(table, source_key)
     prefix = [f"{blocks_name}.{b}." for b in range(n_blocks)]
     block_keys = [[n for n, _ in table if n.startswith(p)] for p in prefix]
     in_block = {n for ks in block_keys for n in ks}
@@ -481,10 +656,9 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
                          f"vocabulary ({vocab}): wrong tokenizer?")
 
     plans = [[(r, config.layer_settings(r.name))
-              for r in find_linears(blk, prefix=f"{blocks_name}.{b}")]
+              for r in experts.find_layers(blk, f"{blocks_name}.{b}", routers=config.routers)]
              for b, blk in enumerate(blocks)]
-    block_strategy = partial_group_keys((s, r.module.weight.shape[0] if is_conv1d(r.module) else
-                                         r.module.weight.shape[1]) for p in plans for r, s in p)
+    block_strategy = partial_group_keys((s, _in_features(r)) for p in plans for r, s in p)
     if not any(s is not None and s.active for p in plans for _, s in p):
         raise ValueError("nothing to do: give sparsity, pattern or bits (or overrides that set "
                          "them), and make sure ignore does not exclude every layer")
@@ -537,7 +711,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     resumed = sum(1 for _ in journal["blocks"])
     if journal.get("complete"):
         log.info("%s is already complete", out)
-        return _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0)
+        return _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0,
+                       notes)
     _atomic_json(journal_path, journal)
 
     # ---- block 0's inputs (or the saved inputs of the first unfinished block) -----------------
@@ -546,7 +721,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     if calibrate and first < n_blocks:
         front = [n for n in rest_keys if source_key[n] is not None
                  and not _is_output_embedding(model, n)]
-        loaded = source.read([source_key[n] for n in front], dtype)
+        loaded = layout_src.load([source_key[n] for n in front])
         for n in front:
             _set_tensor(model, n, loaded[source_key[n]])
         del loaded
@@ -568,7 +743,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         tb = time.perf_counter()
         block = blocks[b]
         keys = block_keys[b]
-        loaded = source.read([source_key[n] for n in keys if source_key[n] is not None], dtype)
+        loaded = layout_src.load([source_key[n] for n in keys if source_key[n] is not None])
         local = {n[len(prefix[b]):]: loaded[source_key[n]] for n in keys
                  if source_key[n] is not None}
         del loaded
@@ -579,8 +754,10 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         rows = sweep.sweep_block(block, b, plans[b], inputs, device=device,
                            block_size=config.block_size, percdamp=config.percdamp,
                            hessian_dtype=getattr(torch, config.hessian_dtype),
-                           schedule=config.schedule, memory_mb=config.sweep_memory_mb)
-        # the block's stored tensors: compressed layers, then its dense tensors
+                           schedule=config.schedule, memory_mb=config.sweep_memory_mb,
+                           expert_hessian=config.expert_hessian)
+        # the block's stored tensors: compressed layers, its experts (as save_compressed stores
+        # them), then its dense tensors
         tensors: dict[str, torch.Tensor] = OrderedDict()
         records = OrderedDict()
         comp_names = set()
@@ -594,6 +771,13 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
             records[full] = rec
             if not rec["problem"]:
                 comp_names.add(f"{full}.weight")
+        # the block's compressed expert slices: the only records on the model are this block's
+        expert_recs, dropped = encode_experts(model, layout, partial_groups, write_dtype,
+                                              block_strategy)
+        for full, rec in expert_recs:
+            tensors.update(rec.pop("tensors"))
+            records[full] = rec
+        comp_names |= dropped  # fused parameters stored per expert instead
         acc = LayerTable(layout)
         for full, rec in records.items():
             acc.add(full, rec)
@@ -609,6 +793,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         del tensors
         for _, module in compressed_layers(block):
             del module.compression
+        for _, module, _ in experts.compressed_experts(block):
+            delattr(module, experts.RECORDS)
         block.to("meta")
         info = {"bytes": (out / shard).stat().st_size}
         info["sha256"] = file_sha256(out / shard)
@@ -627,9 +813,17 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
 
     # ---- finalize ------------------------------------------------------------------------------
     inputs = None
-    _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, source_key,
-              n_shards, n_blocks, write_dtype, layout, partial_groups, tokenizer, config)
-    return _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0)
+    _finalize(out, journal, model, model_dir, layout_src, table, tied, rest_keys, source_key,
+              n_shards, n_blocks, write_dtype, layout, partial_groups, tokenizer, config, notes)
+    return _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0, notes)
+
+
+def _in_features(ref) -> int:
+    """Columns of a layer's (out, in) matrix (the plan's layers are on the meta device)."""
+    if isinstance(ref, experts.ExpertRef):  # a slice of a fused expert parameter
+        return ref.in_features
+    w = ref.module.weight
+    return w.shape[0] if is_conv1d(ref.module) else w.shape[1]
 
 
 def _journal_settings(cfg_plain, dtype, write_dtype, layout, partial_groups, model_dir, nsamples,
@@ -729,8 +923,8 @@ def _row_json(r: dict) -> dict:
     return d
 
 
-def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, source_key,
-              n_shards, n_blocks, dtype, layout, partial_groups, tokenizer, config):
+def _finalize(out, journal, model, model_dir, layout_src, table, tied, rest_keys, source_key,
+              n_shards, n_blocks, dtype, layout, partial_groups, tokenizer, config, notes):
     """The rest shard, then the metadata; config.json is renamed into place last."""
     from transformers import GenerationConfig
 
@@ -745,7 +939,7 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
             dt = dtype if t.is_floating_point() else t.dtype
             if source_key[n] is not None:
                 def get(n=n):
-                    return source.read([source_key[n]], dtype)[source_key[n]]
+                    return layout_src.load([source_key[n]])[source_key[n]]
             else:  # a persistent buffer the checkpoint lacks: the model's own value
                 def get(t=t, dt=dt):
                     return t.detach().to(dt)
@@ -760,7 +954,8 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
         journal["rest"] = dict(file=rest, **info)
         _atomic_json(journal_path, journal)
 
-    # the metadata of every layer, in the model's order, from the journal
+    # the metadata of every layer from the journal, in save_compressed's order: the layers in
+    # the model's order, then the slices of fused experts (they decide the config groups' order)
     acc = LayerTable(layout)
     files = {rest: {"bytes": journal["rest"]["bytes"], "sha256": journal["rest"]["sha256"]}}
     weight_map = {n: rest for n in rest_keys}
@@ -773,14 +968,20 @@ def _finalize(out, journal, model, model_dir, source, table, tied, rest_keys, so
                               f"start again")
         files[rec["file"]] = {"bytes": rec["bytes"], "sha256": rec["sha256"]}
         for name, r in rec["records"].items():
-            acc.add(name, r)
+            if not r["entry"].get("experts"):
+                acc.add(name, r)
         header = read_header(p)
         weight_map.update({k: rec["file"] for k in header if k != "__metadata__"})
+    for b in range(n_blocks):
+        for name, r in journal["blocks"][str(b)]["records"].items():
+            if r["entry"].get("experts"):
+                acc.add(name, r)
     acc.check(partial_groups)
     qcfg = acc.configs(linear_names(model))
 
     meta = acc.meta(dtype, tied, config=config, model=model,
-                    summary={"streamed": True, "blocks": n_blocks, "attempts": journal["attempts"]})
+                    summary={"streamed": True, "blocks": n_blocks, "attempts": journal["attempts"],
+                             **notes})
     meta["files"] = files
     stage = out / WORK_DIR / "final"
     stage.mkdir(parents=True, exist_ok=True)
@@ -843,7 +1044,7 @@ def _peak_rss() -> int:
         return 0
 
 
-def _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0):
+def _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0, notes):
     rows = []
     for b in range(journal["blocks_total"]):
         rec = journal["blocks"].get(str(b))
@@ -860,4 +1061,5 @@ def _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0)
                             "blocks resumed": resumed,
                             "peak host memory (RSS)": _peak_rss(),
                             "seconds": time.perf_counter() - t0,
+                            **notes,  # MoE routers left dense; tensors left dense by ignore
                         })
