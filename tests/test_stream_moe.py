@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import test_cli
 import torch
 from conftest import random_ids, tiny_moe
+from test_cli import CALIB, run_main
 from test_stream import _assert_same_tensors, _journal, _looks_complete, _tensors
 
 import toolkit
@@ -19,6 +21,7 @@ from toolkit import stream
 from toolkit.export import CheckpointError, load_compressed, save_compressed
 from toolkit.stream import InjectedFailure, compress_streaming
 
+tiny_dir, offline = test_cli.tiny_dir, test_cli.offline  # fixtures: a tokenizer, no hub
 N, SEQ = 8, 32
 IDS = random_ids(N, SEQ)
 SETTINGS = {
@@ -296,3 +299,26 @@ def test_missing_expert_refused_before_the_output_folder(tmp_path):
                        r"\[3, 64, 64\].*\[4, 64, 64\]"):
         compress_streaming(src, out, **_kw(sparsity=0.5))
     assert not out.exists()
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+def test_cli_stream_moe(tiny_dir, offline, tmp_path, capsys):
+    """``toolkit compress --stream`` on a MoE folder (with a tokenizer, default calibration
+    text, --expert-hessian all): the checkpoint compress + save_compressed writes."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    src = _save(tiny_moe("qwen3_moe"), tmp_path / "src")
+    tok.save_pretrained(src)
+    out = tmp_path / "out"
+    status, stdout, err = run_main(
+        ["-q", "compress", "--model", src, "--stream", "--out", out, "--bits", "4",
+         "--group-size", "32", "--expert-hessian", "all", *CALIB, "--eval", "none"], capsys)
+    assert status == 0, err
+    model = _from_pretrained(src)
+    report = toolkit.compress(model, tok, bits=4, group_size=32, expert_hessian="all",
+                              nsamples=4, seqlen=64, verbose=False)
+    mem = save_compressed(model, tmp_path / "mem", report=report, tokenizer=tok)
+    _assert_same_checkpoint(mem, out)
+    assert "routers left dense" in stdout

@@ -333,13 +333,14 @@ class _Recipe:
         self.patterns: list[str] = []  # the converter's source pattern each key matched
 
     def run(self, tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-        """The model tensors made from ``tensors`` (checkpoint key -> tensor; meta tensors give
-        the shapes without reading anything)."""
+        """The model tensors made from ``tensors`` (checkpoint key -> tensor, consumed: each is
+        released as soon as the conversion is done with it; meta tensors give the shapes without
+        reading anything)."""
         if self.converter is None:
-            return {self.first: tensors[self.keys[0]]}
+            return {self.first: tensors.pop(self.keys[0])}
         conv = copy.deepcopy(self.converter)  # a converter collects the tensors it is given
         for key, pattern in zip(self.keys, self.patterns):
-            conv.add_tensor(self.first, key, pattern, tensors[key])
+            conv.add_tensor(self.first, key, pattern, tensors.pop(key))
         out = conv.convert(self.first, model=model, config=model.config)
         return {k: v[0] if isinstance(v, list) else v for k, v in out.items()}
 
