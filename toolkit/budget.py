@@ -69,6 +69,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .formats import block_key, partial_group_keys
 from .hessian import HessianAccumulator, reconstruction_error, row_errors
 from .menu import DEFAULT_MENU, METRICS, menu_spec, parse_menu, parse_size
 from .models import LinearRef, find_blocks, find_linears
@@ -142,7 +143,11 @@ def budgeted_layers(model: nn.Module, config: CompressConfig) -> list[tuple[int,
 @dataclass
 class LayerChoices:
     """One budgeted layer and the settings it may take (the menu after the global settings and
-    ``overrides``, duplicates merged; options this layer's shape cannot take left out)."""
+    ``overrides``, duplicates merged; options this layer's shape cannot take left out).
+    ``block_keys``: the settings (:func:`toolkit.formats.block_key`) counted as stored with the
+    ``block`` strategy (int8 zero points) in every layer that takes them: those that leave a
+    partial last group on some budgeted layer that may take them (the export stores every
+    layer of such a setting that way, see :func:`toolkit.formats.partial_group_keys`)."""
 
     name: str
     block: int
@@ -151,19 +156,24 @@ class LayerChoices:
     specs: list[str]
     settings: list[LayerSettings]
     skipped: dict[str, str] = field(default_factory=dict)  # spec -> why it was left out
+    block_keys: frozenset = frozenset()
 
     @property
     def params(self) -> int:
         return self.rows * self.cols
 
     def option_bytes(self, k: int, layout: str) -> float:
-        """Bytes of option ``k`` in ``layout``; for pruned options an upper bound (every weight
+        """Bytes of option ``k`` in ``layout``; an upper bound for pruned options (every weight
         the mask keeps counted as stored; a kept code that lands exactly on 0 is stored as
-        pruned in the compact layout)."""
-        return _settings_bytes(self.settings[k], self.rows, self.cols, layout)
+        pruned in the compact layout) and for a setting in ``block_keys`` that no layer with
+        a partial last group ends up taking (then stored with packed zero points)."""
+        s = self.settings[k]
+        return _settings_bytes(s, self.rows, self.cols, layout,
+                               block=block_key(s) in self.block_keys)
 
 
-def _settings_bytes(s: LayerSettings, rows: int, cols: int, layout: str) -> float:
+def _settings_bytes(s: LayerSettings, rows: int, cols: int, layout: str,
+                    block: bool = False) -> float:
     numel = rows * cols
     if not s.active:
         return numel * DENSE_BITS / 8
@@ -175,7 +185,7 @@ def _settings_bytes(s: LayerSettings, rows: int, cols: int, layout: str) -> floa
     terms = linear_bytes(rows, cols, nnz=kept, pattern=s.pattern, sparse=s.prunes,
                          bits=s.bits, group_size=s.group_size, sym=s.sym,
                          act_order=bool(s.act_order and not s.static_groups and s.bits),
-                         dense_bits=DENSE_BITS, layout=layout)
+                         dense_bits=DENSE_BITS, layout=layout, block=block)
     return float(sum(terms.values()))
 
 
@@ -214,7 +224,8 @@ def layer_choices(model: nn.Module, config: CompressConfig,
                                          f"{menu_spec(0.0, None, s.bits, s.group_size)!r}")
                     del specs[k], settings[k]
         out.append(LayerChoices(ref.name, b, rows, cols, specs, settings, skipped))
-    return out
+    keys = frozenset(partial_group_keys([(s, c.cols) for c in out for s in c.settings]))
+    return [replace(c, block_keys=keys) for c in out]
 
 
 def budget_bytes(choices: list[LayerChoices], dense_rest: float, *, target_bits=None,
@@ -739,9 +750,10 @@ class BudgetResult:
     replans: int = 0
 
 
-def _stored_bytes(module: nn.Module, layout: str) -> float:
-    """Bytes of one layer's weight as stored (its record and its weight, zeros counted)."""
-    return model_bytes(module, DENSE_BITS, layout)["compressed_bytes"]
+def _stored_bytes(module: nn.Module, layout: str, keys) -> float:
+    """Bytes of one layer's weight as stored (its record and its weight, zeros counted), the
+    settings in ``keys`` with the block strategy (see :attr:`LayerChoices.block_keys`)."""
+    return model_bytes(module, DENSE_BITS, layout, block_keys=keys)["compressed_bytes"]
 
 
 def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
@@ -780,6 +792,7 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     inputs = capture_block_inputs(model, blocks, ids, device)
     rows: list[dict] = []
     actual: dict[str, float] = {}
+    modules: dict[str, nn.Module] = {}
     replans = 0
     bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block",
                disable=not verbose)
@@ -800,7 +813,8 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
                                        zeros=float((w == 0).float().mean()), bits=16,
                                        group_size=None, method="-+-", error=0.0,
                                        rel_error=0.0, seconds=0.0, block=b))
-            actual[r.name] = _stored_bytes(r.module, layout)
+            actual[r.name] = _stored_bytes(r.module, layout, by_name[r.name].block_keys)
+            modules[r.name] = r.module
         rows.extend(block_rows)
         moved = any(abs(actual[r.name] - planned[r.name]) > 1e-6 for r, s in step
                     if s is not None)
@@ -812,6 +826,11 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
             planned.update({n: by_name[n].option_bytes(choice[n], layout) for n in rest})
             replans += 1
     seconds = time.perf_counter() - t0
+    # as stored: the block strategy for the settings some layer with a partial group took
+    # (a subset of the planned keys, so never more bytes than counted above)
+    final_keys = partial_group_keys([(by_name[n].settings[choice[n]], by_name[n].cols)
+                                     for n in actual])
+    actual = {n: _stored_bytes(m, layout, final_keys) for n, m in modules.items()}
     spent = sum(actual.values())
     if spent > plan.budget + 1e-6:
         raise RuntimeError(f"the budgeted layers take {spent:,.0f} bytes, more than the budget "

@@ -204,7 +204,7 @@ def _bnb_weight_bytes(module: nn.Module) -> tuple[dict[str, float], int] | None:
 
 
 def model_bytes(model: nn.Module, dense_bits: int = 16,
-                layout: str = "standard") -> SizeBreakdown:
+                layout: str = "standard", *, block_keys=None) -> SizeBreakdown:
     """Bytes of a checkpoint of ``model`` with dense tensors at ``dense_bits`` (16: fp16/bf16).
 
     Layers compressed by :func:`toolkit.compress` carry ``module.compression`` (slices of fused
@@ -212,6 +212,11 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
     :mod:`toolkit.experts`) and are counted with :func:`linear_bytes` (non-zeros counted on the
     weight itself), each slice as a layer of its own; bitsandbytes layers
     count what bitsandbytes stores; every other parameter is dense. See the module docstring.
+
+    ``block_keys``: the settings (:func:`toolkit.formats.block_key`) whose layers are stored
+    with the ``block`` strategy; default: those of ``model``'s own compressed layers
+    (:func:`toolkit.formats.partial_group_keys`). Pass the keys of the whole model to count a
+    part of it (one layer, one block) as it is stored in the whole model's checkpoint.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
@@ -219,7 +224,7 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
     dense = comp = 0.0
     comp_params = total_params = 0
     terms: dict[str, float] = {}
-    blocks = partial_group_keys(
+    blocks = set(block_keys) if block_keys is not None else partial_group_keys(
         [(m.compression.settings, m.weight.shape[0] if is_conv1d(m) else m.weight.shape[1])
          for m in model.modules() if getattr(m, "compression", None) is not None and
          getattr(m, "weight", None) is not None and m.weight.dim() == 2]
