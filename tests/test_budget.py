@@ -255,6 +255,35 @@ def test_target_size_compact_layout_on_disk(tmp_path):
     assert again.summary["checkpoint bytes"] <= target
 
 
+@pytest.mark.parametrize("layout", ["standard", "compact"])
+def test_block_strategy_counted_for_every_layer_of_a_partial_group_setting(layout, tmp_path):
+    """A setting whose groups leave a partial last group on some layer (g128 on 192 columns)
+    is stored with the block strategy (int8 zero points) in *every* layer that has it, also
+    where 128 divides the columns (down_proj, 384). The plan counts that, so the checkpoint
+    holds the budget: model_bytes and the bytes on disk equal the report's bytes."""
+    model = tiny_model("llama", hidden=192)
+    downs = [r.name for _b, r in budgeted_layers(model, CompressConfig(target_bits=3))
+             if r.name.endswith("down_proj")]
+    assert downs and all(r.get_weight().shape[1] == 384 for _b, r in budgeted_layers(
+        model, CompressConfig(target_bits=3)) if r.name in downs)
+    target = 3.4
+    report = _run(model, target_bits=target, budget_menu="16,8g128,4g128,3g128,2g128",
+                  budget_layout=layout, profile_rows=1.0)
+    b = report.budget
+    size = model_bytes(model, layout=layout)
+    assert size["compressed_bytes"] == b.summary["bytes (budgeted layers)"]
+    assert 0.98 * target <= size["bits_per_weight"] <= target
+    down = b.layers.set_index("layer").loc[downs]
+    quantized = down[down["bits"] < 16]
+    assert len(quantized)  # a down_proj at g128: its zero points are int8, as stored
+    for name, row in quantized.iterrows():
+        s = next(c for c in b.plan.layers if c.name == name)
+        rows = s.rows
+        assert row["bytes"] == rows * 384 * row["bits"] / 8 + rows * 3 * 2 + rows * 3 + 16
+    on_disk = _check_saved(model, report, tmp_path, layout, "p")
+    assert on_disk == size["bytes"]
+
+
 def test_profile_is_the_sweeps_solver_and_hessian():
     """With all rows, the profiled error of the first group of block 0 (the same inputs in
     the profile and the sweep) equals the sweep's error with the chosen option, exactly."""

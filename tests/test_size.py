@@ -262,3 +262,13 @@ def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts, hid
             meta = json.loads((out / export.TOOLKIT_NAME).read_text())
             assert {e["strategy"] for e in meta["layers"].values()} == {"block"}
             assert len(meta["partial_group_layers"]) == 12  # down_proj's 192 columns divide
+            # one layer counted alone: packed zero points, unless given the model's keys
+            from toolkit.export import block_keys
+
+            down = model.model.layers[0].mlp.down_proj
+            alone = model_bytes(down, layout=layout)["compressed_bytes"]
+            inside = model_bytes(down, layout=layout,
+                                 block_keys=block_keys(model))["compressed_bytes"]
+            rows, groups = 96, 3  # 96 x 192 at g64; asymmetric 4-bit zero points
+            assert inside - alone == rows * groups - math.ceil(rows * 4 / 32) * groups * 4
+            assert model_bytes(model, layout=layout, block_keys=set())["bytes"] < on_disk

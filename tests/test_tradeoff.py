@@ -352,6 +352,38 @@ def test_plot_log_scale_when_perplexities_spread():
     assert plot_tradeoff(df).axes[0].get_yscale() == "linear"
 
 
+def test_plot_curves_are_solid_lines_in_size_order_outside_the_front():
+    """``curves``: each series one solid line through its known points in increasing size,
+    labelled in the legend after the Pareto front, each point annotated from a ``label``
+    column; the front stays the table's own, and a curve's perplexities decide the log
+    scale."""
+    df = pd.DataFrame({"method": ["dense", "a", "b"], "bits_per_weight": [16.0, 4.0, 3.0],
+                       "perplexity": [10.0, 12.0, 20.0]})
+    budget = pd.DataFrame({"bits_per_weight": [4.2, 3.2, 2.6, math.nan],
+                           "perplexity": [11.0, 15.0, math.nan, 13.0],
+                           "label": ["4.2", "3.2", "2.6", "?"]})
+    other = pd.DataFrame({"bits_per_weight": [3.0], "perplexity": [14.0]})
+    ax = plot_tradeoff(df, curves={"budget": budget, "other": other}).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["dense (16 bits): 10.00", "a: 12.00", "b: 20.00", "Pareto front",
+                      "budget", "other"]
+    (line,) = [ln for ln in ax.lines if ln.get_label() == "budget"]
+    assert list(line.get_xdata()) == [3.2, 4.2] and list(line.get_ydata()) == [15.0, 11.0]
+    assert line.get_linestyle() == "-" and line.get_marker() == "o"
+    (front,) = [ln for ln in ax.lines if ln.get_label() == "Pareto front"]
+    assert list(front.get_xdata()) == [3.0, 4.0, 16.0]  # the table's rows only
+    assert [(t.get_text(), t.xy) for t in ax.texts] == [("3.2", (3.2, 15.0)), ("4.2", (4.2, 11.0))]
+    assert ax.get_yscale() == "linear"
+    budget.loc[0, "perplexity"] = 500.0  # spread by the curve alone: log scale
+    assert plot_tradeoff(df, curves={"budget": budget}).axes[0].get_yscale() == "log"
+    with pytest.raises(ValueError, match=r"curves\['other'\] needs .*missing 'perplexity'"):
+        plot_tradeoff(df, curves={"other": other.drop(columns="perplexity")})
+    sized = plot_tradeoff(df.assign(bytes=[2e6, 1e6, 0.8e6]), x="bytes",
+                          curves={"budget": budget.assign(bytes=[1.1e6, 0.9e6, 0.7e6, 1e6])})
+    (line,) = [ln for ln in sized.axes[0].lines if ln.get_label() == "budget"]
+    assert list(line.get_xdata()) == [0.9, 1.0, 1.1]  # MB, like the table's rows
+
+
 # ---- CLI grid ----------------------------------------------------------------------------------
 
 

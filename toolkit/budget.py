@@ -143,7 +143,11 @@ def budgeted_layers(model: nn.Module, config: CompressConfig) -> list[tuple[int,
 @dataclass
 class LayerChoices:
     """One budgeted layer and the settings it may take (the menu after the global settings and
-    ``overrides``, duplicates merged; options this layer's shape cannot take left out)."""
+    ``overrides``, duplicates merged; options this layer's shape cannot take left out).
+    ``block_keys``: the settings (:func:`toolkit.formats.block_key`) counted as stored with the
+    ``block`` strategy (int8 zero points) in every layer that takes them: those that leave a
+    partial last group on some budgeted layer that may take them (the export stores every
+    layer of such a setting that way, see :func:`toolkit.formats.partial_group_keys`)."""
 
     name: str
     block: int
@@ -152,9 +156,6 @@ class LayerChoices:
     specs: list[str]
     settings: list[LayerSettings]
     skipped: dict[str, str] = field(default_factory=dict)  # spec -> why it was left out
-    #: the settings (:func:`toolkit.formats.block_key`) that some budgeted layer would store
-    #: with a partial last group: the checkpoint then stores *every* layer of those settings
-    #: with the block strategy (int8 zero points), so their bytes are counted that way
     block_keys: frozenset = frozenset()
 
     @property
@@ -162,11 +163,13 @@ class LayerChoices:
         return self.rows * self.cols
 
     def option_bytes(self, k: int, layout: str) -> float:
-        """Bytes of option ``k`` in ``layout``; for pruned options an upper bound (every weight
+        """Bytes of option ``k`` in ``layout``; an upper bound for pruned options (every weight
         the mask keeps counted as stored; a kept code that lands exactly on 0 is stored as
-        pruned in the compact layout)."""
-        return _settings_bytes(self.settings[k], self.rows, self.cols, layout,
-                               block_key(self.settings[k]) in self.block_keys)
+        pruned in the compact layout) and for a setting in ``block_keys`` that no layer with
+        a partial last group ends up taking (then stored with packed zero points)."""
+        s = self.settings[k]
+        return _settings_bytes(s, self.rows, self.cols, layout,
+                               block=block_key(s) in self.block_keys)
 
 
 def _settings_bytes(s: LayerSettings, rows: int, cols: int, layout: str,
@@ -221,10 +224,7 @@ def layer_choices(model: nn.Module, config: CompressConfig,
                                          f"{menu_spec(0.0, None, s.bits, s.group_size)!r}")
                     del specs[k], settings[k]
         out.append(LayerChoices(ref.name, b, rows, cols, specs, settings, skipped))
-    # which settings would be stored with the block strategy if a layer with a partial group
-    # took them: an upper bound for every layer's bytes, whatever the plan (the exact set,
-    # from the chosen settings, is counted after the sweep)
-    keys = frozenset(partial_group_keys((s, c.cols) for c in out for s in c.settings))
+    keys = frozenset(partial_group_keys([(s, c.cols) for c in out for s in c.settings]))
     return [replace(c, block_keys=keys) for c in out]
 
 
@@ -750,11 +750,10 @@ class BudgetResult:
     replans: int = 0
 
 
-def _stored_bytes(module: nn.Module, layout: str, block_keys) -> float:
-    """Bytes of one layer's weight as stored (its record and its weight, zeros counted), with
-    the settings in ``block_keys`` stored with the block strategy, as in the whole model's
-    checkpoint."""
-    return model_bytes(module, DENSE_BITS, layout, block_keys=block_keys)["compressed_bytes"]
+def _stored_bytes(module: nn.Module, layout: str, keys) -> float:
+    """Bytes of one layer's weight as stored (its record and its weight, zeros counted), the
+    settings in ``keys`` with the block strategy (see :attr:`LayerChoices.block_keys`)."""
+    return model_bytes(module, DENSE_BITS, layout, block_keys=keys)["compressed_bytes"]
 
 
 def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
@@ -793,6 +792,7 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     inputs = capture_block_inputs(model, blocks, ids, device)
     rows: list[dict] = []
     actual: dict[str, float] = {}
+    modules: dict[str, nn.Module] = {}
     replans = 0
     bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block",
                disable=not verbose)
@@ -814,6 +814,7 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
                                        group_size=None, method="-+-", error=0.0,
                                        rel_error=0.0, seconds=0.0, block=b))
             actual[r.name] = _stored_bytes(r.module, layout, by_name[r.name].block_keys)
+            modules[r.name] = r.module
         rows.extend(block_rows)
         moved = any(abs(actual[r.name] - planned[r.name]) > 1e-6 for r, s in step
                     if s is not None)
@@ -825,12 +826,11 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
             planned.update({n: by_name[n].option_bytes(choice[n], layout) for n in rest})
             replans += 1
     seconds = time.perf_counter() - t0
-    # the block strategy applies to the settings a layer with a partial group really took (a
-    # subset of the keys planned with): count every layer again with those
-    chosen = partial_group_keys((by_name[n].settings[choice[n]], by_name[n].cols)
-                                for n in actual)
-    modules = {r.name: r.module for _b, r in budgeted_layers(model, config)}
-    actual = {n: _stored_bytes(modules[n], layout, chosen) for n in actual}
+    # as stored: the block strategy for the settings some layer with a partial group took
+    # (a subset of the planned keys, so never more bytes than counted above)
+    final_keys = partial_group_keys([(by_name[n].settings[choice[n]], by_name[n].cols)
+                                     for n in actual])
+    actual = {n: _stored_bytes(m, layout, final_keys) for n, m in modules.items()}
     spent = sum(actual.values())
     if spent > plan.budget + 1e-6:
         raise RuntimeError(f"the budgeted layers take {spent:,.0f} bytes, more than the budget "

@@ -204,7 +204,7 @@ def _bnb_weight_bytes(module: nn.Module) -> tuple[dict[str, float], int] | None:
 
 
 def model_bytes(model: nn.Module, dense_bits: int = 16,
-                layout: str = "standard", *, block_keys=()) -> SizeBreakdown:
+                layout: str = "standard", *, block_keys=None) -> SizeBreakdown:
     """Bytes of a checkpoint of ``model`` with dense tensors at ``dense_bits`` (16: fp16/bf16).
 
     Layers compressed by :func:`toolkit.compress` carry ``module.compression`` (slices of fused
@@ -213,9 +213,10 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
     weight itself), each slice as a layer of its own; bitsandbytes layers
     count what bitsandbytes stores; every other parameter is dense. See the module docstring.
 
-    ``block_keys``: settings (:func:`toolkit.formats.block_key`) to count with the block
-    strategy besides those some layer of ``model`` has a partial group in -- for counting part
-    of a model (one layer) as the whole model's checkpoint stores it.
+    ``block_keys``: the settings (:func:`toolkit.formats.block_key`) whose layers are stored
+    with the ``block`` strategy; default: those of ``model``'s own compressed layers
+    (:func:`toolkit.formats.partial_group_keys`). Pass the keys of the whole model to count a
+    part of it (one layer, one block) as it is stored in the whole model's checkpoint.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
@@ -223,12 +224,12 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
     dense = comp = 0.0
     comp_params = total_params = 0
     terms: dict[str, float] = {}
-    blocks = partial_group_keys(
+    blocks = set(block_keys) if block_keys is not None else partial_group_keys(
         [(m.compression.settings, m.weight.shape[0] if is_conv1d(m) else m.weight.shape[1])
          for m in model.modules() if getattr(m, "compression", None) is not None and
          getattr(m, "weight", None) is not None and m.weight.dim() == 2]
         + [(rec.settings, ref.get_weight().shape[1]) for m in model.modules()
-           for pairs in _expert_slices(m).values() for ref, rec in pairs]) | set(block_keys)
+           for pairs in _expert_slices(m).values() for ref, rec in pairs])
     for module in model.modules():
         info = getattr(module, "compression", None)
         slices = _expert_slices(module)  # MoE: compressed slices of fused expert parameters

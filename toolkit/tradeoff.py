@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -353,10 +353,18 @@ _MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p", "d", "8"
 
 
 def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
-                  title: str | None = None, logy: bool | None = None, footnote: str | None = None):
+                  title: str | None = None, logy: bool | None = None, footnote: str | None = None,
+                  curves: Mapping[str, pd.DataFrame] | None = None):
     """Perplexity against size, one marker per method, the Pareto front as a dashed line and the
     dense model as a horizontal reference line. Returns the matplotlib Figure; with ``path``
     also writes it (PNG at 150 dpi).
+
+    ``curves``: extra series drawn as solid lines over the table, ``{legend label: table}``,
+    e.g. the budget curve of ``compress(..., target_bits=...)`` (one run per target). Each
+    table needs the ``x`` column and ``perplexity``; its rows with both known are drawn as
+    points joined in increasing size, and, when it has a ``label`` column, each point is
+    annotated with that text (e.g. the target). Curves are not part of the Pareto front (the
+    front is ``df``'s), but they count for the log scale and the axis limits.
 
     ``x``: the size column (``"bits_per_weight"``, ``"model_bits_per_weight"``,
     ``"packed_bits_per_weight"``, ``"compact_bits_per_weight"`` or ``"bytes"``). ``logy``:
@@ -379,6 +387,15 @@ def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
     }
     if x not in xlabels:
         raise ValueError(f"x must be one of {', '.join(xlabels)}, got {x!r}")
+    series = {}
+    for name, curve in (curves or {}).items():
+        missing = [c for c in (x, "perplexity") if c not in curve]
+        if missing:
+            raise ValueError(f"curves[{name!r}] needs the columns {x!r} and 'perplexity', "
+                             f"missing {', '.join(map(repr, missing))}")
+        c = curve[curve["perplexity"].notna() & curve[x].notna()].copy()
+        c["_x"] = c[x] / 1e6 if x == "bytes" else c[x]
+        series[name] = c.sort_values("_x", kind="stable")
     data = df[df["perplexity"].notna() & df[x].notna()].copy()
     data["_x"] = data[x] / 1e6 if x == "bytes" else data[x]
     fig = Figure(figsize=(11, 6), layout="constrained")
@@ -408,7 +425,16 @@ def plot_tradeoff(df: pd.DataFrame, path=None, *, x: str = "bits_per_weight",
     if len(front) > 1:
         ax.plot(front["_x"], front["perplexity"], linestyle="--", color="tab:red", linewidth=1,
                 zorder=2, label="Pareto front")
-    ppl = data["perplexity"]
+    palette = matplotlib.colormaps["Dark2"]
+    for i, (name, c) in enumerate(series.items()):
+        color = palette(i % palette.N)
+        ax.plot(c["_x"], c["perplexity"], linestyle="-", marker="o", markersize=6,
+                linewidth=1.8, color=color, zorder=4, label=name)
+        if "label" in c:
+            for _, r in c.iterrows():
+                ax.annotate(str(r["label"]), (r["_x"], r["perplexity"]), fontsize=7,
+                            color=color, xytext=(4, 4), textcoords="offset points")
+    ppl = pd.concat([data["perplexity"], *(c["perplexity"] for c in series.values())])
     if logy is None:
         logy = len(ppl) > 0 and float(ppl.max()) > 3 * float(ppl.min())
     if logy:
