@@ -98,7 +98,7 @@ from .export import (
     write_model_config,
 )
 from .formats import partial_group_keys
-from .models import find_blocks, is_conv1d
+from .models import find_blocks
 from .options import CompressConfig
 from .records import build_report, config_dict
 
@@ -659,7 +659,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     plans = [[(r, config.layer_settings(r.name))
               for r in experts.find_layers(blk, f"{blocks_name}.{b}", routers=config.routers)]
              for b, blk in enumerate(blocks)]
-    block_strategy = partial_group_keys((s, _in_features(r)) for p in plans for r, s in p)
+    block_strategy = partial_group_keys((s, r.in_features) for p in plans for r, s in p)
     if not any(s is not None and s.active for p in plans for _, s in p):
         raise ValueError("nothing to do: give sparsity, pattern or bits (or overrides that set "
                          "them), and make sure ignore does not exclude every layer")
@@ -817,14 +817,6 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     _finalize(out, journal, model, model_dir, layout_src, table, tied, rest_keys, source_key,
               n_shards, n_blocks, write_dtype, layout, partial_groups, tokenizer, config, notes)
     return _report(config, journal, nsamples, seqlen, device, calibration, resumed, t0, notes)
-
-
-def _in_features(ref) -> int:
-    """Columns of a layer's (out, in) matrix (the plan's layers are on the meta device)."""
-    if isinstance(ref, experts.ExpertRef):  # a slice of a fused expert parameter
-        return ref.in_features
-    w = ref.module.weight
-    return w.shape[0] if is_conv1d(ref.module) else w.shape[1]
 
 
 def _journal_settings(cfg_plain, dtype, write_dtype, layout, partial_groups, model_dir, nsamples,
