@@ -108,6 +108,25 @@ def _synthetic_profile(rng, layers=6):
                          seconds=0.0, rows_fraction=1.0, layout="compact")
 
 
+def test_compact_profile_reused_for_standard_offers_no_pruned_option():
+    """A profile measured in the compact layout keeps its pruned options; planned for the
+    standard layout (where they cost what the unpruned ones cost) they must not be chosen, even
+    when their measured error is the smaller one."""
+    rng = random.Random(3)
+    prof = _synthetic_profile(rng, layers=6)
+    for c, errs in zip(prof.layers, prof.errors):  # pruning made to look free of error
+        for k, s in enumerate(c.settings):
+            if s.prunes:
+                errs[k] = 0.0
+    pruned = [k for k, s in enumerate(prof.layers[0].settings) if s.prunes]
+    assert pruned, "the default menu has pruned options"
+    for target in (3.3, 4.3):
+        std = plan_budget(prof, target_bits=target, layout="standard", metric="relative")
+        assert not any(std.settings(c.name).prunes for c in prof.layers), std.counts()
+        compact = plan_budget(prof, target_bits=target, layout="compact", metric="relative")
+        assert any(compact.settings(c.name).prunes for c in prof.layers), compact.counts()
+
+
 @pytest.mark.parametrize("layout", ["standard", "compact"])
 def test_plan_is_the_exact_optimum_on_its_grid(layout):
     """The plan fits the budget and is at least as good as the brute-force optimum over the
@@ -128,7 +147,10 @@ def test_plan_is_the_exact_optimum_on_its_grid(layout):
         value = sum(vals[i][plan.choice[c.name]] for i, c in enumerate(prof.layers))
         assert value == pytest.approx(plan.value, rel=1e-12)
         best_tight = best_full = math.inf
-        for pick in itertools.product(*[range(len(n)) for n in nbytes]):
+        # pruning saves no byte in the standard layout: its options do not compete there
+        allowed = [[k for k, st in enumerate(c.settings)
+                    if layout == "compact" or not st.prunes] for c in prof.layers]
+        for pick in itertools.product(*allowed):
             b = sum(n[k] for n, k in zip(nbytes, pick))
             v = sum(x[k] for x, k in zip(vals, pick))
             if b <= budget:

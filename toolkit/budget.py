@@ -189,6 +189,16 @@ def _settings_bytes(s: LayerSettings, rows: int, cols: int, layout: str,
     return float(sum(terms.values()))
 
 
+def _pruning_saves_nothing(s: LayerSettings, rows: int, cols: int, layout: str) -> bool:
+    """Whether ``s`` prunes and yet takes at least the bytes of the same setting without
+    pruning in ``layout`` (every pruned option in the ``"standard"`` layout): such an option
+    only adds error."""
+    if not s.prunes:
+        return False
+    plain = replace(s, sparsity=0.0, pattern=None)
+    return _settings_bytes(plain, rows, cols, layout) <= _settings_bytes(s, rows, cols, layout)
+
+
 def layer_choices(model: nn.Module, config: CompressConfig,
                   layout: str | None = None) -> list[LayerChoices]:
     """The :class:`LayerChoices` of every budgeted layer. With ``layout``, options that cost at
@@ -214,12 +224,8 @@ def layer_choices(model: nn.Module, config: CompressConfig,
             settings.append(s)
         if layout is not None:
             for k in range(len(settings) - 1, -1, -1):
-                s = settings[k]
-                if not s.prunes:
-                    continue
-                plain = replace(s, sparsity=0.0, pattern=None)
-                if _settings_bytes(plain, rows, cols, layout) <= \
-                        _settings_bytes(s, rows, cols, layout):
+                if _pruning_saves_nothing(settings[k], rows, cols, layout):
+                    s = settings[k]
                     skipped[specs[k]] = (f"in the {layout} layout it takes as many bytes as "
                                          f"{menu_spec(0.0, None, s.bits, s.group_size)!r}")
                     del specs[k], settings[k]
@@ -682,7 +688,9 @@ def plan_budget(profile: BudgetProfile, *, target_bits: float | None = None,
     output energy on the calibration inputs); ``"raw"`` sums ``tr(dW H dW^T)`` as is.
 
     Options whose error was not measured are left out; so is any option another one of the
-    same layer beats on both bytes and error. Bytes are discretised to ``resolution =
+    same layer beats on both bytes and error, and any pruned option that saves no bytes in
+    ``layout`` (a profile measured in the compact layout reused for a standard-layout target:
+    its pruned options cost there what the unpruned ones cost, and only add error). Bytes are discretised to ``resolution =
     slack * budget / layers`` bytes (at least 1) and rounded up, so the plan fits the budget
     and the programme is exact on that grid (:func:`solve_knapsack`).
     """
@@ -704,7 +712,8 @@ def plan_budget(profile: BudgetProfile, *, target_bits: float | None = None,
         c = profile.layers[i]
         v = _values(profile, i, metric)
         cand = [(c.option_bytes(k, layout), v[k], k) for k in range(len(c.specs))
-                if math.isfinite(v[k])]
+                if math.isfinite(v[k])
+                and not _pruning_saves_nothing(c.settings[k], c.rows, c.cols, layout)]
         cand.sort()
         keep, best_v = [], math.inf  # drop options beaten on bytes and error
         for bts, val, k in cand:
