@@ -8,9 +8,11 @@ Three steps, all with the shared solver and size accounting:
 1. **Profile** (:func:`profile_layers`): one pass over the *dense* model, block by block. For
    every group of layers that read the same input, one Hessian (all groups of a block from one
    forward pass) and one factorisation per act-order setting; then, for every option of the
-   menu (:data:`DEFAULT_MENU`, e.g. ``"4g128"``, ``"50%+3g128"``), one :func:`solve_layers` call
-   on the group's layers stacked, which gives each layer's error ``tr(dW H dW^T)`` for that
-   option. To keep the cost of many options near that of one compress, each option is solved
+   menu (:data:`DEFAULT_MENU`, e.g. ``"4g128"``, ``"50%+3g128"``), the group's layers solved
+   stacked, which gives each layer's error ``tr(dW H dW^T)`` for that option: every grid
+   without pruning in one sweep (:func:`toolkit.solver.solve_grids`, each row on its own grid,
+   the per-column work shared), each pruned option in one :func:`solve_layers` call. To keep
+   the cost of many options near that of one compress, each option is solved
    on a random subset of each layer's rows (``profile_rows``, the same rows for every option)
    and the error is scaled up by ``rows / rows solved``.
 2. **Plan** (:func:`plan_budget`): one option per layer minimising the summed error under the
@@ -76,7 +78,7 @@ from .models import LinearRef, find_blocks, find_linears
 from .options import CompressConfig, LayerSettings, resolve_settings
 from .records import LayerCompression
 from .size import linear_bytes, model_bytes
-from .solver import factorize, solve_layers
+from .solver import factorize, solve_grids, solve_layers
 from .sweep import capture_block_inputs, find_groups, run_block, sweep_block
 
 __all__ = ["DEFAULT_MENU", "METRICS", "parse_menu", "parse_size", "check_budget_config",
@@ -88,6 +90,9 @@ log = logging.getLogger("toolkit")
 
 #: Dense tensors and scales are counted at this width (fp16 / bf16 checkpoints).
 DENSE_BITS = 16
+#: The most rows the profile stacks in one sweep of several grids (memory: rows x columns
+#: floats, a few times over).
+GRID_ROWS = 16384
 
 
 # ---- the configuration ---------------------------------------------------------------------
@@ -542,23 +547,53 @@ def _profile_group(prof, group, H, Hw, by_name, fisher, config, device):
             if s.active:
                 buckets.setdefault(s, []).append(j)
     factors = {}
+
+    def factor(act_order):
+        if act_order not in factors:
+            factors[act_order] = factorize(H, config.percdamp, act_order, name=group[0].name)
+        return factors[act_order]
+
+    def record(s, j, res):
+        i = idx[j]
+        k = choices[i].settings.index(s)
+        scale = 1.0 if subsets[j] is None else choices[i].rows / len(subsets[j])
+        prof.errors[i][k] = res.error * scale
+        if fisher is not None:
+            per_row = row_errors(weights[j], res.weight, Hw[group[j].name])
+            prof.weighted[i][k] = float((weights_f[j] * per_row).sum()) * scale
+
+    # grids without pruning that share the other solver options: one sweep for all of them
+    # (solve_grids: the rows of a GPTQ sweep never interact, and the per-column cost is shared)
+    grids: dict[tuple, list[tuple[LayerSettings, int]]] = {}
     for s, members in buckets.items():
-        if s.act_order not in factors:
-            factors[s.act_order] = factorize(H, config.percdamp, s.act_order,
-                                             name=group[0].name)
+        if s.bits is not None and not s.prunes:
+            shared = (s.sym, s.mse, s.act_order, s.static_groups)
+            grids.setdefault(shared, []).extend((s, j) for j in members)
+            continue
         results = solve_layers(
-            [weights[j] for j in members], factors[s.act_order], sparsity=s.sparsity,
+            [weights[j] for j in members], factor(s.act_order), sparsity=s.sparsity,
             pattern=s.pattern, bits=s.bits, group_size=s.group_size, sym=s.sym, mse=s.mse,
             act_order=s.act_order, static_groups=s.static_groups, block_size=config.block_size,
             names=[group[j].name for j in members])
         for j, res in zip(members, results):
-            i = idx[j]
-            k = choices[i].settings.index(s)
-            scale = 1.0 if subsets[j] is None else choices[i].rows / len(subsets[j])
-            prof.errors[i][k] = res.error * scale
-            if fisher is not None:
-                per_row = row_errors(weights[j], res.weight, Hw[group[j].name])
-                prof.weighted[i][k] = float((weights_f[j] * per_row).sum()) * scale
+            record(s, j, res)
+    for (sym, mse, act_order, static_groups), jobs in grids.items():
+        # at most GRID_ROWS rows per sweep (more when one layer alone has more)
+        batch, rows = [], 0
+        for n, (s, j) in enumerate(jobs):
+            batch.append((s, j))
+            rows += weights[j].shape[0]
+            nxt = weights[jobs[n + 1][1]].shape[0] if n + 1 < len(jobs) else None
+            if nxt is not None and rows + nxt <= GRID_ROWS:
+                continue
+            results = solve_grids(
+                [weights[j] for _s, j in batch], factor(act_order),
+                [(s.bits, s.group_size) for s, _j in batch], sym=sym, mse=mse,
+                act_order=act_order, static_groups=static_groups,
+                block_size=config.block_size, names=[group[j].name for _s, j in batch])
+            for (s, j), res in zip(batch, results):
+                record(s, j, res)
+            batch, rows = [], 0
 
 
 # ---- planning -------------------------------------------------------------------------------

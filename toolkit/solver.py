@@ -29,7 +29,7 @@ from .hessian import SolverError, inverse_cholesky_factor, reconstruction_error
 from .masks import check_pattern, check_sparsity, nm_mask, prune_lowest
 from .quant import check_bits, check_group_size, dequantize, fit_grid, group_bounds, quantize
 
-__all__ = ["solve", "solve_layers", "factorize", "Factor", "SolveResult", "SolverError",
+__all__ = ["solve", "solve_layers", "solve_grids", "factorize", "Factor", "SolveResult", "SolverError",
            "check_solver_args"]
 
 
@@ -415,4 +415,157 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
             error=reconstruction_error(w_in, new, Hf),  # in H's dtype
             seconds=seconds * (r1 - r0) / rows,
         ))
+    return results
+
+
+@torch.no_grad()
+def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
+                grids: list[tuple[int, int | None]], *, sym: bool = False, mse: bool = False,
+                act_order: bool = False, static_groups: bool = False, block_size: int = 128,
+                percdamp: float = 0.01, names: list[str] | None = None) -> list[SolveResult]:
+    """GPTQ of several weights that read the same input, each on its own grid, in one sweep.
+
+    ``grids[j] = (bits, group_size)`` is the grid of ``weights[j]``; everything else (``sym``,
+    ``mse``, ``act_order``, ``static_groups``, ``block_size``) is shared, and there is no
+    pruning. Each row's result is that of :func:`solve_layers` with the row's own grid (the
+    rows of a GPTQ sweep never interact: they share only ``U``), up to float rounding in the
+    block updates; what is shared is the loop over the columns, whose per-column cost does not
+    grow with the rows. This is what makes measuring many grids of one layer cheap (the size
+    planner's profile: :func:`toolkit.budget.profile_layers`).
+    """
+    t0 = time.perf_counter()
+    names = names or [f"layer{i}" for i in range(len(weights))]
+    if not weights or len(grids) != len(weights):
+        raise ValueError("weights must be a non-empty list of 2-D tensors with one grid each, got "
+                         f"{len(weights)} weights and {len(grids)} grids")
+    grids = [(check_bits(b), check_group_size(g)) for b, g in grids]
+    for (b, _g), nm in zip(grids, names):
+        if b is None:
+            raise ValueError(f"{nm}: every grid needs bits in 2..8, got 16/None")
+    check_solver_args(0.0, None, grids[0][0], grids[0][1], act_order, block_size)
+    cols = weights[0].shape[-1]
+    for w, nm in zip(weights, names):
+        if w.ndim != 2 or not w.is_floating_point() or w.shape[1] != cols:
+            raise ValueError(f"{nm}: weights must be 2-D float tensors with {cols} columns, got "
+                             f"{tuple(w.shape)} {w.dtype}")
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{nm}: weight contains NaN or inf")
+    Hm = H.H if isinstance(H, Factor) else H
+    if Hm.shape != (cols, cols):
+        raise ValueError(f"{names[0]}: H has shape {tuple(Hm.shape)}, expected ({cols}, {cols})")
+    device = weights[0].device
+    if isinstance(H, Factor):
+        if (H.perm is not None) != bool(act_order):
+            raise ValueError("the Factor was built with a different act_order setting")
+        factor = H
+    else:
+        factor = factorize(H.to(device), percdamp=percdamp, act_order=act_order, name=names[0])
+    U = factor.U.to(device).contiguous()
+    perm = None if factor.perm is None else factor.perm.to(device)
+
+    W = torch.cat([w.float() for w in weights], 0)
+    dead = torch.diagonal(factor.H).to(device) == 0
+    if bool(dead.any()):
+        W[:, dead] = 0
+    rows = W.shape[0]
+    segs = []  # per weight: rows, grid, group ranges and where each group starts
+    start = 0
+    for w, (bits, gs) in zip(weights, grids):
+        bounds = group_bounds(cols, gs)
+        natural = torch.empty(cols, dtype=torch.int32, device=device)
+        for g, (a, b) in enumerate(bounds):
+            natural[a:b] = g
+        seg = dict(r0=start, r1=start + w.shape[0], bits=bits, maxq=2**bits - 1,
+                   bounds=bounds, natural=natural,
+                   starts={a: (g, b) for g, (a, b) in enumerate(bounds)},
+                   scales=torch.empty(w.shape[0], len(bounds), dtype=torch.float32,
+                                      device=device))
+        seg["zeros"] = torch.empty_like(seg["scales"])
+        if static_groups:  # every grid fitted now, on the natural column ranges
+            for g, (a, b) in enumerate(bounds):
+                seg["scales"][:, g], seg["zeros"][:, g] = fit_grid(
+                    W[seg["r0"]:seg["r1"], a:b], bits, sym=sym, mse=mse)
+            seg["static_of"] = (natural if perm is None else natural[perm]).tolist()
+        segs.append(seg)
+        start += w.shape[0]
+    if perm is not None:
+        W = W[:, perm]
+    maxq = torch.cat([torch.full((s["r1"] - s["r0"],), float(s["maxq"]), device=device)
+                      for s in segs])
+    scale = torch.empty(rows, dtype=torch.float32, device=device)  # each row's current grid
+    zero = torch.empty_like(scale)
+    current = [-1] * len(segs)  # static groups: the group each segment's grid is from
+    WT = W.t().contiguous()
+    del W
+    loss = torch.zeros(rows, dtype=torch.float32, device=device)
+    codesT = torch.empty(cols, rows, dtype=torch.uint8, device=device)
+    cbuf = torch.empty(rows, dtype=torch.float32, device=device)
+    starts_all = set() if static_groups else {c for s in segs for c in s["starts"]}
+    d_all = torch.diagonal(U)
+    d_float = d_all.tolist()
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        count = i2 - i1
+        W1 = WT[i1:i2]
+        Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)
+        C1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        df = d_float[i1:i2]
+        edges = set(range(0, count, SUB_BLOCK)) | {c - i1 for c in starts_all if i1 < c < i2}
+        edges = sorted(edges) + [count]
+        for a, b in zip(edges[:-1], edges[1:]):
+            for i in range(a, b):
+                col = i1 + i
+                for j, s in enumerate(segs):
+                    r0, r1 = s["r0"], s["r1"]
+                    if static_groups:
+                        g = s["static_of"][col]
+                        if g != current[j]:
+                            current[j] = g
+                            scale[r0:r1], zero[r0:r1] = s["scales"][:, g], s["zeros"][:, g]
+                    elif col in s["starts"]:
+                        g, gend = s["starts"][col]
+                        gw = W1[i:min(gend, i2) - i1, r0:r1]
+                        if gend > i2:  # the group reaches past this block: current values there
+                            gw = torch.cat([gw, WT[i2:gend, r0:r1]], 0)
+                        sc, ze = fit_grid(gw.t().contiguous(), s["bits"], sym=sym, mse=mse)
+                        s["scales"][:, g], s["zeros"][:, g] = sc, ze
+                        scale[r0:r1], zero[r0:r1] = sc, ze
+                w = W1[i]
+                torch.div(w, scale, out=cbuf).round_().add_(zero).clamp_(min=0)
+                torch.minimum(cbuf, maxq, out=C1[i])
+                q = Q1[i]
+                dequantize(C1[i], scale, zero, out=q)
+                e = Err1[i]
+                torch.sub(w, q, out=e)
+                e.div_(df[i])
+                if i + 1 < b:
+                    W1[i + 1:b].addr_(U1[i, i + 1:b], e, alpha=-1)
+            if b < count:
+                W1[b:].addmm_(U1[a:b, b:].t(), Err1[a:b], alpha=-1)
+        loss += Err1.pow(2).sum(0) / 2
+        W1.copy_(Q1)
+        codesT[i1:i2] = C1.to(torch.uint8)
+        if i2 < cols:
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+
+    W = WT.t()
+    codes = codesT.t()
+    if perm is not None:
+        inv = torch.argsort(perm)
+        W = W[:, inv]
+        codes = codes[:, inv]
+    seconds = time.perf_counter() - t0
+    Hf = factor.H.to(device)
+    results = []
+    for s, w_in in zip(segs, weights):
+        r0, r1 = s["r0"], s["r1"]
+        g_idx = s["natural"] if perm is None or static_groups else s["natural"][inv]
+        new = W[r0:r1].to(w_in.dtype, memory_format=torch.contiguous_format)
+        results.append(SolveResult(
+            weight=new, mask=None, codes=codes[r0:r1].clone(), scale=s["scales"],
+            zero=s["zeros"], g_idx=g_idx, loss=float(loss[r0:r1].sum()),
+            error=reconstruction_error(w_in, new, Hf), seconds=seconds * (r1 - r0) / rows))
     return results
