@@ -173,6 +173,7 @@ def main(argv=None) -> int:
               f"just before ({ref_wall:.1f}s wall, {ref_cpu:.1f}s CPU); {solved} layer-option "
               f"errors", flush=True)
         timing.append(dict(layout=layout, profile_rows=rows, profile_seconds=dt,
+                           menu=",".join(dict.fromkeys(s for c in prof.layers for s in c.specs)),
                            profile_cpu_seconds=dc, reference=REFERENCE,
                            reference_seconds=ref_wall, reference_cpu_seconds=ref_cpu,
                            ratio=dt / ref_wall, cpu_ratio=dc / ref_cpu))
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
                    perplexity=ppl, compress_seconds=prof.seconds + sweep_s,
                    profile_seconds=prof.seconds, sweep_seconds=sweep_s,
                    budget_used=b.summary["budget used"], replans=b.replans,
-                   options=b.summary["options chosen"], note="")
+                   options=b.summary["options chosen"], menu=b.summary["menu"], note="")
         runs.append(row)
         b.layers.assign(run=label).to_csv(_layers_path(args.out), index=False,
                                            mode="a" if len(runs) > 1 else "w",

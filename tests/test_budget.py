@@ -10,6 +10,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_ids, tiny_model
@@ -320,6 +321,26 @@ def test_profile_is_the_sweeps_solver_and_hessian():
     for _, row in first.iterrows():
         if row["bits"] != 16:
             assert row["error"] == pytest.approx(row["profile_error"], rel=1e-5)
+
+
+def test_profile_grids_in_batches_give_the_same_errors(monkeypatch):
+    """The profile solves a group's grids in sweeps of at most GRID_ROWS rows: one layer per
+    sweep gives the same errors as all grids in one sweep (to float32 rounding)."""
+    import toolkit.budget as budget_mod
+
+    model = tiny_model("llama", hidden=128)
+    ids = random_ids(N, L)
+    cfg = CompressConfig(target_bits=3.0, profile_rows=1.0,
+                         budget_menu="16,8g128,5g128,4g64,4g32,3g128,2g64")
+    whole = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    monkeypatch.setattr(budget_mod, "GRID_ROWS", 1)
+    split = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    a, b = whole.table(), split.table()
+    measured = a["option"] != "16"
+    assert measured.sum() == 6 * len(whole.layers)
+    assert (a["error"][measured] > 0).all()
+    np.testing.assert_allclose(b["error"], a["error"], rtol=1e-4)
+    np.testing.assert_allclose(b["weighted_error"], a["weighted_error"], rtol=1e-4)
 
 
 def test_profile_rows_scale_the_error():

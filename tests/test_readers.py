@@ -37,6 +37,8 @@ SCHEMES = {
     "4-bit sym g32": ("llama", {}, dict(bits=4, group_size=32, sym=True)),
     "4-bit asym g32": ("llama", {}, dict(bits=4, group_size=32)),
     "3-bit sym g32": ("llama", {}, dict(bits=3, group_size=32, sym=True)),
+    "5-bit asym g32": ("llama", {}, dict(bits=5, group_size=32)),
+    "6-bit sym g32": ("llama", {}, dict(bits=6, group_size=32, sym=True)),
     "8-bit sym per-row": ("llama", {}, dict(bits=8, group_size=None, sym=True)),
     "50%": ("llama", {}, dict(sparsity=0.5)),
     "2:4": ("llama", {}, dict(pattern="2:4")),
