@@ -165,6 +165,7 @@ def test_load_compressed_reads_everything(matrix):
 STANDARD = {
     "4-bit sym g32": ("loads", "loads"), "4-bit asym g32": ("error", "loads"),
     "3-bit sym g32": ("loads", "loads"), "8-bit sym per-row": ("loads", "loads"),
+    "5-bit asym g32": ("error", "loads"), "6-bit sym g32": ("loads", "loads"),
     "50%": ("loads", "error"), "2:4": ("loads", "error"),
     "50% + 4-bit asym": ("error", "loads"), "2:4 + 4-bit sym": ("loads", "loads"),
     "act-order, static groups": ("loads", "loads"),
