@@ -176,6 +176,47 @@ def _sub_block(block_size: int, pattern, dynamic_group_size: int | None) -> tupl
     return min(size, block_size), True
 
 
+def _stack_and_factor(weights, H, names, act_order, percdamp):
+    """The checks and set-up :func:`solve_layers` and :func:`solve_grids` share: ``weights``
+    (2-D, float, finite, the same columns) stacked as float32 rows with the inputs that never
+    fired (``diag H == 0``) zeroed, and the factorisation (``H`` factorised here unless it is a
+    :class:`Factor` built with this ``act_order``). Returns ``(W, factor, U, perm)`` with ``U``
+    row-major and everything on the weights' device."""
+    if not weights:
+        raise ValueError("weights must be a non-empty list of 2-D tensors")
+    cols = weights[0].shape[-1]
+    for w, nm in zip(weights, names):
+        if w.ndim != 2 or not w.is_floating_point():
+            raise ValueError(f"{nm}: weight must be a 2-D float tensor, got {tuple(w.shape)} {w.dtype}")
+        if w.shape[1] != cols:
+            raise ValueError(f"{nm}: weights stacked together must have the same number of "
+                             f"columns: {cols} columns in the first, {w.shape[1]} here")
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{nm}: weight contains NaN or inf")
+    Hm = H.H if isinstance(H, Factor) else H
+    if Hm.shape != (cols, cols):
+        raise ValueError(
+            f"{names[0]}: H has shape {tuple(Hm.shape)}, expected ({cols}, {cols}) for a weight "
+            f"with {cols} columns"
+        )
+    device = weights[0].device
+    if isinstance(H, Factor):
+        if (H.perm is not None) != bool(act_order):
+            raise ValueError("the Factor was built with a different act_order setting")
+        factor = H
+    else:
+        factor = factorize(H.to(device), percdamp=percdamp, act_order=act_order, name=names[0])
+    # row-major: the sweep reads rows U[i, i+1:]; LAPACK returns the factor column-major, and
+    # strided row reads made the in-block updates about 10x slower
+    U = factor.U.to(device).contiguous()
+    perm = None if factor.perm is None else factor.perm.to(device)
+    W = torch.cat([w.float() for w in weights], 0)
+    dead = torch.diagonal(factor.H).to(device) == 0
+    if bool(dead.any()):
+        W[:, dead] = 0
+    return W, factor, U, perm
+
+
 @torch.no_grad()
 def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, sparsity: float = 0.0,
                  pattern=None, bits: int | None = None, group_size: int | None = None,
@@ -203,41 +244,15 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     if not weights:
         raise ValueError("weights must be a non-empty list of 2-D tensors")
     cols = weights[0].shape[-1]
-    for w, nm in zip(weights, names):
-        if w.ndim != 2 or not w.is_floating_point():
-            raise ValueError(f"{nm}: weight must be a 2-D float tensor, got {tuple(w.shape)} {w.dtype}")
-        if w.shape[1] != cols:
-            raise ValueError(f"{nm}: weights stacked together must have the same number of columns")
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{nm}: weight contains NaN or inf")
-    Hm = H.H if isinstance(H, Factor) else H
-    if Hm.shape != (cols, cols):
-        raise ValueError(
-            f"{names[0]}: H has shape {tuple(Hm.shape)}, expected ({cols}, {cols}) for a weight "
-            f"with {cols} columns"
-        )
     if pattern is not None and cols % pattern[1]:
         raise ValueError(
             f"{names[0]}: pattern {pattern[0]}:{pattern[1]} needs the column count ({cols}) to be "
             f"divisible by {pattern[1]}"
         )
-    device = weights[0].device
-    if isinstance(H, Factor):
-        if (H.perm is not None) != bool(act_order):
-            raise ValueError("the Factor was built with a different act_order setting")
-        factor = H
-    else:
-        factor = factorize(H.to(device), percdamp=percdamp, act_order=act_order, name=names[0])
-    # row-major: the sweep reads rows U[i, i+1:]; LAPACK returns the factor column-major, and
-    # strided row reads made the in-block updates about 10x slower
-    U = factor.U.to(device).contiguous()
-    perm = None if factor.perm is None else factor.perm.to(device)
+    W, factor, U, perm = _stack_and_factor(weights, H, names, act_order, percdamp)
+    device = W.device
 
     splits = [w.shape[0] for w in weights]
-    W = torch.cat([w.float() for w in weights], 0)
-    dead = torch.diagonal(factor.H).to(device) == 0
-    if bool(dead.any()):
-        W[:, dead] = 0
     static = static_groups and bits is not None
     W_natural = W  # the grids of static groups are fitted on it, before the sweep changes W
     if perm is not None:
@@ -443,30 +458,8 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
         if b is None:
             raise ValueError(f"{nm}: every grid needs bits in 2..8, got 16/None")
     check_solver_args(0.0, None, grids[0][0], grids[0][1], act_order, block_size)
-    cols = weights[0].shape[-1]
-    for w, nm in zip(weights, names):
-        if w.ndim != 2 or not w.is_floating_point() or w.shape[1] != cols:
-            raise ValueError(f"{nm}: weights must be 2-D float tensors with {cols} columns, got "
-                             f"{tuple(w.shape)} {w.dtype}")
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{nm}: weight contains NaN or inf")
-    Hm = H.H if isinstance(H, Factor) else H
-    if Hm.shape != (cols, cols):
-        raise ValueError(f"{names[0]}: H has shape {tuple(Hm.shape)}, expected ({cols}, {cols})")
-    device = weights[0].device
-    if isinstance(H, Factor):
-        if (H.perm is not None) != bool(act_order):
-            raise ValueError("the Factor was built with a different act_order setting")
-        factor = H
-    else:
-        factor = factorize(H.to(device), percdamp=percdamp, act_order=act_order, name=names[0])
-    U = factor.U.to(device).contiguous()
-    perm = None if factor.perm is None else factor.perm.to(device)
-
-    W = torch.cat([w.float() for w in weights], 0)
-    dead = torch.diagonal(factor.H).to(device) == 0
-    if bool(dead.any()):
-        W[:, dead] = 0
+    W, factor, U, perm = _stack_and_factor(weights, H, names, act_order, percdamp)
+    cols, device = W.shape[1], W.device
     rows = W.shape[0]
     segs = []  # per weight: rows, grid, group ranges and where each group starts
     start = 0
