@@ -13,7 +13,12 @@ One run, one model load, the calibration and evaluation windows of ``bench/trade
 3. for each layout and target, a fresh copy compressed with ``compress(target_bits=...,
    profile=...)``, its bytes in that layout and its perplexity on the same windows;
 4. the comparison: at 3.2 and 4.2 bits, perplexity against the best uniform setting of the
-   same size (ratio <= 0.9 asked), and at 4.5 bits against NF4 (4.50 bits). ``--act-order``
+   same size (ratio <= 0.9 asked), and at 4.5 bits against NF4 (4.50 bits).
+
+``--holdouts`` (default ``0.5 0``): the ``profile_holdout`` of the main grid (every layout and
+target), then the others at the compared targets in every layout, so that errors measured out
+of sample (half the windows held out, the default) and in sample (0: solved and measured on the
+same windows, the planner before the holdout) are compared side by side in one run. ``--act-order``
    runs the budget with ``act_order=True, static_groups=True`` and adds the uniform GPTQ rows
    with the same options, so that both sides use the same solver.
 
@@ -67,6 +72,9 @@ def main(argv=None) -> int:
                    help="budget_metric values to run (each on every layout and target)")
     p.add_argument("--rows", type=float, nargs="+", default=[0.25, 1.0],
                    help="profile_rows values (each profiled and run at the compared targets)")
+    p.add_argument("--holdouts", type=float, nargs="+", default=[0.5, 0.0],
+                   help="profile_holdout values: the first runs every layout and target, the "
+                        "others every layout at the compared targets, side by side")
     p.add_argument("--uniform", nargs="+", default=[label for label, _ in UNIFORM],
                    help="the uniform rows to run (labels)")
     p.add_argument("--menu", default=None,
@@ -144,16 +152,21 @@ def main(argv=None) -> int:
         common.update(act_order=True, static_groups=True)
 
     # ---- 2. profiles, timed against a plain compress ------------------------------------------
-    # the main grid: every layout and target with the first metric and rows setting; the other
-    # metrics and rows settings on the first layout, at the compared targets
+    # the main grid: every layout and target with the first metric, rows and holdout setting;
+    # the other metrics and rows settings on the first layout, the other holdouts on every
+    # layout, at the compared targets
     first_layout, metric0, rows0 = args.layouts[0], args.metrics[0], args.rows[0]
-    jobs = [(layout, metric0, rows0, target) for layout in args.layouts for target in args.targets]
+    hold0 = args.holdouts[0]
+    jobs = [(layout, metric0, rows0, hold0, target) for layout in args.layouts
+            for target in args.targets]
     compared = [t for t in args.targets if t in COMPARE]
-    jobs += [(first_layout, m, rows0, t) for m in args.metrics[1:] for t in compared]
-    jobs += [(first_layout, metric0, r, t) for r in args.rows[1:] for t in compared]
+    jobs += [(first_layout, m, rows0, hold0, t) for m in args.metrics[1:] for t in compared]
+    jobs += [(first_layout, metric0, r, hold0, t) for r in args.rows[1:] for t in compared]
+    jobs += [(layout, metric0, rows0, h, t) for h in args.holdouts[1:] for layout in args.layouts
+             for t in compared]
     profiles = {}
-    for layout, _m, rows, _t in jobs:
-        if (layout, rows) in profiles:
+    for layout, _m, rows, hold, _t in jobs:
+        if (layout, rows, hold) in profiles:
             continue
         # the reference, right before: a plain GPTQ 4-bit g128 compress with the same solver
         # options, timed in wall-clock and in this process's CPU seconds (the CPU ratio holds
@@ -162,17 +175,19 @@ def main(argv=None) -> int:
         w0, c0 = time.perf_counter(), time.process_time()
         compress(copy.deepcopy(base), tok, bits=4, group_size=128, **plain_kw)
         ref_wall, ref_cpu = time.perf_counter() - w0, time.process_time() - c0
-        cfg = CompressConfig(target_bits=4.0, budget_layout=layout, profile_rows=rows, **common)
+        cfg = CompressConfig(target_bits=4.0, budget_layout=layout, profile_rows=rows,
+                             profile_holdout=hold, **common)
         t0, c0 = time.perf_counter(), time.process_time()
         prof = profile_layers(base, ids, cfg, device="cpu", verbose=False)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        profiles[layout, rows] = prof
+        profiles[layout, rows, hold] = prof
         solved = sum(1 for errs in prof.errors for e in errs if e == e and e != 0.0)
-        print(f"profile {layout:<8} rows {rows:<4}: {dt:6.1f}s wall, {dc:6.1f}s CPU = "
+        print(f"profile {layout:<8} rows {rows:<4} holdout {hold:<4}: {dt:6.1f}s wall, {dc:6.1f}s CPU = "
               f"{dt / ref_wall:.2f}x / {dc / ref_cpu:.2f}x a plain GPTQ 4-bit g128 compress run "
               f"just before ({ref_wall:.1f}s wall, {ref_cpu:.1f}s CPU); {solved} layer-option "
               f"errors", flush=True)
-        timing.append(dict(layout=layout, profile_rows=rows, profile_seconds=dt,
+        timing.append(dict(layout=layout, profile_rows=rows, profile_holdout=hold,
+                           profile_seconds=dt,
                            menu=",".join(dict.fromkeys(s for c in prof.layers for s in c.specs)),
                            profile_cpu_seconds=dc, reference=REFERENCE,
                            reference_seconds=ref_wall, reference_cpu_seconds=ref_cpu,
@@ -180,12 +195,13 @@ def main(argv=None) -> int:
 
     # ---- 3. the budget runs ---------------------------------------------------------------------
     runs = []
-    for layout, metric, rows, target in jobs:
-        prof = profiles[layout, rows]
+    for layout, metric, rows, hold, target in jobs:
+        prof = profiles[layout, rows, hold]
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         report = compress(model, tok, target_bits=target, budget_layout=layout,
-                          budget_metric=metric, profile_rows=rows, profile=prof, **common)
+                          budget_metric=metric, profile_rows=rows, profile_holdout=hold,
+                          profile=prof, **common)
         sweep_s = time.perf_counter() - t0
         size = model_bytes(model, layout=layout)
         ppl = perplexity(model, tok, eval_ids, seqlen=args.eval_seqlen, device="cpu",
@@ -194,9 +210,10 @@ def main(argv=None) -> int:
         label = (f"budget {target:g} bits ({layout}"
                  f"{', ' + metric if metric != 'fisher' else ''}"
                  f"{ACT_ORDER.replace(' ', ', ') if args.act_order else ''}"
-                 f"{f', rows {rows:g}' if rows != 0.25 else ''})")
+                 f"{f', rows {rows:g}' if rows != 0.25 else ''}"
+                 f"{f', holdout {hold:g}' if hold != 0.5 else ''})")
         row = dict(method=label, kind="budget", layout=layout, target_bits=target,
-                   metric=metric, profile_rows=rows,
+                   metric=metric, profile_rows=rows, profile_holdout=hold,
                    sparsity=report.summary["sparsity (compressed)"], bits=0, group_size=pd.NA,
                    bytes=size["bytes"], bits_per_weight=size["bits_per_weight"],
                    perplexity=ppl, compress_seconds=prof.seconds + sweep_s,
@@ -251,7 +268,8 @@ def main(argv=None) -> int:
     print()
     print("\n".join(lines))
     for t in timing:
-        print(f"profile {t['layout']} rows {t['profile_rows']:g}: {t['profile_seconds']:.1f}s "
+        print(f"profile {t['layout']} rows {t['profile_rows']:g} holdout "
+              f"{t['profile_holdout']:g}: {t['profile_seconds']:.1f}s "
               f"wall, {t['profile_cpu_seconds']:.1f}s CPU: {t['ratio']:.2f}x / "
               f"{t['cpu_ratio']:.2f}x {t['reference']} ({t['reference_seconds']:.1f}s wall, "
               f"{t['reference_cpu_seconds']:.1f}s CPU)")
@@ -269,8 +287,11 @@ def plot(df, path):
     from toolkit.tradeoff import plot_tradeoff
 
     runs = df[df["kind"] == "budget"]
-    curves = {f"budget ({layout}, {metric}, rows {rows:g})": g
-              for (layout, metric, rows), g in runs.groupby(["layout", "metric", "profile_rows"])}
+    if "profile_holdout" not in runs:  # a CSV written before the holdout existed: none
+        runs = runs.assign(profile_holdout=0.0)
+    curves = {f"budget ({layout}, {metric}, rows {rows:g}, holdout {hold:g})": g
+              for (layout, metric, rows, hold), g in
+              runs.groupby(["layout", "metric", "profile_rows", "profile_holdout"])}
     return plot_tradeoff(
         df[df["kind"] == "uniform"], path, curves=curves,
         title="SmolLM2-135M: size budget against uniform settings",

@@ -191,10 +191,12 @@ def test_flags_come_from_the_options():
     p = argparse.ArgumentParser()
     add_flags(p)
     args = p.parse_args(["--target-size", "60MB", "--budget-menu", "16,4g128,3g128",
-                         "--budget-layout", "compact", "--profile-rows", "0.5"])
+                         "--budget-layout", "compact", "--profile-rows", "0.5",
+                         "--profile-holdout", "0.25"])
     cfg = config_from_args(args)
-    assert (cfg.target_size, cfg.budget_menu, cfg.budget_layout, cfg.profile_rows) == \
-        (60_000_000, ("16", "4g128", "3g128"), "compact", 0.5)
+    assert (cfg.target_size, cfg.budget_menu, cfg.budget_layout, cfg.profile_rows,
+            cfg.profile_holdout) == (60_000_000, ("16", "4g128", "3g128"), "compact", 0.5, 0.25)
+    assert config_from_args(p.parse_args(["--target-bits", "3"])).profile_holdout == 0.5
     assert config_from_args(p.parse_args(["--target-bits", "3.2"])).target_bits == 3.2
     assert CompressConfig(target_bits=3.2).describe() == \
         "budget 3.2 bits/weight standard layout"
@@ -308,11 +310,12 @@ def test_block_strategy_counted_for_every_layer_of_a_partial_group_setting(layou
 
 
 def test_profile_is_the_sweeps_solver_and_hessian():
-    """With all rows, the profiled error of the first group of block 0 (the same inputs in
-    the profile and the sweep) equals the sweep's error with the chosen option, exactly."""
+    """With all rows and no windows held out, the profiled error of the first group of block 0
+    (the same inputs in the profile and the sweep) equals the sweep's error with the chosen
+    option, exactly."""
     model = tiny_model("llama")
     cfg = CompressConfig(target_bits=3.0, profile_rows=1.0, calibration=random_ids(N, L),
-                         nsamples=N, seqlen=L, verbose=False)
+                         nsamples=N, seqlen=L, verbose=False, profile_holdout=0.0)
     prof = profile_layers(model, random_ids(N, L), cfg, device="cpu", verbose=False)
     report = compress(model, config=cfg, profile=prof)
     b = report.budget
@@ -396,6 +399,7 @@ def test_reused_profile_must_match():
     other = tiny_model("llama", seed=1)
     for call in (lambda: _run(other, profile=prof, **kw),
                  lambda: _run(copy.deepcopy(model), profile=prof, percdamp=0.1, **kw),
+                 lambda: _run(copy.deepcopy(model), profile=prof, profile_holdout=0.0, **kw),
                  lambda: compress(copy.deepcopy(model), calibration=random_ids(N, L, seed=5),
                                   nsamples=N, seqlen=L, verbose=False, profile=prof, **kw)):
         with pytest.raises(ValueError, match="another model, calibration or settings"):
@@ -490,18 +494,26 @@ def replace_metric(cfg, metric, **kw):
     return replace(cfg, budget_metric=metric, **kw)
 
 
-def test_fisher_weighted_error_from_first_principles():
+@pytest.mark.parametrize("holdout", [0.0, 0.5, 0.25])
+def test_fisher_weighted_error_from_first_principles(holdout):
     """Block 0's q_proj: the profile's weighted error equals
-    2/n sum_t sum_i channel_i / mean(channel) * token_t * ((W - W_hat) x_t)_i^2, computed here
-    from the layer's own inputs, the gradients and a separate solve with the same Hessian."""
+    2/n sum_t sum_i channel_i / mean(channel) * token_t * ((W - W_hat) x_t)_i^2 and its plain
+    error 2/n sum_t ||(W - W_hat) x_t||^2, computed here from the layer's own inputs, the
+    gradients and a separate solve. Without a holdout, W_hat is solved with the Hessian of all
+    windows and the sums run over all tokens; with one, W_hat is solved with the Hessian of the
+    first windows only and the sums run over the held-out last ``round(holdout * N)`` windows
+    (tokens n of them), the energy too."""
     from toolkit.budget import output_sensitivity
     from toolkit.solver import solve
 
     model = tiny_model("llama")
     ids = random_ids(N, L)
     cfg = CompressConfig(target_bits=4.0, profile_rows=1.0, budget_metric="fisher",
-                         budget_menu="16,3g128")
+                         budget_menu="16,3g128,50%+4g128", profile_holdout=holdout,
+                         budget_layout="compact")
     prof = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    held = round(holdout * N)
+    assert prof.holdout == held
     name = "model.layers.0.self_attn.q_proj"
     i = [c.name for c in prof.layers].index(name)
     ref = {r.name: r for _b, r in budgeted_layers(model, cfg)}[name]
@@ -511,18 +523,39 @@ def test_fisher_weighted_error_from_first_principles():
         for row in ids:
             model(row[None], use_cache=False)
     h.remove()
-    X = torch.cat(xs).double()
+    fit, measure = (xs, xs) if not held else (xs[:N - held], xs[N - held:])
+    X_fit, X = torch.cat(fit).double(), torch.cat(measure).double()
     n = X.shape[0]
-    H = (2 / n * X.T @ X).float()
+    H_fit = (2 / X_fit.shape[0] * X_fit.T @ X_fit).float()
     W = ref.get_weight().detach().clone()
-    W_hat = solve(W, H, bits=3, group_size=128).weight
     sens = output_sensitivity(model, ids, [ref])[name]
-    E = (W - W_hat).double() @ X.T  # rows x tokens
-    expect = 2 / n * float(((sens.channel / sens.channel.mean()).double()[:, None]
-                            * sens.token.double()[None, :] * E.pow(2)).sum())
-    k = prof.layers[i].specs.index("3g128")
-    assert prof.weighted[i][k] == pytest.approx(expect, rel=1e-3)
-    assert prof.errors[i][k] == pytest.approx(2 / n * float(E.pow(2).sum()), rel=1e-3)
+    token = sens.token.double()[(N - held) * L if held else 0:]
+    assert token.shape == (n,)
+    for spec, kw in [("3g128", dict(bits=3, group_size=128)),
+                     ("50%+4g128", dict(sparsity=0.5, bits=4, group_size=128))]:
+        W_hat = solve(W, H_fit, **kw).weight
+        E = (W - W_hat).double() @ X.T  # rows x tokens
+        expect = 2 / n * float(((sens.channel / sens.channel.mean()).double()[:, None]
+                                * token[None, :] * E.pow(2)).sum())
+        k = prof.layers[i].specs.index(spec)
+        assert prof.weighted[i][k] == pytest.approx(expect, rel=1e-3)
+        assert prof.errors[i][k] == pytest.approx(2 / n * float(E.pow(2).sum()), rel=1e-3)
+    assert prof.energy[i] == pytest.approx(
+        2 / n * float((W.double() @ X.T).pow(2).sum()), rel=1e-6)
+
+
+def test_holdout_windows():
+    from toolkit.budget import holdout_windows
+
+    assert holdout_windows(8, 0.5) == [4, 5, 6, 7]
+    assert holdout_windows(8, 0.25) == [6, 7]
+    assert holdout_windows(8, 0.01) == [7]       # at least one window
+    assert holdout_windows(2, 0.9) == [1]        # at least one to solve with
+    assert holdout_windows(1, 0.5) == []         # a single window: nothing to hold out
+    assert holdout_windows(8, 0.0) == []
+    for bad in (1.0, -0.1, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=r"profile_holdout must be a fraction in \[0, 1\)"):
+            CompressConfig(target_bits=3.0, profile_holdout=bad)
 
 
 def test_target_refused_on_mixture_of_experts_before_any_change():

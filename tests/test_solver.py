@@ -471,6 +471,34 @@ def test_solve_grids_rejects_bad_grids_naming_them():
         solve_grids([W, W[:, :32]], H, [(4, 32), (4, 32)])
 
 
+def test_error_measured_with_another_hessian():
+    """error_H: the same solve (weights, masks, codes equal), its error tr(dW H2 dW^T) measured
+    with another Hessian (other inputs: the size planner's held-out windows), in solve_layers
+    and solve_grids; a Hessian of the wrong shape is refused before solving."""
+    W, _X, H = make_problem(24, 64, seed=5)
+    W2, _X2, H2 = make_problem(24, 64, seed=6)
+    kw = dict(sparsity=0.5, bits=4, group_size=32)
+    plain = solve_layers([W, W2], H, **kw)
+    other = solve_layers([W, W2], H, error_H=H2, **kw)
+    for a, b, w in zip(plain, other, (W, W2)):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask)
+        assert a.error == pytest.approx(reconstruction_error(w, a.weight, H), rel=1e-6)
+        assert b.error == pytest.approx(reconstruction_error(w, b.weight, H2), rel=1e-6)
+        assert b.error != pytest.approx(a.error, rel=1e-2)
+    grids = [(3, 32), (4, None)]
+    plain = solve_grids([W, W2], H, grids)
+    other = solve_grids([W, W2], H, grids, error_H=H2)
+    for a, b, w in zip(plain, other, (W, W2)):
+        assert torch.equal(a.codes, b.codes)
+        assert b.error == pytest.approx(reconstruction_error(w, b.weight, H2), rel=1e-6)
+    for bad in (H2[:32, :32], "H2"):
+        with pytest.raises(ValueError, match=r"error_H must be None or a tensor of the Hessian's "
+                                             r"shape \(64, 64\)"):
+            solve_layers([W], H, bits=4, error_H=bad)
+        with pytest.raises(ValueError, match="error_H must be"):
+            solve_grids([W], H, [(4, 32)], error_H=bad)
+
+
 # ----------------------------------------------------------------------------- Hessian
 
 

@@ -147,6 +147,13 @@ def _fraction(value, name):
     return float(value)
 
 
+def _holdout(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a fraction in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _budget_label(fmt):
     return lambda v, s, long: None if v is None else fmt(v)
 
@@ -389,6 +396,14 @@ OPTIONS: tuple[Option, ...] = (
            "under a target, the fraction of each layer's rows the profile solves per option "
            "(at least 64 rows; 1 = all)", flag="--profile-rows", parse=_parse_float,
            annotation="float"),
+    Option("profile_holdout", 0.5, _holdout,
+           "under a target, the fraction of the calibration windows the profile holds out: "
+           "each option is solved on the other windows and its error measured on these (an "
+           "error measured on the windows the solve fitted understates what it does to other "
+           "text, most for layers with many inputs for few tokens); 0 = solve and measure on "
+           "all windows. "
+           "The sweep itself always uses every window", flag="--profile-holdout",
+           parse=_parse_float, annotation="float"),
 )
 
 

@@ -218,12 +218,22 @@ def _stack_and_factor(weights, H, names, act_order, percdamp):
 
 
 @torch.no_grad()
+def _check_error_hessian(error_H, H: torch.Tensor) -> None:
+    """``error_H`` is None or a tensor of the shape of the solve's Hessian ``H``."""
+    if error_H is not None and (not isinstance(error_H, torch.Tensor)
+                                or error_H.shape != H.shape):
+        got = tuple(error_H.shape) if isinstance(error_H, torch.Tensor) else repr(error_H)
+        raise ValueError(f"error_H must be None or a tensor of the Hessian's shape "
+                         f"{tuple(H.shape)}, got {got}")
+
+
 def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, sparsity: float = 0.0,
                  pattern=None, bits: int | None = None, group_size: int | None = None,
                  sym: bool = False, mse: bool = False, act_order: bool = False,
                  static_groups: bool = False, block_size: int = 128, percdamp: float = 0.01,
                  names: list[str] | None = None,
-                 masks: list[torch.Tensor] | None = None) -> list[SolveResult]:
+                 masks: list[torch.Tensor] | None = None,
+                 error_H: torch.Tensor | None = None) -> list[SolveResult]:
     """Solve several layers that read the same input (q/k/v; gate/up) in one sweep.
 
     Their rows are stacked and share one factorisation of ``H``; each layer keeps its own exact
@@ -231,6 +241,10 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
 
     ``masks``: fixed keep-masks (one per layer, True = kept) instead of choosing them: the sweep
     then only compensates (and quantizes) with that mask; ``sparsity``/``pattern`` must be unset.
+
+    ``error_H``: the Hessian each result's ``error`` is measured with, ``tr(dW error_H dW^T)``
+    (default ``H`` itself), e.g. that of calibration windows the solve did not see (the size
+    planner's held-out windows, :func:`toolkit.budget.profile_layers`).
 
     Inputs that never fired (``diag H == 0``, e.g. a dead feature in the calibration data) have
     no effect on the calibration outputs: their weights are set to 0 before the sweep (as the
@@ -250,6 +264,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
             f"divisible by {pattern[1]}"
         )
     W, factor, U, perm = _stack_and_factor(weights, H, names, act_order, percdamp)
+    _check_error_hessian(error_H, factor.H)
     device = W.device
 
     splits = [w.shape[0] for w in weights]
@@ -416,7 +431,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
 
     results = []
     seconds = time.perf_counter() - t0
-    Hf = factor.H.to(device)
+    Hf = (factor.H if error_H is None else error_H).to(device)
     for (r0, r1), w_in in zip(seg_bounds, weights):
         new = W[r0:r1].to(w_in.dtype, memory_format=torch.contiguous_format)
         results.append(SolveResult(
@@ -437,7 +452,8 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
 def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
                 grids: list[tuple[int, int | None]], *, sym: bool = False, mse: bool = False,
                 act_order: bool = False, static_groups: bool = False, block_size: int = 128,
-                percdamp: float = 0.01, names: list[str] | None = None) -> list[SolveResult]:
+                percdamp: float = 0.01, names: list[str] | None = None,
+                error_H: torch.Tensor | None = None) -> list[SolveResult]:
     """GPTQ of several weights that read the same input, each on its own grid, in one sweep.
 
     ``grids[j] = (bits, group_size)`` is the grid of ``weights[j]``; everything else (``sym``,
@@ -447,6 +463,8 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
     block updates; what is shared is the loop over the columns, whose per-column cost does not
     grow with the rows. This is what makes measuring many grids of one layer cheap (the size
     planner's profile: :func:`toolkit.budget.profile_layers`).
+
+    ``error_H``: as in :func:`solve_layers`.
     """
     t0 = time.perf_counter()
     names = names or [f"layer{i}" for i in range(len(weights))]
@@ -459,6 +477,7 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
             raise ValueError(f"{nm}: every grid needs bits in 2..8, got 16/None")
     check_solver_args(0.0, None, grids[0][0], grids[0][1], act_order, block_size)
     W, factor, U, perm = _stack_and_factor(weights, H, names, act_order, percdamp)
+    _check_error_hessian(error_H, factor.H)
     cols, device = W.shape[1], W.device
     rows = W.shape[0]
     segs = []  # per weight: rows, grid, group ranges and where each group starts
@@ -551,7 +570,7 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
         W = W[:, inv]
         codes = codes[:, inv]
     seconds = time.perf_counter() - t0
-    Hf = factor.H.to(device)
+    Hf = (factor.H if error_H is None else error_H).to(device)
     results = []
     for s, w_in in zip(segs, weights):
         r0, r1 = s["r0"], s["r1"]
