@@ -544,6 +544,15 @@ def test_fisher_weighted_error_from_first_principles(holdout):
         2 / n * float((W.double() @ X.T).pow(2).sum()), rel=1e-6)
 
 
+def test_single_window_profile_says_it_holds_nothing_out(caplog):
+    model = tiny_model("llama")
+    cfg = CompressConfig(target_bits=4.0, budget_menu="16,4g128,3g128", profile_holdout=0.5)
+    with caplog.at_level("WARNING", logger="toolkit"):
+        prof = profile_layers(model, random_ids(1, L), cfg, device="cpu", verbose=False)
+    assert prof.holdout == 0
+    assert "single window, none to hold out" in caplog.text
+
+
 def test_holdout_windows():
     from toolkit.budget import holdout_windows
 

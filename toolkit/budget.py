@@ -541,6 +541,10 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
     inputs = capture_block_inputs(model, blocks, ids, device)
     held = holdout_windows(len(inputs.hidden), config.profile_holdout)
     prof.holdout = len(held)
+    if config.profile_holdout > 0 and not held:
+        log.warning("profile_holdout=%g: the calibration has a single window, none to hold "
+                    "out; the profile's errors are measured on the windows it solved with",
+                    config.profile_holdout)
     dtype = getattr(torch, config.hessian_dtype)
     was_training = model.training
     model.eval()
