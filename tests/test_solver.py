@@ -471,6 +471,19 @@ def test_solve_grids_rejects_bad_grids_naming_them():
         solve_grids([W, W[:, :32]], H, [(4, 32), (4, 32)])
 
 
+def test_solvers_build_no_autograd_graph():
+    """A weight that requires grad (an nn.Parameter as it sits in a model, with grad mode on):
+    every solver returns plain tensors, no graph is recorded over the sweep."""
+    W, _X, H = make_problem(16, 64, seed=7)
+    p = torch.nn.Parameter(W.clone())
+    with torch.enable_grad():
+        results = [solve(p, H, sparsity=0.5, bits=4, group_size=32),
+                   *solve_layers([p, p], H, bits=4, group_size=32),
+                   *solve_grids([p], H, [(3, 32)])]
+    for res in results:
+        assert not res.weight.requires_grad and res.weight.grad_fn is None
+
+
 def test_error_measured_with_another_hessian():
     """error_H: the same solve (weights, masks, codes equal), its error tr(dW H2 dW^T) measured
     with another Hessian (other inputs: the size planner's held-out windows), in solve_layers

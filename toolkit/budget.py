@@ -478,7 +478,7 @@ def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dty
                 acc = weighted[r.name] = new(r)
                 handles.append(r.module.register_forward_pre_hook(_weighted_hook(
                     acc, sens[r.name].token.to(device),
-                    (lambda: now["window"] in held) if held else (lambda: True))))
+                    lambda: not held or now["window"] in held)))
     try:
         outputs = []
         for w, h in enumerate(inputs.hidden):

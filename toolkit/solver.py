@@ -217,7 +217,6 @@ def _stack_and_factor(weights, H, names, act_order, percdamp):
     return W, factor, U, perm
 
 
-@torch.no_grad()
 def _check_error_hessian(error_H, H: torch.Tensor) -> None:
     """``error_H`` is None or a tensor of the shape of the solve's Hessian ``H``."""
     if error_H is not None and (not isinstance(error_H, torch.Tensor)
@@ -227,6 +226,7 @@ def _check_error_hessian(error_H, H: torch.Tensor) -> None:
                          f"{tuple(H.shape)}, got {got}")
 
 
+@torch.no_grad()
 def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, sparsity: float = 0.0,
                  pattern=None, bits: int | None = None, group_size: int | None = None,
                  sym: bool = False, mse: bool = False, act_order: bool = False,
@@ -255,10 +255,8 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     sparsity, pattern, bits, group_size = check_solver_args(
         sparsity, pattern, bits, group_size, act_order, block_size)
     names = names or [f"layer{i}" for i in range(len(weights))]
-    if not weights:
-        raise ValueError("weights must be a non-empty list of 2-D tensors")
-    cols = weights[0].shape[-1]
-    if pattern is not None and cols % pattern[1]:
+    cols = weights[0].shape[-1] if weights else 0
+    if weights and pattern is not None and cols % pattern[1]:
         raise ValueError(
             f"{names[0]}: pattern {pattern[0]}:{pattern[1]} needs the column count ({cols}) to be "
             f"divisible by {pattern[1]}"
