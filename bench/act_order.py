@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     import pandas as pd
 
     from toolkit import load_model
-    from toolkit.export import check_savable
-    from toolkit.options import CompressConfig
+    from toolkit.checkpoint.saveload import check_savable
+    from toolkit.config.options import CompressConfig
     from toolkit.tradeoff import tradeoff
 
     rows = grid(args.bits, args.group_size)

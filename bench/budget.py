@@ -6,7 +6,7 @@ One run, one model load, the calibration and evaluation windows of ``bench/trade
 
 1. the uniform rows it is compared with, through :func:`toolkit.tradeoff` (GPTQ 3-bit g128,
    SparseGPT 50% + GPTQ 4-bit g128, GPTQ 4-bit g128, NF4 when bitsandbytes runs, dense);
-2. one profile per layout and profile-rows setting (:func:`toolkit.budget.profile_layers`),
+2. one profile per layout and profile-rows setting (:func:`toolkit.plan.budget.profile_layers`),
    timed against a plain GPTQ 4-bit g128 compress (the same solver options) run just before it,
    in wall-clock and in this process's CPU seconds (the ratio the issue bounds by 3; the CPU
    ratio is the one that holds when other jobs share the cores);
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--uniform", nargs="+", default=[label for label, _ in UNIFORM],
                    help="the uniform rows to run (labels)")
     p.add_argument("--menu", default=None,
-                   help="budget_menu for every budget run (default: toolkit.menu.DEFAULT_MENU)")
+                   help="budget_menu for every budget run (default: toolkit.config.menu.DEFAULT_MENU)")
     p.add_argument("--act-order", action="store_true",
                    help="budget runs with act_order=True, static_groups=True (columns in order "
                         "of decreasing Hessian diagonal, groups fixed before: same bytes, storable "
@@ -100,10 +100,10 @@ def main(argv=None) -> int:
     import pandas as pd
 
     from toolkit import CompressConfig, compress, load_model, perplexity
-    from toolkit.budget import profile_layers
-    from toolkit.data import get_calibration, tokenize_text
-    from toolkit.size import model_bytes
+    from toolkit.checkpoint.size import model_bytes
+    from toolkit.measure.text import get_calibration, tokenize_text
     from toolkit.tradeoff import tradeoff
+    from toolkit.walk.budget import profile_layers
 
     where = describe()
     settings = (f"calibration {Path(args.calibration).name} {args.nsamples} x {args.seqlen} "

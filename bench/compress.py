@@ -43,7 +43,7 @@ import torch
 from _machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO / "data" / "wikitext2"  # bundled (data/README.md); toolkit.data.bundled_wikitext2
+WIKITEXT = REPO / "data" / "wikitext2"  # bundled (data/README.md); toolkit.measure.text.bundled_wikitext2
 
 CONFIGS = [
     ("magnitude 50%", dict(sparsity=0.5, method="magnitude")),
@@ -115,8 +115,8 @@ def forward_seconds(model, ids, device) -> tuple[float, float]:
 def main(argv=None) -> int:
     import toolkit
     from toolkit import load_model, perplexity
-    from toolkit.data import get_calibration, tokenize_text
-    from toolkit.size import model_bytes
+    from toolkit.checkpoint.size import model_bytes
+    from toolkit.measure.text import get_calibration, tokenize_text
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--nsamples", type=int, default=32)

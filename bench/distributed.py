@@ -41,7 +41,8 @@ def worker(args) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from toolkit import compress, distributed
+    from toolkit import compress
+    from toolkit.walk import distributed
 
     torch.set_num_threads(args.threads)
     distributed.init_from_env(timeout_s=600)

@@ -111,10 +111,10 @@ def forward_seconds(model, ids, device) -> float:
 
 
 class BlockTimer:
-    """Times every ``toolkit.sweep.sweep_block`` call (seconds, peak memory of the device)."""
+    """Times every ``toolkit.walk.sweep.sweep_block`` call (seconds, peak memory of the device)."""
 
     def __init__(self, device):
-        import toolkit.sweep as sweep
+        import toolkit.walk.sweep as sweep
 
         self.sweep, self.device, self.rows = sweep, device, []
         self.inner = sweep.sweep_block
@@ -138,7 +138,7 @@ class BlockTimer:
 
 def masks_of(model) -> dict[str, torch.Tensor]:
     """The keep-mask of every compressed layer (weight != 0)."""
-    from toolkit.models import find_blocks, find_linears
+    from toolkit.model.layers import find_blocks, find_linears
 
     name, blocks = find_blocks(model)
     return {r.name: (r.get_weight() != 0).cpu() for b, blk in enumerate(blocks)
@@ -148,9 +148,10 @@ def masks_of(model) -> dict[str, torch.Tensor]:
 def same_problem_agreement(base, calib, device) -> list[dict]:
     """Block 0's layers: calibration Hessians of the dense model (on ``device``), each solved on
     ``device`` and on the CPU from the same weights and Hessian."""
-    from toolkit.hessian import capture_hessians, reconstruction_error
-    from toolkit.models import find_blocks, find_linears
-    from toolkit.solver import solve
+    from toolkit.model.layers import find_blocks, find_linears
+    from toolkit.solver.hessian import reconstruction_error
+    from toolkit.solver.layer import solve
+    from toolkit.walk.capture import capture_hessians
 
     name, blocks = find_blocks(base)
     refs = find_linears(blocks[0], f"{name}.0")
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
         ok &= passed
 
     from toolkit import compress, perplexity
-    from toolkit.data import get_calibration, tokenize_text
+    from toolkit.measure.text import get_calibration, tokenize_text
 
     if args.model == "tiny":
         base, tok = tiny_llama(), None

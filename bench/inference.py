@@ -25,11 +25,11 @@ quantization state for the CPU at the first call), collects garbage and returns 
 system (glibc ``malloc_trim``), and reports its resident memory.
 ``rss_mb`` is that minus the resident memory of a baseline process that did the same except
 loading a model (``libraries_mb``); ``weights_mb`` counts the model's tensors
-(``toolkit.pack.resident_bytes``), ``linear_mb`` those of the linear layers inside the decoder
+(``toolkit.runtime.pack.resident_bytes``), ``linear_mb`` those of the linear layers inside the decoder
 blocks and ``linear_vs_fp16`` their ratio to the same layers dense in 16 bits. All in MB of
 10**6 bytes.
 
-Decode speed: ``toolkit.evaluate.decode_speed`` -- greedy ``generate`` with the KV cache, batch
+Decode speed: ``toolkit.measure.perplexity.decode_speed`` -- greedy ``generate`` with the KV cache, batch
 1, ``--new-tokens`` (128) new tokens after the first ``--prompt-tokens`` (128) tokens of the
 WikiText-2 test text; tokens per second from the first new token to the last (the prompt's
 forward pass is left out). The processes stay alive and take turns: round 1 runs every row once,
@@ -125,7 +125,7 @@ def _warm_up() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import toolkit  # noqa: F401
-    from toolkit.evaluate import decode_speed
+    from toolkit.measure.perplexity import decode_speed
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -141,8 +141,8 @@ def _linear_stats(model):
     """(bytes of the linear layers but the output head, their weights dense in fp16, paths)."""
     from torch import nn
 
-    from toolkit.models import is_conv1d
-    from toolkit.pack import PackedLinear, module_bytes
+    from toolkit.model.layers import is_conv1d
+    from toolkit.runtime.pack import PackedLinear, module_bytes
 
     head = model.get_output_embeddings()
     nbytes = fp16 = 0
@@ -168,7 +168,7 @@ def _load(kind: str, ckpt: str | None, opts: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from toolkit.models import smollm2_gguf_path
+    from toolkit.loading import smollm2_gguf_path
 
     if kind in ("gguf", "bnb"):
         path = smollm2_gguf_path()
@@ -176,7 +176,7 @@ def _load(kind: str, ckpt: str | None, opts: dict):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                      dtype=dtype).eval()
         if kind == "bnb":
-            from toolkit.bnb import bnb_quantize
+            from toolkit.measure.bnb import bnb_quantize
 
             bnb_quantize(model, quant_type=opts["quant_type"])
         return model
@@ -207,8 +207,8 @@ def worker(args) -> int:
     model = _load(kind, str(Path(args.workdir) / ckpt_key) if ckpt_key else None, opts)
     ids = torch.tensor(json.loads(Path(args.ids).read_text()))
     from toolkit import perplexity
-    from toolkit.evaluate import decode_speed
-    from toolkit.pack import resident_bytes
+    from toolkit.measure.perplexity import decode_speed
+    from toolkit.runtime.pack import resident_bytes
 
     # one short generate first: memory as the model runs (bitsandbytes repacks its CPU state
     # at the first call), lazy initialisation done; then the freed heap goes back
@@ -276,7 +276,7 @@ def _layer_codes(n: int, k: int, bits: int, g):
     """Random codes of an n x k layer at group 128 (the last group narrower)."""
     import torch
 
-    from toolkit.pack import LayerCodes
+    from toolkit.runtime.pack import LayerCodes
 
     widths = [128] * (k // 128) + ([k % 128] if k % 128 else [])
     groups = len(widths)
@@ -291,7 +291,7 @@ def _kernel_cases(n: int, k: int, g) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from toolkit.pack import BitmaskLinear, Int4Linear, Int8Linear
+    from toolkit.runtime.pack import BitmaskLinear, Int4Linear, Int8Linear
 
     x = torch.randn(1, k, generator=g)
     w = torch.randn(n, k, generator=g)
@@ -413,8 +413,8 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     workers: dict[str, Worker] = {}
     try:
-        from toolkit.data import tokenize_text
-        from toolkit.models import load_model
+        from toolkit.loading import load_model
+        from toolkit.measure.text import tokenize_text
 
         _, tok = load_model("smollm2", dtype=torch.float32)
         text = (WIKITEXT / "wiki.test.raw").read_text(encoding="utf-8").replace("\r\n", "\n")

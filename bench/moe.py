@@ -85,8 +85,8 @@ def main() -> None:
     import torch
 
     from toolkit import compress
-    from toolkit.experts import ExpertRef, find_layers
-    from toolkit.models import find_blocks
+    from toolkit.model.experts import ExpertRef, find_layers
+    from toolkit.model.layers import find_blocks
 
     torch.set_num_threads(args.threads)
     machine = describe("cpu")

@@ -73,7 +73,7 @@ def write_folders(root: Path) -> dict[str, tuple[str, str]]:
     from test_readers import BATCH, CALIB, LAYOUTS, SCHEMES
 
     import toolkit
-    from toolkit.export import save_compressed
+    from toolkit.checkpoint.saveload import save_compressed
 
     logging.getLogger("toolkit").setLevel(logging.ERROR)
     names = {}

@@ -30,9 +30,9 @@ import pandas as pd
 import torch
 from _machine import add_threads_flag, apply_threads, describe
 
-import toolkit.sweep as sweep
+import toolkit.walk.sweep as sweep
 from toolkit import compress, load_model, perplexity
-from toolkit.data import get_calibration, tokenize_text
+from toolkit.measure.text import get_calibration, tokenize_text
 
 REPO = Path(__file__).resolve().parents[1]
 WIKI = REPO / "data" / "wikitext2"  # bundled (data/README.md)
@@ -42,7 +42,7 @@ SETTINGS = [("60%", dict(sparsity=0.6)), ("70%", dict(sparsity=0.7)),
 
 
 class _ErrorLog:
-    """Wraps ``toolkit.sweep.refine_layers`` to record each layer's error before and after."""
+    """Wraps ``toolkit.walk.sweep.refine_layers`` to record each layer's error before and after."""
 
     def __init__(self):
         self.pairs: list[tuple[str, float, float]] = []

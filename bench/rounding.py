@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     import toolkit
     from toolkit import load_model, perplexity
-    from toolkit.data import get_calibration, tokenize_text
+    from toolkit.measure.text import get_calibration, tokenize_text
 
     base, tok = load_model("smollm2", dtype=torch.float32)
     ids = get_calibration(args.calibration, tok, nsamples=args.nsamples, seqlen=args.seqlen,

@@ -16,7 +16,7 @@ float32 work tutorial 02 describes, timed in interleaved rounds in one run (best
 2. **stacked against separate solves**: block 3's ``q_proj``, ``k_proj`` and ``v_proj`` (one
    input, one Hessian) pruned to 50% and quantized to 4 bits in groups of 128, as three
    ``toolkit.solve`` calls (three factorisations, three sweeps) and as one
-   ``toolkit.solver.solve_layers`` call (one factorisation, one sweep over the stacked rows);
+   ``toolkit.solver.layer.solve_layers`` call (one factorisation, one sweep over the stacked rows);
    the claim is that the stacked solve takes less time.
 
 Tutorial 02 prints its own timings of the same work but asserts none of them (timings depend on
@@ -75,11 +75,11 @@ def main(argv=None) -> int:
     import pandas as pd
 
     import toolkit
-    from toolkit.baselines import magnitude_mask
-    from toolkit.data import get_calibration
-    from toolkit.hessian import HessianAccumulator
-    from toolkit.models import find_blocks
-    from toolkit.solver import solve_layers
+    from toolkit.measure.text import get_calibration
+    from toolkit.model.layers import find_blocks
+    from toolkit.solver.baselines import magnitude_mask
+    from toolkit.solver.hessian import HessianAccumulator
+    from toolkit.solver.layer import solve_layers
 
     model, tok = toolkit.load_model("smollm2", dtype=torch.float32)
     ids = get_calibration(args.calibration, tok, nsamples=args.nsamples, seqlen=args.seqlen,

@@ -9,7 +9,7 @@ SmolLM2-135M's own activations where the shape matches one of its layers) and a 
   layers that read the same input share it);
 * the baselines on the same grids and masks: magnitude 50%, Wanda 50%, round-to-nearest 4-bit.
 
-The error column is ``tr(dW H dW^T) = 2/n ||(W - W_new) X||^2`` (``toolkit.hessian.reconstruction_error``)
+The error column is ``tr(dW H dW^T) = 2/n ||(W - W_new) X||^2`` (``toolkit.solver.hessian.reconstruction_error``)
 and ``rel_error`` divides it by ``tr(W H W^T)``. The solver's arithmetic rate (estimated FLOPs /
 seconds) is compared with the machine's float32 matmul rate for a cols x cols @ cols x cols
 product, measured in the same run. ``joint / prune`` is the cost of quantizing while pruning in
@@ -37,9 +37,10 @@ import pandas as pd
 import torch
 from _machine import add_threads_flag, apply_threads, describe
 
-from toolkit.baselines import apply_mask, magnitude_mask, rtn_quantize, wanda_mask
-from toolkit.hessian import HessianAccumulator, capture_hessians, reconstruction_error
-from toolkit.solver import factorize, solve
+from toolkit.solver.baselines import apply_mask, magnitude_mask, rtn_quantize, wanda_mask
+from toolkit.solver.hessian import HessianAccumulator, reconstruction_error
+from toolkit.solver.layer import factorize, solve
+from toolkit.walk.capture import capture_hessians
 
 DEFAULT_SHAPES = ["576x576", "1536x576", "576x1536", "4096x4096", "11008x4096"]
 BIG = {"4096x4096", "11008x4096"}
@@ -121,8 +122,8 @@ def synthetic_problem(rows: int, cols: int, device: torch.device, seed: int = 0)
 
 def smollm2_problems(device: torch.device, nsamples: int = 16, seqlen: int = 256):
     """{(rows, cols): (W, H)} from block 3 of SmolLM2-135M on WikiText-2 validation text."""
-    from toolkit.data import get_calibration, tokenize_text
-    from toolkit.models import load_model
+    from toolkit.loading import load_model
+    from toolkit.measure.text import get_calibration, tokenize_text
 
     model, tok = load_model("smollm2", dtype=torch.float32)
     path = REPO / "data" / "wikitext2"  # bundled (data/README.md)

@@ -7,7 +7,7 @@ whose size is dominated by its blocks (where streaming pays off most).
 A LLaMA with random weights (seed 0) of the given shape is written as safetensors shards; then
 two fresh processes compress it with the same settings and the same calibration token ids:
 
-- ``stream``: ``toolkit.stream.compress_streaming(folder, out)``;
+- ``stream``: ``toolkit.walk.stream.compress_streaming(folder, out)``;
 - ``memory``: ``from_pretrained`` + ``toolkit.compress`` + ``toolkit.save_compressed``.
 
 Each process reports its peak resident memory (Linux ``VmHWM``) and the resident memory it had
@@ -41,7 +41,7 @@ CHILD = textwrap.dedent("""
     import json, sys, time
     import psutil, torch
     import transformers, compressed_tensors.compressors, compressed_tensors.quantization
-    import toolkit, toolkit.stream
+    import toolkit, toolkit.walk.stream
     from transformers import AutoModelForCausalLM
     mode, src, out, ids, kw = sys.argv[1:6]
     kw = json.loads(kw)
@@ -50,7 +50,7 @@ CHILD = textwrap.dedent("""
     base = psutil.Process().memory_info().rss
     t = time.time()
     if mode == "stream":
-        toolkit.stream.compress_streaming(src, out, calibration=ids, verbose=False, **kw)
+        toolkit.walk.stream.compress_streaming(src, out, calibration=ids, verbose=False, **kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         rep = toolkit.compress(model, calibration=ids, verbose=False, **kw)

@@ -5,8 +5,8 @@
 
 Every row goes through :func:`toolkit.tradeoff`: a fresh copy of the model, the same 32 x 512
 calibration windows of the WikiText-2 validation text, the same 40 x 512 evaluation windows of
-the WikiText-2 test text (raw, ``\\r\\n`` normalised), sizes from :mod:`toolkit.size`; after the perplexity the model is packed
-(:func:`toolkit.pack`) and its weights in memory and its decode speed (``--decode-tokens`` new
+the WikiText-2 test text (raw, ``\\r\\n`` normalised), sizes from :mod:`toolkit.checkpoint.size`; after the perplexity the model is packed
+(:func:`toolkit.runtime.pack`) and its weights in memory and its decode speed (``--decode-tokens`` new
 tokens after a 128-token prompt, greedy, KV cache, batch 1; 0 skips it) are measured. Writes
 ``data/results/tradeoff_smollm2.csv`` and ``.png`` and prints the table twice (plain and markdown)
 with the machine it ran on.
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     apply_threads(args)
 
     from toolkit import load_model
-    from toolkit.bnb import bnb_available
+    from toolkit.measure.bnb import bnb_available
     from toolkit.tradeoff import COLUMNS, plot_tradeoff, to_markdown, tradeoff
 
     grid = [(label, spec) for label, spec in GRID if args.only is None or label in args.only]

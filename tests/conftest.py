@@ -32,7 +32,7 @@ def wikitext_test() -> str:
 
 @pytest.fixture(scope="session")
 def _smollm2():
-    from toolkit.models import load_model
+    from toolkit.loading import load_model
 
     torch.manual_seed(0)
     return load_model("smollm2", dtype=torch.float32)

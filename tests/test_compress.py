@@ -11,10 +11,10 @@ from conftest import TINY_FAMILIES, random_ids, tiny_model
 from torch import nn
 
 from toolkit import CompressConfig, compress
-from toolkit.masks import is_nm_valid
-from toolkit.models import find_blocks, find_linears
-from toolkit.solver import solve
-from toolkit.sweep import find_groups
+from toolkit.model.layers import find_blocks, find_linears
+from toolkit.solver.layer import solve
+from toolkit.solver.masks import is_nm_valid
+from toolkit.walk.sweep import find_groups
 
 CONFIGS = {
     "50%": dict(sparsity=0.5),
@@ -82,7 +82,7 @@ def test_every_family(family, name):
 
 def test_groups_follow_shared_inputs():
     model = tiny_model("llama", layers=1)
-    from toolkit.sweep import capture_block_inputs
+    from toolkit.walk.sweep import capture_block_inputs
 
     _, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks, random_ids(2, 16), "cpu")

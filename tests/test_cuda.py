@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import random_ids, tiny_model
 
-import toolkit.sweep as sweep
+import toolkit.walk.sweep as sweep
 from toolkit import compress
-from toolkit.hessian import HessianAccumulator, reconstruction_error
-from toolkit.solver import solve
+from toolkit.solver.hessian import HessianAccumulator, reconstruction_error
+from toolkit.solver.layer import solve
 
 pytestmark = pytest.mark.cuda
 DEVICE = torch.device(os.environ.get("TOOLKIT_CUDA_TEST_DEVICE", "cuda"))
@@ -118,7 +118,7 @@ def test_reuse_is_exact_on_the_device(monkeypatch):
 
 
 def test_probe_measures_the_activations_of_one_window():
-    from toolkit.models import find_blocks, find_linears
+    from toolkit.model.layers import find_blocks, find_linears
 
     model = tiny_model("llama").to(DEVICE)
     _, blocks = find_blocks(model)

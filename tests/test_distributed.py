@@ -1,4 +1,4 @@
-"""Multi-process compression (toolkit.distributed) with gloo and 2 CPU processes.
+"""Multi-process compression (toolkit.walk.distributed) with gloo and 2 CPU processes.
 
 Each test launches its own processes (``torch.multiprocessing``, forkserver) on a free local port.
 Tolerances: the all-reduced Hessian is a sum of per-rank means, the single-process one a running
@@ -59,9 +59,9 @@ def _snapshot(model, report=None) -> dict:
 
 def _hessian(model, ids, dtype):
     """The Hessian of block 0's first group (q/k/v), as the sweep computes it."""
-    from toolkit import distributed
-    from toolkit.models import find_blocks, find_linears
-    from toolkit.sweep import capture_block_inputs, find_groups, group_hessian
+    from toolkit.model.layers import find_blocks, find_linears
+    from toolkit.walk import distributed
+    from toolkit.walk.sweep import capture_block_inputs, find_groups, group_hessian
 
     name, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks, distributed.local_share(ids), "cpu")
@@ -76,7 +76,8 @@ def _worker(rank: int, world: int, port: int, case: str, outdir: str, timeout_s:
     try:
         tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                  world_size=world, timeout=timedelta(seconds=timeout_s))
-        from toolkit import compress, distributed
+        from toolkit import compress
+        from toolkit.walk import distributed
 
         model, ids = _model_and_ids() if case in ("match", "raise") else (None, None)
         if case == "match":
@@ -91,7 +92,7 @@ def _worker(rank: int, world: int, port: int, case: str, outdir: str, timeout_s:
             report = compress(model, calibration=random_ids(8, 32), **CONFIG)
             torch.save(_moe_snapshot(model, report), out / f"rank{rank}.pt")
         elif case == "raise":
-            import toolkit.sweep as sweep
+            import toolkit.walk.sweep as sweep
 
             if rank == 1:
                 def broken(*_a, **_k):
@@ -134,7 +135,7 @@ def _context():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed", "transformers",
                                 "transformers.models.llama.modeling_llama", "toolkit",
-                                "toolkit.distributed", "conftest", __name__])
+                                "toolkit.walk.distributed", "conftest", __name__])
     return ctx
 
 
@@ -287,7 +288,7 @@ def test_a_killed_rank_makes_the_others_exit(tmp_path):
 
 
 def test_without_process_group_nothing_changes():
-    from toolkit import distributed
+    from toolkit.walk import distributed
 
     assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
     ids = random_ids(3, 8)
@@ -296,7 +297,7 @@ def test_without_process_group_nothing_changes():
 
 
 def test_assign_spreads_by_cost():
-    from toolkit.distributed import assign
+    from toolkit.walk.distributed import assign
 
     # q (big), k, v (small): q alone on one rank, k and v on the other
     assert assign([100, 25, 25], 2) == [0, 1, 1]

@@ -14,7 +14,7 @@ import torch
 from conftest import random_ids, tiny_model
 
 import toolkit
-from toolkit.export import (
+from toolkit.checkpoint.saveload import (
     TOOLKIT_NAME,
     WEIGHTS_NAME,
     CheckpointError,
@@ -25,7 +25,7 @@ from toolkit.export import (
     load_compressed,
     save_compressed,
 )
-from toolkit.options import CompressConfig
+from toolkit.config.options import CompressConfig
 
 CONFIGS = {
     "50%": dict(sparsity=0.5),
@@ -53,7 +53,7 @@ def _header(folder):
 
 def _data_bytes(folder) -> int:
     """The bytes of the tensors in the safetensors file, read from its header (independent of
-    toolkit.size); checks that the file is the 8-byte length, the header and exactly those."""
+    toolkit.checkpoint.size); checks that the file is the 8-byte length, the header and exactly those."""
     raw = (folder / WEIGHTS_NAME).read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = _header(folder)
@@ -475,7 +475,7 @@ def test_smollm2_fresh_process(smollm2, wikitext_valid, wikitext_test, tmp_path)
     print(f"float32 folder: {size:,} bytes; ppl {ppl!r}")
     code = (
         "import sys, toolkit; from pathlib import Path; "
-        "from transformers import AutoTokenizer; from toolkit.export import load_compressed; "
+        "from transformers import AutoTokenizer; from toolkit.checkpoint.saveload import load_compressed; "
         f"p = {str(out)!r}; m = load_compressed(p); t = AutoTokenizer.from_pretrained(p); "
         f"text = Path({str(tmp_path / 'test.txt')!r}).read_text(); "
         "print(repr(toolkit.perplexity(m, t, text, seqlen=128, max_windows=8, verbose=False)))")

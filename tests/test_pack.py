@@ -1,4 +1,4 @@
-"""toolkit.pack: packed inference modules compute what the dequantized model computes.
+"""toolkit.runtime.pack: packed inference modules compute what the dequantized model computes.
 
 Tolerances. With ``compute_dtype=torch.float32`` a packed layer differs from the dequantized
 ``nn.Linear`` only by float32 rounding: the int4 kernel uses ``(q - 8) * scale + zero_f`` with
@@ -24,7 +24,8 @@ import torch
 from conftest import random_ids, tiny_config, tiny_model
 
 from toolkit import compress, load_packed, pack, pack_report, save_compressed
-from toolkit.pack import (
+from toolkit.checkpoint.size import linear_bytes
+from toolkit.runtime.pack import (
     BitmaskLinear,
     DecodeLinear,
     Int4Linear,
@@ -39,8 +40,7 @@ from toolkit.pack import (
     resident_bytes,
     unpack_bits,
 )
-from toolkit.quant import rtn_quantize
-from toolkit.size import linear_bytes
+from toolkit.solver.quant import rtn_quantize
 
 FP32_TOL = 2e-5
 CALIB = dict(calibration=random_ids(4, 32, seed=1), nsamples=4, seqlen=32, verbose=False)
@@ -395,7 +395,7 @@ def test_packed_modules_refuse_another_device_layout():
 
 
 def test_classes_are_listed():
-    mod = sys.modules["toolkit.pack"]
+    mod = sys.modules["toolkit.runtime.pack"]
     for cls in (Int4Linear, Int8Linear, BitmaskLinear, DecodeLinear, Sparse24Linear):
         assert cls.path in mod.PATHS and cls.__name__ in mod.__all__
 

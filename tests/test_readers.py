@@ -3,10 +3,10 @@
 Each cell is a real load of a checkpoint written by ``save_compressed``, compared with the
 in-memory model's logits: ``equal``, ``error`` (the reader raises) or ``WRONG`` (it returns a
 model with other logits and no error). The toolkit's own prediction
-(:func:`toolkit.export.checkpoint_readers`, what ``toolkit info`` prints) must say the same for
+(:func:`toolkit.checkpoint.saveload.checkpoint_readers`, what ``toolkit info`` prints) must say the same for
 every cell; no cell may be WRONG except the one documented transformers limitation (its
 ``dequantize=True`` path decompresses every layer with the first config group's scheme, so a
-file mixing bit widths loads wrong there). The README table "What loads where" is this matrix
+file mixing bit widths loads wrong there). The table "What loads where" of docs/checkpoints.md is this matrix
 (``test_readme_table``); regenerate it with ``python tests/test_readers.py``.
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import random_ids, tiny_model, tiny_moe  # noqa: E402
 
 import toolkit  # noqa: E402
-from toolkit.export import checkpoint_readers, load_compressed, save_compressed  # noqa: E402
+from toolkit.checkpoint.saveload import checkpoint_readers, load_compressed, save_compressed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = random_ids(2, 24, seed=1)
@@ -53,7 +53,7 @@ SCHEMES = {
                                                         overrides={"down_proj": {"bits": 8}})),
     "GPT-2 Conv1D 4-bit sym": ("gpt2", {}, dict(bits=4, group_size=32, sym=True)),
     "GPT-2 Conv1D 50%": ("gpt2", {}, dict(sparsity=0.5)),
-    # mixture-of-experts (fused 3-D experts, toolkit.experts): per-expert tensors under the names
+    # mixture-of-experts (fused 3-D experts, toolkit.model.experts): per-expert tensors under the names
     # transformers' conversion mapping merges (Mixtral: experts.N.w1/w3/w2), or the toolkit's own
     "MoE Mixtral 4-bit sym g32": ("moe:mixtral", {}, dict(bits=4, group_size=32, sym=True)),
     "MoE Mixtral 4-bit asym g32": ("moe:mixtral", {}, dict(bits=4, group_size=32)),
@@ -121,7 +121,7 @@ def build_matrix(root: Path) -> dict:
 
 
 def markdown(results: dict) -> str:
-    """The README table."""
+    """The table of docs/checkpoints.md ("What loads where")."""
     head = ("scheme", "layout", "`from_pretrained`", "`dequantize=True`", "`load_compressed`",
             "vLLM (format rules, not run)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -203,10 +203,10 @@ def test_compact_layout_refused_by_others(matrix):
 
 def test_readme_table(matrix):
     table = markdown(matrix)
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "checkpoints.md").read_text()
     m = re.search(r"<!-- readers-table -->\n(.*?)\n<!-- /readers-table -->", readme, re.S)
-    assert m, "README.md has no <!-- readers-table --> block"
-    assert m.group(1).strip() == table, "README table differs; regenerate with " \
+    assert m, "docs/checkpoints.md has no <!-- readers-table --> block"
+    assert m.group(1).strip() == table, "docs/checkpoints.md table differs; regenerate with " \
         "`python tests/test_readers.py`:\n" + table
 
 

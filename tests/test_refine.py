@@ -1,4 +1,4 @@
-"""Mask-fixed re-solve (toolkit.refine): never a higher layer error, masks and n:m kept."""
+"""Mask-fixed re-solve (toolkit.solver.refine): never a higher layer error, masks and n:m kept."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from conftest import random_ids, tiny_model
 
 from toolkit import compress
 from toolkit.api import CompressConfig
-from toolkit.masks import is_nm_valid
-from toolkit.refine import pcg_masked_lstsq, refine_layers, row_errors
-from toolkit.solver import solve_layers
+from toolkit.solver.layer import solve_layers
+from toolkit.solver.masks import is_nm_valid
+from toolkit.solver.refine import pcg_masked_lstsq, refine_layers, row_errors
 
 
 def _problem(rows=48, cols=64, n=512, seed=0):
@@ -126,9 +126,9 @@ def test_refine_iters_validation_names_the_argument(bad):
 @pytest.mark.slow
 def test_resolve_never_worse_on_real_smollm2_layers(smollm2_shared, wikitext_valid):
     """Block 0 and 5 of SmolLM2-135M with their real calibration Hessians."""
-    from toolkit.data import get_calibration
-    from toolkit.models import find_blocks, find_linears
-    from toolkit.sweep import capture_block_inputs, find_groups, group_hessian, run_block
+    from toolkit.measure.text import get_calibration
+    from toolkit.model.layers import find_blocks, find_linears
+    from toolkit.walk.sweep import capture_block_inputs, find_groups, group_hessian, run_block
 
     model, tok = smollm2_shared
     ids = get_calibration(wikitext_valid, tok, nsamples=8, seqlen=256)

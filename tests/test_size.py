@@ -9,7 +9,7 @@ import torch
 from conftest import random_ids, tiny_model
 
 from toolkit import compress
-from toolkit.size import linear_bits, linear_bytes, model_bytes
+from toolkit.checkpoint.size import linear_bits, linear_bytes, model_bytes
 
 # ---- standard and compact layouts, by hand -----------------------------------------------
 
@@ -242,7 +242,7 @@ def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts, hid
     """The bytes of every tensor save_compressed writes (fp16) equal model_bytes."""
     import safetensors
 
-    import toolkit.export as export
+    import toolkit.checkpoint.saveload as export
     model = tiny_model("llama", hidden=hidden)
     compress(model, calibration=random_ids(2, 16), nsamples=2, seqlen=16, verbose=False,
              **settings)
@@ -263,7 +263,7 @@ def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts, hid
             assert {e["strategy"] for e in meta["layers"].values()} == {"block"}
             assert len(meta["partial_group_layers"]) == 12  # down_proj's 192 columns divide
             # one layer counted alone: packed zero points, unless given the model's keys
-            from toolkit.export import block_keys
+            from toolkit.checkpoint.saveload import block_keys
 
             down = model.model.layers[0].mlp.down_proj
             alone = model_bytes(down, layout=layout)["compressed_bytes"]

@@ -15,16 +15,16 @@ import torch
 from conftest import SMOLLM2_THREADS, torch_threads
 
 from toolkit import capture_hessians
-from toolkit.baselines import apply_mask, magnitude_mask, rtn_quantize, wanda_mask
-from toolkit.hessian import (
+from toolkit.solver.baselines import apply_mask, magnitude_mask, rtn_quantize, wanda_mask
+from toolkit.solver.hessian import (
     HessianAccumulator,
     SolverError,
     inverse_cholesky_factor,
     reconstruction_error,
 )
-from toolkit.masks import is_nm_valid
-from toolkit.quant import fit_grid, group_bounds
-from toolkit.solver import factorize, solve, solve_grids, solve_layers
+from toolkit.solver.layer import factorize, solve, solve_grids, solve_layers
+from toolkit.solver.masks import is_nm_valid
+from toolkit.solver.quant import fit_grid, group_bounds
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -551,7 +551,7 @@ def smollm2_layer_errors(smollm2_shared, wikitext_valid):
 
 
 def _layer_errors(smollm2_shared, wikitext_valid):
-    from toolkit.data import get_calibration, tokenize_text
+    from toolkit.measure.text import get_calibration, tokenize_text
 
     model, tok = smollm2_shared
     ids = get_calibration(tokenize_text(tok, wikitext_valid[:200_000]), nsamples=8, seqlen=256)

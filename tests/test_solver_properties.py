@@ -13,10 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from toolkit.baselines import apply_mask, magnitude_mask, rtn_quantize
-from toolkit.hessian import HessianAccumulator
-from toolkit.quant import group_bounds
-from toolkit.solver import solve, solve_layers
+from toolkit.solver.baselines import apply_mask, magnitude_mask, rtn_quantize
+from toolkit.solver.hessian import HessianAccumulator
+from toolkit.solver.layer import solve, solve_layers
+from toolkit.solver.quant import group_bounds
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

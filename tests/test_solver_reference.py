@@ -54,7 +54,7 @@ import pytest
 import torch
 
 from toolkit import solve, solve_layers
-from toolkit.solver import factorize
+from toolkit.solver.layer import factorize
 
 F64 = torch.float64
 

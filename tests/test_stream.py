@@ -1,4 +1,4 @@
-"""Streaming compression from safetensors shards (toolkit.stream): equality with the in-memory
+"""Streaming compression from safetensors shards (toolkit.walk.stream): equality with the in-memory
 path, resuming after a failure, bad input, and the memory it needs."""
 
 from __future__ import annotations
@@ -16,9 +16,14 @@ import torch
 from conftest import random_ids, tiny_model
 
 import toolkit
-from toolkit import stream
-from toolkit.export import CheckpointError, describe_checkpoint, load_compressed, save_compressed
-from toolkit.stream import JOURNAL_NAME, InjectedFailure, StreamError, compress_streaming
+from toolkit.checkpoint.saveload import (
+    CheckpointError,
+    describe_checkpoint,
+    load_compressed,
+    save_compressed,
+)
+from toolkit.walk import stream
+from toolkit.walk.stream import JOURNAL_NAME, InjectedFailure, StreamError, compress_streaming
 
 IDS = random_ids(8, 32)
 KW = dict(sparsity=0.5, bits=4, calibration=IDS, nsamples=8, seqlen=32, verbose=False)
@@ -134,7 +139,7 @@ def test_resume_after_injected_failure(tmp_path, llama_src, llama_reference, mon
 
 
 def test_ctrl_c_mid_block_then_resume(tmp_path, llama_src, llama_reference, monkeypatch):
-    import toolkit.sweep as sweep
+    import toolkit.walk.sweep as sweep
 
     real = sweep.sweep_block
 
@@ -232,7 +237,7 @@ def test_disk_full_while_writing_a_block(tmp_path, llama_src, llama_reference, m
 
 
 def test_disk_full_while_finishing(tmp_path, llama_src, llama_reference, monkeypatch):
-    import toolkit.export as export
+    import toolkit.checkpoint.saveload as export
 
     out = tmp_path / "out"
 
@@ -251,7 +256,7 @@ def test_disk_full_while_finishing(tmp_path, llama_src, llama_reference, monkeyp
 
 
 def test_several_processes_refused(tmp_path, llama_src, monkeypatch):
-    from toolkit import distributed
+    from toolkit.walk import distributed
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
@@ -268,7 +273,7 @@ _MEASURE = textwrap.dedent("""
     import json, sys, time
     import psutil, torch
     import transformers, compressed_tensors.compressors, compressed_tensors.quantization
-    import toolkit, toolkit.stream, toolkit.cli
+    import toolkit, toolkit.walk.stream, toolkit.cli
     from transformers import AutoModelForCausalLM, AutoTokenizer
     mode, src, out, kw = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     torch.set_num_threads(1)
@@ -308,8 +313,8 @@ def test_smollm2_stream_memory_and_equality(tmp_path, smollm2):
     Asserted: bitwise equal tensors; the memory the model needs (peak RSS minus the RSS of the
     interpreter with torch/transformers/compressed-tensors imported, ~480 MB, identical in both
     processes) below 40% of the in-memory path's. Printed: the absolute peaks too, which cannot
-    be below 40% for this model: see the README section "Large models"."""
-    from toolkit.export import plain_config
+    be below 40% for this model: see docs/large-models.md."""
+    from toolkit.checkpoint.saveload import plain_config
 
     model, tok = smollm2
     model.config = plain_config(model)

@@ -1,4 +1,4 @@
-"""Streaming compression of mixture-of-experts models (toolkit.stream): the experts read from
+"""Streaming compression of mixture-of-experts models (toolkit.walk.stream): the experts read from
 per-expert checkpoint keys exactly as transformers' loader merges them, compressed and written
 exactly as save_compressed writes them, resumable; unknown layouts refused before the output
 folder is touched."""
@@ -17,9 +17,9 @@ from test_cli import CALIB, run_main
 from test_stream import _assert_same_tensors, _journal, _looks_complete, _tensors
 
 import toolkit
-from toolkit import stream
-from toolkit.export import CheckpointError, load_compressed, save_compressed
-from toolkit.stream import InjectedFailure, compress_streaming
+from toolkit.checkpoint.saveload import CheckpointError, load_compressed, save_compressed
+from toolkit.walk import stream
+from toolkit.walk.stream import InjectedFailure, compress_streaming
 
 tiny_dir, offline = test_cli.tiny_dir, test_cli.offline  # fixtures: a tokenizer, no hub
 N, SEQ = 8, 32
@@ -151,7 +151,7 @@ def _assert_same_checkpoint(mem: Path, out: Path) -> None:
     assert any(e.get("experts") for e in meta_s["layers"].values())
 
 
-REPORT_COLUMNS = [c for c in toolkit.records.REPORT_COLUMNS if c != "seconds"]
+REPORT_COLUMNS = [c for c in toolkit.config.records.REPORT_COLUMNS if c != "seconds"]
 
 
 def _assert_same_report(mem, streamed) -> None:

@@ -20,12 +20,13 @@ import torch
 from conftest import TINY_FAMILIES, random_ids, tiny_model
 from torch import nn
 
-import toolkit.sweep as sweep
+import toolkit.walk.sweep as sweep
 from toolkit import compress
-from toolkit.hessian import PANEL, HessianAccumulator, SolverError, capture_hessians
-from toolkit.models import find_blocks, find_linears
-from toolkit.options import CompressConfig, LayerSettings
-from toolkit.sweep import (
+from toolkit.config.options import CompressConfig, LayerSettings
+from toolkit.model.layers import find_blocks, find_linears
+from toolkit.solver.hessian import PANEL, HessianAccumulator, SolverError
+from toolkit.walk.capture import capture_hessians
+from toolkit.walk.sweep import (
     CPU_SWEEP_MEMORY_MB,
     BlockInputs,
     capture_block_inputs,

@@ -11,7 +11,7 @@ import torch
 from conftest import random_ids, tiny_model
 
 from toolkit import compress
-from toolkit.quant import group_bounds
+from toolkit.solver.quant import group_bounds
 from toolkit.tradeoff import COLUMNS, plot_tradeoff, to_markdown, tradeoff
 
 
@@ -65,9 +65,9 @@ def test_quantizers_land_on_their_grid(quant):
 def test_bnb_modules_are_what_they_claim(quant_type, double_quant):
     import bitsandbytes as bnb
 
-    from toolkit.bnb import bnb_quantize
-    from toolkit.models import find_blocks
-    from toolkit.size import model_bytes
+    from toolkit.checkpoint.size import model_bytes
+    from toolkit.measure.bnb import bnb_quantize
+    from toolkit.model.layers import find_blocks
 
     model = tiny_model("llama")
     ids = random_ids(1, 16)
@@ -103,7 +103,7 @@ def test_bnb_modules_are_what_they_claim(quant_type, double_quant):
 
 
 def test_bnb_config_validation():
-    from toolkit.bnb import BnbConfig
+    from toolkit.measure.bnb import BnbConfig
 
     with pytest.raises(ValueError, match="quant_type"):
         BnbConfig("int4")
@@ -162,7 +162,7 @@ def test_tradeoff_rows_and_columns(table):
 def test_tradeoff_memory_and_decode_columns(table):
     """memory_mb: the model's tensors as it runs (packed where pack applies); decode speed is
     off unless asked."""
-    from toolkit.pack import resident_bytes
+    from toolkit.runtime.pack import resident_bytes
 
     by = table.set_index("method")
     dense = by.loc["dense", "memory_mb"]
@@ -253,11 +253,11 @@ def test_bnb_not_installed_is_a_not_run_row_with_its_reason(monkeypatch, tmp_pat
     """Without bitsandbytes (bnb_available() says so, as it does when the import fails), the
     bnb rows are not run: the reason of the table in ``not_run`` (and in the CSV), the error in
     ``note``, no size or perplexity, and the plot lists and marks the row."""
-    import toolkit.bnb
+    import toolkit.measure.bnb
     from toolkit.tradeoff import NOT_RUN_BY_DESIGN
 
     why = "bitsandbytes does not import: ModuleNotFoundError: No module named 'bitsandbytes'"
-    monkeypatch.setattr(toolkit.bnb, "bnb_available", lambda: (False, why))
+    monkeypatch.setattr(toolkit.measure.bnb, "bnb_available", lambda: (False, why))
     df = _tradeoff_tiny([dict(bits=4, quant="rtn", group_size=32), dict(bnb="nf4"),
                          dict(bnb="int8")])
     assert df["method"].tolist() == ["dense", "RTN 4-bit g32", "NF4", "LLM.int8"]
@@ -283,7 +283,7 @@ def test_bnb_not_installed_is_a_not_run_row_with_its_reason(monkeypatch, tmp_pat
 
 
 def test_bnb_refused_on_the_device_is_a_not_run_row(monkeypatch):
-    """bitsandbytes refusing to quantize a format on the device (toolkit.bnb turns that into
+    """bitsandbytes refusing to quantize a format on the device (toolkit.measure.bnb turns that into
     "bitsandbytes <format> cannot run on <device>: ...") is the second by-design entry."""
     import bitsandbytes as bnb
 

@@ -7,7 +7,8 @@ import torch
 from conftest import SMOLLM2_EVAL, SMOLLM2_THREADS, torch_threads
 
 from toolkit import compress, perplexity
-from toolkit.models import find_blocks, find_linears, smollm2_gguf_path
+from toolkit.loading import smollm2_gguf_path
+from toolkit.model.layers import find_blocks, find_linears
 
 
 def _check_exact(model, report, sparsity, bits, group_size):

@@ -1,7 +1,7 @@
 """The entry point: ``compress(model, tokenizer, sparsity=0.5, bits=4)``.
 
-Every keyword of :func:`compress` is a field of :class:`~toolkit.options.CompressConfig`, a frozen
-dataclass derived from the option table of :mod:`toolkit.options`, so a configuration can be
+Every keyword of :func:`compress` is a field of :class:`~toolkit.config.options.CompressConfig`, a frozen
+dataclass derived from the option table of :mod:`toolkit.config.options`, so a configuration can be
 built, checked, stored and reused on its own.
 """
 
@@ -13,14 +13,18 @@ import time
 import torch
 from torch import nn
 
-from . import budget, distributed, experts
-from .allocation import allocate, apply_allocation
-from .data import calibration_plan, default_calibration_size, get_calibration
-from .models import find_blocks
-from .options import CompressConfig, options_doc
-from .records import CompressionReport, build_report, config_dict
-from .size import model_bytes
-from .sweep import run_sweep
+from toolkit.checkpoint.size import model_bytes
+from toolkit.config.options import CompressConfig, options_doc
+from toolkit.config.records import CompressionReport, build_report, config_dict
+from toolkit.measure.text import calibration_plan, default_calibration_size, get_calibration
+from toolkit.model import experts
+from toolkit.model.layers import find_blocks
+from toolkit.plan import budget
+from toolkit.plan.allocation import apply_allocation
+from toolkit.walk import budget as budget_walk
+from toolkit.walk import distributed
+from toolkit.walk.capture import allocate
+from toolkit.walk.sweep import run_sweep
 
 __all__ = ["compress", "CompressConfig", "CompressionReport", "default_calibration_size",
            "calibration_plan", "build_report", "config_dict"]
@@ -61,7 +65,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         compress(model, sparsity=0.5, bits=4)      # both, in one sweep per layer
         compress(model, tok, pattern="2:4", calibration="wikitext2", nsamples=128, seqlen=2048)
 
-    Keyword arguments: the options of :data:`toolkit.options.OPTIONS`, listed at the end of
+    Keyword arguments: the options of :data:`toolkit.config.options.OPTIONS`, listed at the end of
     this docstring (``help(compress)``). ``overrides`` sets per-layer options by layer-name
     regex, e.g. ``{"down_proj": {"bits": 8}}`` or ``{"mlp": {"refine_iters": 20}}``;
     ``allocation="owl"`` moves sparsity between blocks, keeping the model's total pruned count
@@ -72,7 +76,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     every layer's error for every option of ``budget_menu``, chooses one option per layer that
     minimises the summed error under the budget (bytes of ``budget_layout``, the layout the
     checkpoint will be saved in), then runs the sweep with those settings (see
-    :mod:`toolkit.budget`). ``report.budget`` holds the choices, bytes and profile; pass
+    :mod:`toolkit.plan.budget`). ``report.budget`` holds the choices, bytes and profile; pass
     ``profile=report.budget.profile`` to another call on a fresh copy of the same model, with
     the same calibration and settings, to try another target without profiling again.
 
@@ -140,7 +144,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     model.eval()
     try:
         if planned:  # profile, plan, then the sweep with each layer's chosen settings
-            rows, result = budget.budget_sweep(model, ids, config, device=device,
+            rows, result = budget_walk.budget_sweep(model, ids, config, device=device,
                                                profile=profile, verbose=config.verbose)
         else:
             rows = run_sweep(model, ids, settings, device=device, block_size=config.block_size,

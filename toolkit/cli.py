@@ -19,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .options import OVERRIDE_KEYS, add_flags, config_from_args, option, parse_value
+from toolkit.config.options import OVERRIDE_KEYS, add_flags, config_from_args, option, parse_value
 
 __all__ = ["main", "build_parser", "parse_grid", "EXIT_FAILED", "EXIT_USAGE"]
 
@@ -89,7 +89,7 @@ def _version() -> str:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from toolkit import __version__
 
     parts = [f"Python {platform.python_version()}"]
     for pkg in ("torch", "transformers", "compressed-tensors"):
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compress a model in one shot and print the per-layer report, "
                                    "perplexity before/after and bytes before/after.")
     _add_model_args(c, device=False)
-    add_flags(c)  # every option of toolkit.options with a flag
+    add_flags(c)  # every option of toolkit.config.options with a flag
     c.add_argument("--eval", default=DEFAULT_EVAL, dest="eval_text",
                    help="perplexity text before/after: python-docs (default: the held-out test "
                         "split of the offline text), wikitext2 (hub, or the bundled copy "
@@ -229,7 +229,12 @@ def _require(module: str, purpose: str, install: str) -> None:
 
 def _check_text(spec, flag: str, split: str) -> None:
     """A text flag (--calibration, --eval, --text): a known source, or a non-empty UTF-8 file."""
-    from .data import DEFAULT_CALIBRATION, HUB_SOURCES, bundled_wikitext2, hub_reachable
+    from toolkit.measure.text import (
+        DEFAULT_CALIBRATION,
+        HUB_SOURCES,
+        bundled_wikitext2,
+        hub_reachable,
+    )
 
     if spec is None or spec in ("none", DEFAULT_CALIBRATION):
         return
@@ -270,7 +275,7 @@ def _writable_parent(path: Path, flag: str) -> None:
 
 def _check_out_folder(out: str, overwrite: bool, stream: bool) -> None:
     """--out of compress: new (or --overwrite of a model folder; --stream: its own journal)."""
-    from .stream import JOURNAL_NAME
+    from toolkit.walk.stream import JOURNAL_NAME
 
     path = Path(out).expanduser()
     if stream:
@@ -327,7 +332,7 @@ def _check_out_requirements(args, cfg) -> None:
     for module in ("safetensors", "compressed_tensors"):
         _require(module, "--out", "pip install -e . (compressed-tensors and safetensors are "
                                   "dependencies of toolkit)")
-    from .export import check_savable
+    from toolkit.checkpoint.saveload import check_savable
 
     check_savable(cfg, **_layout_kw(args))
 
@@ -336,7 +341,7 @@ def _check_out_requirements(args, cfg) -> None:
 
 def _eval_text(spec: str):
     """The evaluation text and its name; test splits where the source has one."""
-    from .data import describe_source, load_text
+    from toolkit.measure.text import describe_source, load_text
 
     if spec == "none":
         return None, "none"
@@ -347,8 +352,8 @@ def _eval_text(spec: str):
 def _eval_plan(model, tok, spec: str, seqlen: int | None, max_windows: int | None, flag: str):
     """``(ids, seqlen, windows, name)`` of the evaluation text, checked before the work:
     the window fits the model's context and the text holds at least one window."""
-    from .data import context_length, tokenize_text
-    from .evaluate import window_count
+    from toolkit.measure.perplexity import window_count
+    from toolkit.measure.text import context_length, tokenize_text
 
     text, name = _eval_text(spec)
     if text is None:
@@ -375,7 +380,7 @@ def _say(args, message: str) -> None:
 def _load(args, source, device=None):
     import torch
 
-    from .models import load_model
+    from toolkit.loading import load_model
 
     model, tok = load_model(source, dtype=getattr(torch, args.dtype), device=device)
     n = sum(p.numel() for p in model.parameters())
@@ -415,15 +420,17 @@ NOT_SAVED = f"{'checkpoint':>22}: not saved (add --out DIR to write the compress
 def _cmd_compress(args) -> int:
     import torch
 
-    from . import compress, distributed, perplexity
-    from .data import calibration_plan, get_calibration
-    from .models import resolve_model
+    from toolkit.api import compress
+    from toolkit.loading import resolve_model
+    from toolkit.measure.perplexity import perplexity
+    from toolkit.measure.text import calibration_plan, get_calibration
+    from toolkit.walk import distributed
 
     cfg = config_from_args(args, verbose=not args.quiet)
     # ---- every check that does not need the model, before loading it ---------------------------
     _check_device(args.device)
     # under torchrun: one process group (NCCL on GPUs, gloo on CPUs); only rank 0 evaluates,
-    # prints and writes (see toolkit.distributed)
+    # prints and writes (see toolkit.walk.distributed)
     distributed.init_from_env(device=args.device)
     if args.stream and not args.out:
         raise ValueError("--stream writes the checkpoint block by block: give --out DIR")
@@ -472,7 +479,7 @@ def _cmd_compress(args) -> int:
     if not args.out:
         print(NOT_SAVED)
         return 0
-    from .export import save_compressed
+    from toolkit.checkpoint.saveload import save_compressed
 
     try:
         out = save_compressed(model, args.out, report=report, tokenizer=tok,
@@ -489,7 +496,7 @@ def _compress_streaming(args, cfg) -> int:
     """``compress --stream``: block by block from the shards of ``--model`` into ``--out``."""
     import torch
 
-    from .stream import compress_streaming
+    from toolkit.walk.stream import compress_streaming
 
     report = compress_streaming(args.model, args.out, config=cfg,
                                 dtype=getattr(torch, args.dtype), **_layout_kw(args))
@@ -503,8 +510,8 @@ def _compress_streaming(args, cfg) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from . import perplexity
-    from .models import resolve_model
+    from toolkit.loading import resolve_model
+    from toolkit.measure.perplexity import perplexity
 
     _check_device(args.device)
     source = resolve_model(args.model)
@@ -517,7 +524,7 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-#: --grid keys: the per-layer options and the allocation rule (toolkit.options)
+#: --grid keys: the per-layer options and the allocation rule (toolkit.config.options)
 GRID_KEYS = OVERRIDE_KEYS + ("allocation",)
 
 
@@ -556,8 +563,8 @@ def parse_grid(items: list[str]) -> list[dict]:
 def _cmd_tradeoff(args) -> int:
     import copy
 
-    from .models import resolve_model
-    from .tradeoff import COLUMNS, plot_tradeoff, to_markdown, tradeoff
+    from toolkit.loading import resolve_model
+    from toolkit.tradeoff import COLUMNS, plot_tradeoff, to_markdown, tradeoff
 
     configs = parse_grid(args.grid)
     for b in args.baselines:
@@ -599,7 +606,7 @@ def _cmd_tradeoff(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .export import describe_checkpoint
+    from toolkit.checkpoint.saveload import describe_checkpoint
 
     path = Path(args.path).expanduser()
     if not path.exists():

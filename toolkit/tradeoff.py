@@ -1,8 +1,8 @@
 """Accuracy against size: run many compressions of one model through one harness.
 
 :func:`tradeoff` builds a fresh model for each configuration, compresses it (with
-:func:`toolkit.compress` or a bitsandbytes format from :mod:`toolkit.bnb`), counts its bytes
-(:func:`toolkit.size.model_bytes`) and measures its perplexity on the *same* token windows
+:func:`toolkit.compress` or a bitsandbytes format from :mod:`toolkit.measure.bnb`), counts its bytes
+(:func:`toolkit.checkpoint.size.model_bytes`) and measures its perplexity on the *same* token windows
 (:func:`toolkit.perplexity`). Every row of the table comes from the same code path, calibration
 windows and evaluation windows. :func:`plot_tradeoff` draws the table as a Pareto chart::
 
@@ -27,19 +27,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .api import CompressConfig, compress
-from .bnb import BnbConfig, bnb_quantize
-from .data import (
+from toolkit.api import CompressConfig, compress
+from toolkit.checkpoint.size import model_bytes
+from toolkit.config.options import label as settings_label
+from toolkit.measure.bnb import BnbConfig, bnb_quantize
+from toolkit.measure.perplexity import decode_speed, perplexity, window_count
+from toolkit.measure.text import (
     DEFAULT_CALIBRATION,
     default_calibration_size,
     get_calibration,
     load_text,
     tokenize_text,
 )
-from .evaluate import decode_speed, perplexity, window_count
-from .options import label as settings_label
-from .pack import pack, resident_bytes
-from .size import model_bytes
+from toolkit.runtime.pack import pack, resident_bytes
 
 __all__ = ["tradeoff", "plot_tradeoff", "config_label", "COLUMNS", "to_markdown",
            "NOT_RUN_BY_DESIGN", "NotRunByDesign"]
@@ -78,7 +78,7 @@ class NotRunByDesign:
 #: The combinations :func:`tradeoff` reports as "not run" rows instead of raising. Every other
 #: error of a row -- from ``compress``, the size count, the perplexity, ``pack`` or the decode
 #: timing -- propagates, with the row's label in front of its message. The bitsandbytes
-#: baselines are optional: without the package (:func:`toolkit.bnb.bnb_quantize` raises
+#: baselines are optional: without the package (:func:`toolkit.measure.bnb.bnb_quantize` raises
 #: ``ImportError("bitsandbytes does not import: ...")``), or on a device where bitsandbytes
 #: refuses to quantize a format (it raises ``RuntimeError("bitsandbytes <format> cannot run on
 #: <device>: ...")``), their rows are not run. The toolkit's own settings have no entry: a
@@ -219,16 +219,16 @@ def tradeoff(model_factory: Callable[[], nn.Module], tokenizer, configs: Iterabl
     layers, scales, zero points and masks included; standard layout: pruned-only layers dense,
     pruned + quantized layers every code), ``perplexity``, ``compress_seconds``,
     ``model_bits_per_weight`` (bytes over all parameters), ``packed_bits_per_weight`` (the
-    ``"packed"`` layout of :mod:`toolkit.size`: the information itself, the least a format
+    ``"packed"`` layout of :mod:`toolkit.checkpoint.size`: the information itself, the least a format
     needs), ``compact_bits_per_weight`` (``save_compressed(layout="compact")``: kept values or
     codes + bitmask), ``memory_mb`` (the model's weights in memory as it runs, in MB of 10**6
-    bytes: after perplexity the compressed layers are packed by :func:`toolkit.pack` -- int4/int8
-    kernels, kept codes + bitmask -- and :func:`toolkit.pack.resident_bytes` counts every tensor
+    bytes: after perplexity the compressed layers are packed by :func:`toolkit.runtime.pack` -- int4/int8
+    kernels, kept codes + bitmask -- and :func:`toolkit.runtime.pack.resident_bytes` counts every tensor
     of the model; bitsandbytes rows as bitsandbytes holds them; the dense row in its own dtype),
     ``decode_tokens_per_s`` (with ``decode_tokens``: greedy ``generate`` speed with the KV cache,
     batch 1, ``decode_tokens`` new tokens after the first ``decode_prompt`` tokens of the
     evaluation text, on the model as ``memory_mb`` counts it, see
-    :func:`toolkit.evaluate.decode_speed`; NaN when ``decode_tokens`` is None, the default:
+    :func:`toolkit.measure.perplexity.decode_speed`; NaN when ``decode_tokens`` is None, the default:
     it is slow on a CPU), ``not_run`` (empty for a row that ran; else why it could not, from
     :data:`NOT_RUN_BY_DESIGN`), ``note``. ``df.attrs`` records the evaluation and calibration
     settings.

@@ -1,0 +1,599 @@
+"""The shared layer solver: SparseGPT pruning, GPTQ quantization, or both, in one column sweep.
+
+Given a weight ``W`` (rows x cols) and the Hessian ``H`` of its inputs, the solver walks the
+columns left to right. Each column is replaced by its target (0 where pruned, the nearest grid
+value where quantized, itself otherwise); the error this makes is spread over the columns to
+its right with the row of ``U``, the upper Cholesky factor of ``H^-1``, that belongs to it. That
+is the Optimal Brain Surgeon update for a fixed column order, and the same ``U`` serves every
+row: no re-inversion per column or per row.
+
+Columns are processed in blocks of ``block_size``: inside a block the update is applied column
+by column; at the end of the block one matrix product carries the block's errors to all columns
+on its right (the lazy batch update, where most of the arithmetic happens).
+
+Pruning alone, quantization alone and both are the same loop with a different target, so the
+joint mode costs one sweep, not two.
+
+    >>> result = solve(W, H, sparsity=0.5, bits=4, group_size=128)
+    >>> result.weight, result.mask, result.codes, result.scale, result.zero, result.error
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from toolkit.solver.hessian import SolverError, inverse_cholesky_factor, reconstruction_error
+from toolkit.solver.masks import check_pattern, check_sparsity, nm_mask, prune_lowest
+from toolkit.solver.quant import (
+    check_bits,
+    check_group_size,
+    dequantize,
+    fit_grid,
+    group_bounds,
+    quantize,
+)
+
+__all__ = ["solve", "solve_layers", "solve_grids", "factorize", "Factor", "SolveResult", "SolverError",
+           "check_solver_args"]
+
+
+@dataclass
+class SolveResult:
+    """What the solver returns for one layer.
+
+    ``weight``: the new weight, in the input's dtype. ``mask``: bool keep-mask (True = kept),
+    or None without pruning. ``codes``/``scale``/``zero``: with ``bits``, the integer codes
+    (uint8, rows x cols; pruned weights hold the zero point) and the per-row, per-group grid
+    parameters (float32, rows x n_groups) such that ``weight = scale[g] * (codes - zero[g])``
+    for the group ``g`` of each column. ``g_idx``: group of each column (only differs from
+    ``col // group_size`` with ``act_order``). ``loss``: the solver's own running estimate
+    ``sum err^2 / 2``. ``error``: ``tr(dW H dW^T)`` with the undamped ``H``, which equals
+    ``2/n ||(W - W_new) X||^2``.
+    """
+
+    weight: torch.Tensor
+    mask: torch.Tensor | None
+    codes: torch.Tensor | None
+    scale: torch.Tensor | None
+    zero: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    loss: float
+    error: float
+    seconds: float
+
+
+@dataclass
+class Factor:
+    """A factorised Hessian, reusable by every layer that reads the same input."""
+
+    H: torch.Tensor  # undamped, original column order (float32 or float64)
+    U: torch.Tensor  # upper Cholesky factor of the damped inverse, permuted order (float32)
+    perm: torch.Tensor | None  # column order used (act_order), or None for the natural order
+
+
+def factorize(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False,
+              name: str = "layer") -> Factor:
+    """Dampen and factorise ``H`` once; with ``act_order`` columns go by descending ``diag H``
+    (ties keep their natural order)."""
+    if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not percdamp >= 0:
+        raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+    perm = None
+    Hp = H
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        Hp = H[perm][:, perm]
+    U = inverse_cholesky_factor(Hp, percdamp=percdamp, name=name)
+    return Factor(H=H, U=U, perm=perm)
+
+
+def check_solver_args(sparsity=0.0, pattern=None, bits=None, group_size=None, act_order=False,
+                      block_size=128):
+    """Validate the solver options; returns ``(sparsity, pattern, bits, group_size)`` normalised."""
+    sparsity = check_sparsity(sparsity)
+    pattern = check_pattern(pattern)
+    bits = check_bits(bits)
+    group_size = check_group_size(group_size)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if pattern is not None:
+        if sparsity:
+            raise ValueError(
+                f"give either sparsity (unstructured) or pattern (n:m), not both: "
+                f"sparsity={sparsity}, pattern={pattern[0]}:{pattern[1]}"
+            )
+        if act_order:
+            raise ValueError(
+                "act_order cannot be combined with an n:m pattern: the pattern is defined on "
+                "consecutive columns in their natural order, act_order permutes them"
+            )
+        if block_size % pattern[1]:
+            raise ValueError(
+                f"block_size ({block_size}) must be a multiple of m={pattern[1]} for pattern "
+                f"{pattern[0]}:{pattern[1]}"
+            )
+    return sparsity, pattern, bits, group_size
+
+
+def solve(weight: torch.Tensor, H: torch.Tensor | Factor, *, sparsity: float = 0.0,
+          pattern=None, bits: int | None = None, group_size: int | None = None,
+          sym: bool = False, mse: bool = False, act_order: bool = False,
+          static_groups: bool = False, block_size: int = 128, percdamp: float = 0.01,
+          name: str = "layer") -> SolveResult:
+    """Prune and/or quantize one layer's weight (rows x cols) against its input Hessian.
+
+    Args:
+        weight: the layer weight, rows = outputs, cols = inputs (for GPT-2's ``Conv1D``, pass
+            ``weight.T``). Any float dtype; the maths runs in float32 on the weight's device.
+        H: the ``cols x cols`` Hessian ``2/n sum x x^T`` or a :class:`Factor` of it.
+        sparsity: unstructured fraction in [0, 1). The mask of each column block is chosen when
+            the sweep reaches the block, from the saliency ``w^2 / U_ii^2`` of the current
+            (already updated) weights. The number pruned by the end of each block is
+            ``round(sparsity * rows * cols_so_far)``, so the layer ends with exactly
+            ``round(sparsity * rows * cols)`` pruned weights (no block rounding accumulates).
+        pattern: n:m semi-structured, ``(2, 4)`` or ``"2:4"``: in every group of m consecutive
+            input columns of every row, n are pruned (chosen when the sweep reaches the group).
+        bits: 2..8 to quantize (16 or None: no quantization).
+        group_size: columns per grid (None or -1: one grid per row). A last group narrower than
+            ``group_size`` gets its own grid. Each group's grid is fitted when the sweep reaches
+            its first column, to the current weights of the group that survive pruning (for
+            columns whose mask is not chosen yet, all weights count).
+        sym: symmetric grid (zero point in the middle) instead of asymmetric min/max.
+        mse: search the grid's clipping range for the smallest rounding error.
+        act_order: visit columns by descending ``diag H`` (groups follow that order; see
+            ``SolveResult.g_idx``). Not allowed with ``pattern``.
+        static_groups: the groups are the natural column ranges and every group's grid is
+            fitted before the sweep, to the weights as given (GPTQ's static groups). With
+            ``act_order`` the columns are still visited by descending ``diag H``, but each uses
+            the grid of its natural group, so ``g_idx`` stays ``col // group_size``: the layout
+            checkpoint formats store (compressed-tensors' ``actorder="weight"``).
+        block_size: columns per lazy-update block (128).
+        percdamp: dampening ``percdamp * mean(diag H)`` added to the diagonal (ignored when a
+            ``Factor`` is passed).
+        name: the layer's name, used in error messages.
+    """
+    return solve_layers([weight], H, sparsity=sparsity, pattern=pattern, bits=bits,
+                        group_size=group_size, sym=sym, mse=mse, act_order=act_order,
+                        static_groups=static_groups, block_size=block_size, percdamp=percdamp,
+                        names=[name])[0]
+
+
+SUB_BLOCK = 32
+
+
+def _sub_block(block_size: int, pattern, dynamic_group_size: int | None) -> tuple[int, bool]:
+    """``(columns per sub-block, whether quantization groups start new sub-blocks)``.
+
+    Inside a block the solver updates, after each column, only the columns up to the end of its
+    sub-block; a finished sub-block updates the rest of the block with one matrix product. The
+    arithmetic is the same (up to float rounding) and far less memory is swept per column. Every
+    place that reads columns ahead of the current one must see them up to date: an n:m group
+    (inside one sub-block when sub-blocks are multiples of m) and the first column of a
+    quantization group, whose grid is fitted to the rest of the group (made a sub-block edge).
+    With n:m and groups that are not a multiple of m, the whole block is one sub-block.
+    """
+    size = SUB_BLOCK
+    if pattern is not None:
+        m = pattern[1]
+        if dynamic_group_size is not None and dynamic_group_size % m:
+            return block_size, False
+        size = max(m, size // m * m)
+    return min(size, block_size), True
+
+
+
+def _compensate(W1: torch.Tensor, U1: torch.Tensor, e: torch.Tensor, d: torch.Tensor, i: int,
+                b: int) -> None:
+    """Column ``i`` is fixed with error ``e = w - target``: scale it by ``1 / U_ii`` (``d``) in
+    place and carry it to the columns ``i+1 .. b-1`` of its sub-block (row ``i`` of ``U``)."""
+    e.div_(d)
+    if i + 1 < b:
+        W1[i + 1:b].addr_(U1[i, i + 1:b], e, alpha=-1)
+
+
+def _carry(W1: torch.Tensor, U1: torch.Tensor, Err1: torch.Tensor, a: int, b: int) -> None:
+    """After the sub-block ``a .. b-1``: its errors carried to the rest of the block in one
+    matrix product (the lazy batch update, one level down)."""
+    if b < W1.shape[0]:
+        W1[b:].addmm_(U1[a:b, b:].t(), Err1[a:b], alpha=-1)
+
+
+def _stack_and_factor(weights, H, names, act_order, percdamp):
+    """The checks and set-up :func:`solve_layers` and :func:`solve_grids` share: ``weights``
+    (2-D, float, finite, the same columns) stacked as float32 rows with the inputs that never
+    fired (``diag H == 0``) zeroed, and the factorisation (``H`` factorised here unless it is a
+    :class:`Factor` built with this ``act_order``). Returns ``(W, factor, U, perm)`` with ``U``
+    row-major and everything on the weights' device."""
+    if not weights:
+        raise ValueError("weights must be a non-empty list of 2-D tensors")
+    cols = weights[0].shape[-1]
+    for w, nm in zip(weights, names):
+        if w.ndim != 2 or not w.is_floating_point():
+            raise ValueError(f"{nm}: weight must be a 2-D float tensor, got {tuple(w.shape)} {w.dtype}")
+        if w.shape[1] != cols:
+            raise ValueError(f"{nm}: weights stacked together must have the same number of "
+                             f"columns: {cols} columns in the first, {w.shape[1]} here")
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{nm}: weight contains NaN or inf")
+    Hm = H.H if isinstance(H, Factor) else H
+    if Hm.shape != (cols, cols):
+        raise ValueError(
+            f"{names[0]}: H has shape {tuple(Hm.shape)}, expected ({cols}, {cols}) for a weight "
+            f"with {cols} columns"
+        )
+    device = weights[0].device
+    if isinstance(H, Factor):
+        if (H.perm is not None) != bool(act_order):
+            raise ValueError("the Factor was built with a different act_order setting")
+        factor = H
+    else:
+        factor = factorize(H.to(device), percdamp=percdamp, act_order=act_order, name=names[0])
+    # row-major: the sweep reads rows U[i, i+1:]; LAPACK returns the factor column-major, and
+    # strided row reads made the in-block updates about 10x slower
+    U = factor.U.to(device).contiguous()
+    perm = None if factor.perm is None else factor.perm.to(device)
+    W = torch.cat([w.float() for w in weights], 0)
+    dead = torch.diagonal(factor.H).to(device) == 0
+    if bool(dead.any()):
+        W[:, dead] = 0
+    return W, factor, U, perm
+
+
+def _check_error_hessian(error_H, H: torch.Tensor) -> None:
+    """``error_H`` is None or a tensor of the shape of the solve's Hessian ``H``."""
+    if error_H is not None and (not isinstance(error_H, torch.Tensor)
+                                or error_H.shape != H.shape):
+        got = tuple(error_H.shape) if isinstance(error_H, torch.Tensor) else repr(error_H)
+        raise ValueError(f"error_H must be None or a tensor of the Hessian's shape "
+                         f"{tuple(H.shape)}, got {got}")
+
+
+@torch.no_grad()
+def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, sparsity: float = 0.0,
+                 pattern=None, bits: int | None = None, group_size: int | None = None,
+                 sym: bool = False, mse: bool = False, act_order: bool = False,
+                 static_groups: bool = False, block_size: int = 128, percdamp: float = 0.01,
+                 names: list[str] | None = None,
+                 masks: list[torch.Tensor] | None = None,
+                 error_H: torch.Tensor | None = None) -> list[SolveResult]:
+    """Solve several layers that read the same input (q/k/v; gate/up) in one sweep.
+
+    Their rows are stacked and share one factorisation of ``H``; each layer keeps its own exact
+    sparsity (the unstructured mask budget is counted per layer). Options as in :func:`solve`.
+
+    ``masks``: fixed keep-masks (one per layer, True = kept) instead of choosing them: the sweep
+    then only compensates (and quantizes) with that mask; ``sparsity``/``pattern`` must be unset.
+
+    ``error_H``: the Hessian each result's ``error`` is measured with, ``tr(dW error_H dW^T)``
+    (default ``H`` itself), e.g. that of calibration windows the solve did not see (the size
+    planner's held-out windows, :func:`toolkit.walk.budget.profile_layers`).
+
+    Inputs that never fired (``diag H == 0``, e.g. a dead feature in the calibration data) have
+    no effect on the calibration outputs: their weights are set to 0 before the sweep (as the
+    SparseGPT and GPTQ reference code does), so pruning takes them first, whatever the scale of
+    ``H``, and quantization stores them exactly.
+    """
+    t0 = time.perf_counter()
+    sparsity, pattern, bits, group_size = check_solver_args(
+        sparsity, pattern, bits, group_size, act_order, block_size)
+    names = names or [f"layer{i}" for i in range(len(weights))]
+    cols = weights[0].shape[-1] if weights else 0
+    if weights and pattern is not None and cols % pattern[1]:
+        raise ValueError(
+            f"{names[0]}: pattern {pattern[0]}:{pattern[1]} needs the column count ({cols}) to be "
+            f"divisible by {pattern[1]}"
+        )
+    W, factor, U, perm = _stack_and_factor(weights, H, names, act_order, percdamp)
+    _check_error_hessian(error_H, factor.H)
+    device = W.device
+
+    splits = [w.shape[0] for w in weights]
+    static = static_groups and bits is not None
+    W_natural = W  # the grids of static groups are fitted on it, before the sweep changes W
+    if perm is not None:
+        W = W[:, perm]
+    rows = W.shape[0]
+    seg_bounds = []
+    start = 0
+    for r in splits:
+        seg_bounds.append((start, start + r))
+        start += r
+
+    if masks is not None:
+        if sparsity or pattern is not None:
+            raise ValueError("give either masks (fixed) or sparsity/pattern (chosen), not both")
+        if len(masks) != len(weights) or any(m.shape != w.shape for m, w in zip(masks, weights)):
+            raise ValueError("masks must be one bool tensor per weight, with the weight's shape")
+        keep = torch.cat([m.to(device=device, dtype=torch.bool) for m in masks], 0)
+        if perm is not None:
+            keep = keep[:, perm]
+    prune = masks is not None or sparsity > 0 or pattern is not None
+    if masks is None:
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=device) if prune else None
+    pruned_so_far = [0] * len(splits)
+    if bits is not None:
+        maxq = 2**bits - 1
+        bounds = group_bounds(cols, group_size)
+        starts = {a: (g, b) for g, (a, b) in enumerate(bounds)}
+        scales = torch.empty(rows, len(bounds), dtype=torch.float32, device=device)
+        zeros = torch.empty_like(scales)
+        natural_group = torch.empty(cols, dtype=torch.int32, device=device)
+        for g, (a, b) in enumerate(bounds):
+            natural_group[a:b] = g
+        if static:  # every grid fitted now, on the natural column ranges
+            keep_nat = None
+            if masks is not None:
+                keep_nat = torch.cat([m.to(device=device, dtype=torch.bool) for m in masks], 0)
+            for g, (a, b) in enumerate(bounds):
+                scales[:, g], zeros[:, g] = fit_grid(
+                    W_natural[:, a:b], bits, sym=sym, mse=mse,
+                    keep=None if keep_nat is None else keep_nat[:, a:b])
+            # the group of the column at each visiting position
+            static_of = (natural_group if perm is None else natural_group[perm]).tolist()
+            current_group = -1
+    del W_natural
+    # the sweep works on W transposed (cols x rows): column i is one contiguous row of WT, and
+    # the update of the columns after it is one contiguous slab
+    WT = W.t().contiguous()
+    del W
+    if prune:
+        keepT = keep.t().contiguous()
+        del keep
+    loss = torch.zeros(rows, dtype=torch.float32, device=device)
+    if bits is not None:
+        codesT = torch.empty(cols, rows, dtype=torch.uint8, device=device)
+        cbuf = torch.empty(rows, dtype=torch.float32, device=device)
+    scale = zero = None
+    dyn_starts = starts if bits is not None and not static else {}
+    sub, split_groups = _sub_block(block_size, pattern, group_size if dyn_starts else None)
+    d_all = torch.diagonal(U)
+    d_float = d_all.tolist()  # U_ii as Python numbers (the exact float32 values)
+
+    for i1 in range(0, cols if (prune or bits is not None) else 0, block_size):
+        i2 = min(i1 + block_size, cols)
+        count = i2 - i1
+        W1 = WT[i1:i2]  # a view: updated in place, then replaced by the block's targets
+        Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1) if bits is not None else None
+        C1 = torch.empty_like(W1) if bits is not None else None  # codes, as floats
+        U1 = U[i1:i2, i1:i2]
+        d = d_all[i1:i2]
+        df = d_float[i1:i2]
+        keep1 = keepT[i1:i2] if prune else None
+
+        if sparsity > 0:
+            # in the (rows x count) orientation, so that ties break as they always have
+            score = W1.t().pow(2) / d.pow(2)[None, :]
+            for s, (r0, r1) in enumerate(seg_bounds):
+                target = round(sparsity * (r1 - r0) * i2)
+                k = min(max(target - pruned_so_far[s], 0), (r1 - r0) * count)
+                keep1[:, r0:r1] = prune_lowest(score[r0:r1], k).t()
+                pruned_so_far[s] += k
+        pruned1 = (~keep1).float() if prune else None  # 1 where pruned
+
+        # sub-blocks: the in-block update of a column reaches the end of its sub-block; each
+        # finished sub-block updates the rest of the block with one matrix product
+        edges = set(range(0, count, sub))
+        if split_groups:
+            edges |= {c - i1 for c in dyn_starts if i1 < c < i2}
+        edges = sorted(edges) + [count]
+        for a, b in zip(edges[:-1], edges[1:]):
+            for i in range(a, b):
+                col = i1 + i
+                w = W1[i]
+                e = Err1[i]
+                if pattern is not None and i % pattern[1] == 0:
+                    n, m = pattern
+                    score = W1[i:i + m].t().pow(2) / d[i:i + m].pow(2)[None, :]
+                    km = nm_mask(score, n, m).t()
+                    keep1[i:i + m] = km
+                    pruned1[i:i + m] = (~km).float()
+                if bits is not None:
+                    if static:
+                        if static_of[col] != current_group:
+                            current_group = static_of[col]
+                            scale, zero = scales[:, current_group], zeros[:, current_group]
+                    elif col in starts:
+                        g, gend = starts[col]
+                        inblock = min(gend, i2) - i1
+                        gw = W1[i:inblock]
+                        gk = keep1[i:inblock] if prune else None
+                        if gend > i2:  # the group reaches past this block: current values there
+                            gw = torch.cat([gw, WT[i2:gend]], 0)
+                            if prune:
+                                gk = torch.cat([gk, torch.ones_like(WT[i2:gend], dtype=torch.bool)],
+                                               0)
+                        scale, zero = fit_grid(gw.t().contiguous(), bits, sym=sym, mse=mse,
+                                               keep=None if gk is None else gk.t().contiguous())
+                        scales[:, g], zeros[:, g] = scale, zero
+                    # codes clamp(round(w / scale) + zero, 0, maxq); pruned weights get the zero
+                    quantize(w, scale, zero, maxq, out=cbuf)
+                    if prune:
+                        torch.where(keep1[i], cbuf, zero, out=C1[i])
+                    else:
+                        C1[i].copy_(cbuf)
+                    q = Q1[i]
+                    dequantize(C1[i], scale, zero, out=q)
+                    torch.sub(w, q, out=e)
+                else:  # pruning only: the target is 0 where pruned, w elsewhere
+                    torch.mul(w, pruned1[i], out=e)
+                _compensate(W1, U1, e, df[i], i, b)
+            _carry(W1, U1, Err1, a, b)
+
+        loss += Err1.pow(2).sum(0) / 2
+        if bits is not None:
+            W1.copy_(Q1)
+            codesT[i1:i2] = C1.to(torch.uint8)
+        else:
+            W1.mul_(1 - pruned1)  # the kept weights as they are now, 0 where pruned
+        if i2 < cols:
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+
+    W = WT.t()
+    keep = keepT.t() if prune else None
+    codes = codesT.t() if bits is not None else None
+    g_idx = None
+    if bits is not None:
+        # dynamic: groups are ranges of visiting positions; static: natural column ranges
+        g_idx = natural_group
+    if perm is not None:
+        inv = torch.argsort(perm)
+        W = W[:, inv]
+        if prune:
+            keep = keep[:, inv]
+        if bits is not None:
+            codes = codes[:, inv]
+            if not static:
+                g_idx = g_idx[inv]
+
+    results = []
+    seconds = time.perf_counter() - t0
+    Hf = (factor.H if error_H is None else error_H).to(device)
+    for (r0, r1), w_in in zip(seg_bounds, weights):
+        new = W[r0:r1].to(w_in.dtype, memory_format=torch.contiguous_format)
+        results.append(SolveResult(
+            weight=new,
+            mask=keep[r0:r1].clone() if prune else None,
+            codes=codes[r0:r1].clone() if bits is not None else None,
+            scale=scales[r0:r1].clone() if bits is not None else None,
+            zero=zeros[r0:r1].clone() if bits is not None else None,
+            g_idx=g_idx,
+            loss=float(loss[r0:r1].sum()),
+            error=reconstruction_error(w_in, new, Hf),  # in H's dtype
+            seconds=seconds * (r1 - r0) / rows,
+        ))
+    return results
+
+
+@torch.no_grad()
+def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
+                grids: list[tuple[int, int | None]], *, sym: bool = False, mse: bool = False,
+                act_order: bool = False, static_groups: bool = False, block_size: int = 128,
+                percdamp: float = 0.01, names: list[str] | None = None,
+                error_H: torch.Tensor | None = None) -> list[SolveResult]:
+    """GPTQ of several weights that read the same input, each on its own grid, in one sweep.
+
+    ``grids[j] = (bits, group_size)`` is the grid of ``weights[j]``; everything else (``sym``,
+    ``mse``, ``act_order``, ``static_groups``, ``block_size``) is shared, and there is no
+    pruning. Each row's result is that of :func:`solve_layers` with the row's own grid (the
+    rows of a GPTQ sweep never interact: they share only ``U``), up to float rounding in the
+    block updates; what is shared is the loop over the columns, whose per-column cost does not
+    grow with the rows. This is what makes measuring many grids of one layer cheap (the size
+    planner's profile: :func:`toolkit.walk.budget.profile_layers`).
+
+    ``error_H``: as in :func:`solve_layers`.
+    """
+    t0 = time.perf_counter()
+    names = names or [f"layer{i}" for i in range(len(weights))]
+    if not weights or len(grids) != len(weights):
+        raise ValueError("weights must be a non-empty list of 2-D tensors with one grid each, got "
+                         f"{len(weights)} weights and {len(grids)} grids")
+    grids = [(check_bits(b), check_group_size(g)) for b, g in grids]
+    for (b, _g), nm in zip(grids, names):
+        if b is None:
+            raise ValueError(f"{nm}: every grid needs bits in 2..8, got 16/None")
+    check_solver_args(0.0, None, grids[0][0], grids[0][1], act_order, block_size)
+    W, factor, U, perm = _stack_and_factor(weights, H, names, act_order, percdamp)
+    _check_error_hessian(error_H, factor.H)
+    cols, device = W.shape[1], W.device
+    rows = W.shape[0]
+    segs = []  # per weight: rows, grid, group ranges and where each group starts
+    start = 0
+    for w, (bits, gs) in zip(weights, grids):
+        bounds = group_bounds(cols, gs)
+        natural = torch.empty(cols, dtype=torch.int32, device=device)
+        for g, (a, b) in enumerate(bounds):
+            natural[a:b] = g
+        seg = dict(r0=start, r1=start + w.shape[0], bits=bits, maxq=2**bits - 1,
+                   bounds=bounds, natural=natural,
+                   starts={a: (g, b) for g, (a, b) in enumerate(bounds)},
+                   scales=torch.empty(w.shape[0], len(bounds), dtype=torch.float32,
+                                      device=device))
+        seg["zeros"] = torch.empty_like(seg["scales"])
+        if static_groups:  # every grid fitted now, on the natural column ranges
+            for g, (a, b) in enumerate(bounds):
+                seg["scales"][:, g], seg["zeros"][:, g] = fit_grid(
+                    W[seg["r0"]:seg["r1"], a:b], bits, sym=sym, mse=mse)
+            seg["static_of"] = (natural if perm is None else natural[perm]).tolist()
+        segs.append(seg)
+        start += w.shape[0]
+    if perm is not None:
+        W = W[:, perm]
+    maxq = torch.cat([torch.full((s["r1"] - s["r0"],), float(s["maxq"]), device=device)
+                      for s in segs])
+    scale = torch.empty(rows, dtype=torch.float32, device=device)  # each row's current grid
+    zero = torch.empty_like(scale)
+    current = [-1] * len(segs)  # static groups: the group each segment's grid is from
+    WT = W.t().contiguous()
+    del W
+    loss = torch.zeros(rows, dtype=torch.float32, device=device)
+    codesT = torch.empty(cols, rows, dtype=torch.uint8, device=device)
+    cbuf = torch.empty(rows, dtype=torch.float32, device=device)
+    starts_all = set() if static_groups else {c for s in segs for c in s["starts"]}
+    d_all = torch.diagonal(U)
+    d_float = d_all.tolist()
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        count = i2 - i1
+        W1 = WT[i1:i2]
+        Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)
+        C1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        df = d_float[i1:i2]
+        edges = set(range(0, count, SUB_BLOCK)) | {c - i1 for c in starts_all if i1 < c < i2}
+        edges = sorted(edges) + [count]
+        for a, b in zip(edges[:-1], edges[1:]):
+            for i in range(a, b):
+                col = i1 + i
+                for j, s in enumerate(segs):
+                    r0, r1 = s["r0"], s["r1"]
+                    if static_groups:
+                        g = s["static_of"][col]
+                        if g != current[j]:
+                            current[j] = g
+                            scale[r0:r1], zero[r0:r1] = s["scales"][:, g], s["zeros"][:, g]
+                    elif col in s["starts"]:
+                        g, gend = s["starts"][col]
+                        gw = W1[i:min(gend, i2) - i1, r0:r1]
+                        if gend > i2:  # the group reaches past this block: current values there
+                            gw = torch.cat([gw, WT[i2:gend, r0:r1]], 0)
+                        sc, ze = fit_grid(gw.t().contiguous(), s["bits"], sym=sym, mse=mse)
+                        s["scales"][:, g], s["zeros"][:, g] = sc, ze
+                        scale[r0:r1], zero[r0:r1] = sc, ze
+                w = W1[i]
+                torch.div(w, scale, out=cbuf).round_().add_(zero).clamp_(min=0)
+                torch.minimum(cbuf, maxq, out=C1[i])
+                q = Q1[i]
+                dequantize(C1[i], scale, zero, out=q)
+                e = Err1[i]
+                torch.sub(w, q, out=e)
+                _compensate(W1, U1, e, df[i], i, b)
+            _carry(W1, U1, Err1, a, b)
+        loss += Err1.pow(2).sum(0) / 2
+        W1.copy_(Q1)
+        codesT[i1:i2] = C1.to(torch.uint8)
+        if i2 < cols:
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+
+    W = WT.t()
+    codes = codesT.t()
+    if perm is not None:
+        inv = torch.argsort(perm)
+        W = W[:, inv]
+        codes = codes[:, inv]
+    seconds = time.perf_counter() - t0
+    Hf = (factor.H if error_H is None else error_H).to(device)
+    results = []
+    for s, w_in in zip(segs, weights):
+        r0, r1 = s["r0"], s["r1"]
+        g_idx = s["natural"] if perm is None or static_groups else s["natural"][inv]
+        new = W[r0:r1].to(w_in.dtype, memory_format=torch.contiguous_format)
+        results.append(SolveResult(
+            weight=new, mask=None, codes=codes[r0:r1].clone(), scale=s["scales"],
+            zero=s["zeros"], g_idx=g_idx, loss=float(loss[r0:r1].sum()),
+            error=reconstruction_error(w_in, new, Hf), seconds=seconds * (r1 - r0) / rows))
+    return results

@@ -1,0 +1,518 @@
+"""The size planner's two walks over the model: the profile (every option of every budgeted
+layer solved, its error measured) and the budgeted sweep (the plan applied block by block,
+the rest planned again when bytes moved). What they compute and why is described in
+:mod:`toolkit.plan.budget`, which holds the planning itself (choices, knapsack, plan).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from toolkit.checkpoint.formats import partial_group_keys
+from toolkit.checkpoint.size import model_bytes
+from toolkit.config.menu import parse_size
+from toolkit.config.options import CompressConfig, LayerSettings
+from toolkit.config.records import LayerCompression
+from toolkit.model.layers import LinearRef, find_blocks, find_linears
+from toolkit.plan.budget import (
+    DENSE_BITS,
+    BudgetPlan,
+    BudgetProfile,
+    LayerChoices,
+    budgeted_layers,
+    check_budget_config,
+    check_target,
+    holdout_windows,
+    layer_choices,
+    option_values,
+    plan_budget,
+)
+from toolkit.solver.hessian import HessianAccumulator, reconstruction_error, row_errors
+from toolkit.solver.layer import factorize, solve_grids, solve_layers
+from toolkit.walk.sweep import capture_block_inputs, find_groups, run_block, sweep_block
+
+__all__ = ["profile_layers", "output_sensitivity", "Sensitivity", "BudgetResult",
+           "budget_sweep"]
+
+log = logging.getLogger("toolkit")
+
+#: The most rows the profile stacks in one sweep of several grids (memory: rows x columns
+#: floats, a few times over).
+GRID_ROWS = 16384
+
+
+def _fingerprint(model: nn.Module, refs: list[LinearRef], ids: torch.Tensor,
+                 config: CompressConfig) -> str:
+    h = hashlib.sha256()
+    h.update(ids.detach().cpu().numpy().tobytes())
+    for r in refs:
+        w = r.get_weight()
+        h.update(r.name.encode())
+        h.update(repr((tuple(w.shape), float(w.double().sum()), float(w.double().abs().sum())))
+                 .encode())
+    keep = {k: v for k, v in config.to_dict().items()
+            if k not in ("target_bits", "target_size", "budget_layout", "budget_metric",
+                         "verbose", "device", "calibration", "nsamples", "seqlen")}
+    h.update(repr(sorted(keep.items(), key=lambda kv: kv[0])).encode())
+    return h.hexdigest()[:16]
+
+
+def _rows_subset(rows: int, fraction: float, seed: int, index: int) -> torch.Tensor | None:
+    n = max(min(rows, 64), math.ceil(fraction * rows))
+    if n >= rows:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.randperm(rows, generator=g)[:n].sort().values
+
+
+
+@dataclass
+class Sensitivity:
+    """How much the calibration loss reacts to one layer's outputs: ``channel[i]`` = mean over
+    the calibration tokens of ``(dL/dy_ti)^2`` and ``token[t]`` = mean over the output channels
+    of the same (tokens in calibration order, windows one after the other)."""
+
+    channel: torch.Tensor
+    token: torch.Tensor
+
+
+def output_sensitivity(model: nn.Module, ids: torch.Tensor, refs: list[LinearRef], *,
+                       labels: str = "data", seed: int = 0) -> dict[str, Sensitivity]:
+    """The :class:`Sensitivity` of each layer of ``refs``: squared gradients of the language
+    model loss (the mean next-token loss of each calibration window) with respect to the
+    layer's outputs, from one forward and backward pass per window on the model where it is
+    (float32, CPU). No parameter gets a gradient (only the activations carry one); the model
+    is not changed. ``labels="data"``: the loss of the calibration text's own next tokens (the
+    empirical Fisher); ``"model"``: of next tokens drawn from the model's own predictions
+    (``seed``), whose squared gradients estimate the Fisher information itself.
+
+    Used by the ``"fisher"`` metric: with ``g_ti^2 ~ token[t] * channel[i] / mean(channel)``
+    (a rank-one fit of the squared gradients), the diagonal empirical-Fisher estimate of the
+    loss increase of a change ``dW``, ``1/2 sum_t sum_i g_ti^2 ((dW x_t)_i)^2``, is proportional
+    to ``sum_i channel[i] / mean(channel) * (dW H_s dW^T)_ii`` with the token-weighted input
+    Hessian ``H_s = 2/n sum_t token[t] x_t x_t^T``. The token weights matter: tokens with huge
+    activations (attention sinks) make large layer errors but have small gradients.
+    """
+    chan = {r.name: torch.zeros(r.get_weight().shape[0]) for r in refs}
+    tok: dict[str, list[torch.Tensor]] = {r.name: [] for r in refs}
+    grads_on = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+
+    def keep(name):
+        def on_grad(g):
+            g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1]).cpu()
+            chan[name] += g2.sum(0)
+            tok[name].append(g2.mean(1))
+
+        def hook(_m, _inp, out):  # returns None: the output is left as it is
+            if out.requires_grad:
+                out.register_hook(on_grad)
+        return hook
+
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(
+        lambda _m, _inp, out: out.detach().requires_grad_(True)))
+    handles += [r.module.register_forward_hook(keep(r.name)) for r in refs]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for p in grads_on:
+            p.requires_grad_(False)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for row in ids:
+            x = row[None].to(device)
+            with torch.enable_grad():
+                if labels == "model":
+                    logits = model(x, use_cache=False).logits[0].float()
+                    y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)[:, 0]
+                    nn.functional.cross_entropy(logits, y).backward()
+                else:
+                    model(x, labels=x, use_cache=False).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, on in grads_on.items():
+            p.requires_grad_(on)
+        model.train(was_training)
+    n = ids.numel()
+    out = {}
+    for name in chan:
+        if len(tok[name]) != len(ids):
+            raise RuntimeError(f"{name}: got {len(tok[name])} output gradients for "
+                               f"{len(ids)} calibration windows")
+        out[name] = Sensitivity(channel=chan[name] / n, token=torch.cat(tok[name]))
+    return out
+
+
+
+@torch.no_grad()
+def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dtype,
+                    sens: dict[str, Sensitivity] | None, held: list[int] | None = None):
+    """From one forward pass per window: one Hessian per group to solve with (the windows not
+    in ``held``), one per group to measure errors with (the ``held`` windows; the same as the
+    first without them), and with ``sens`` one token-weighted Hessian per layer (``H_s`` of
+    :func:`output_sensitivity`, over the measuring windows); also returns the block's outputs
+    (the next block's inputs), as the dense model computes them."""
+    device = inputs.hidden[0].device
+    held = set(held or ())
+    now = {"window": 0}
+
+    def new(g):
+        return HessianAccumulator(g.in_features, device=device, dtype=dtype, name=g.name)
+
+    fit = [new(g[0]) for g in groups]
+    measure = [new(g[0]) for g in groups] if held else fit
+
+    def pre(a_fit, a_measure):
+        def hook(_m, args):
+            (a_measure if now["window"] in held else a_fit).add(args[0])
+        return hook
+
+    handles = [g[0].module.register_forward_pre_hook(pre(a, b))
+               for g, a, b in zip(groups, fit, measure)]
+    weighted: dict[str, HessianAccumulator] = {}
+    if sens is not None:
+        for g in groups:
+            for r in g:
+                acc = weighted[r.name] = new(r)
+                handles.append(r.module.register_forward_pre_hook(_weighted_hook(
+                    acc, sens[r.name].token.to(device),
+                    lambda: not held or now["window"] in held)))
+    try:
+        outputs = []
+        for w, h in enumerate(inputs.hidden):
+            now["window"] = w
+            outputs.append(run_block(block, inputs, h))
+    finally:
+        for hd in handles:
+            hd.remove()
+    return ([a.H for a in fit], [a.H for a in measure], {n: a.H for n, a in weighted.items()},
+            outputs)
+
+
+def _weighted_hook(acc: HessianAccumulator, token: torch.Tensor, wanted=lambda: True):
+    """A pre-hook adding ``token[t] x_t x_t^T`` for the tokens of each call, in order (the
+    calls for which ``wanted()`` is false skipped, their tokens counted)."""
+    seen = [0]
+
+    def hook(_m, args):
+        x = args[0]
+        t = x.shape[:-1].numel()
+        if wanted():
+            w = token[seen[0]:seen[0] + t].sqrt().to(x.dtype).reshape(x.shape[:-1] + (1,))
+            acc.add(x * w)
+        seen[0] += t
+    return hook
+
+
+@torch.no_grad()
+def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
+                   layout: str | None = None, choices: list[LayerChoices] | None = None,
+                   sensitivity: bool | None = None, verbose: bool = True) -> BudgetProfile:
+    """Measure every budgeted layer's solver error for every option it may take (see the
+    module docstring). The model is not changed. ``choices`` default to
+    :func:`layer_choices` for ``layout`` (default ``config.budget_layout``);
+    ``sensitivity`` (default: when ``config.budget_metric`` is ``"fisher"``) also measures
+    :func:`output_sensitivity` and the weighted errors."""
+    t0 = time.perf_counter()
+    layout = layout or config.budget_layout
+    if choices is None:
+        choices = layer_choices(model, config, layout)
+    if sensitivity is None:
+        sensitivity = config.budget_metric == "fisher"
+    prof = BudgetProfile(
+        layers=choices, errors=[[0.0 if not s.active else math.nan for s in c.settings]
+                                for c in choices],
+        energy=[0.0] * len(choices), dense_rest=0.0, seconds=0.0,
+        rows_fraction=config.profile_rows, layout=layout,
+        weighted=[[0.0 if not s.active else math.nan for s in c.settings] for c in choices]
+        if sensitivity else None)
+    by_name = {c.name: i for i, c in enumerate(choices)}
+    blocks_name, blocks = find_blocks(model)
+    refs = {r.name: r for _b, r in budgeted_layers(model, config)}
+    prof.key = _fingerprint(model, list(refs.values()), ids, config)
+    prof.dense_rest = model_bytes(model, DENSE_BITS, layout)["bytes"] - \
+        sum(c.params for c in choices) * DENSE_BITS / 8
+    fisher = None
+    if sensitivity:
+        fisher = output_sensitivity(model, ids, [refs[c.name] for c in choices])
+        prof.sensitivity_seconds = time.perf_counter() - t0
+    inputs = capture_block_inputs(model, blocks, ids, device)
+    held = holdout_windows(len(inputs.hidden), config.profile_holdout)
+    prof.holdout = len(held)
+    if config.profile_holdout > 0 and not held:
+        log.warning("profile_holdout=%g: the calibration has a single window, none to hold "
+                    "out; the profile's errors are measured on the windows it solved with",
+                    config.profile_holdout)
+    dtype = getattr(torch, config.hessian_dtype)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(range(len(blocks)), desc="profiling blocks", unit="block",
+               disable=not verbose)
+    try:
+        for b in bar:
+            block = blocks[b]
+            home = next(block.parameters()).device
+            block.to(device)
+            mine = [r for r in find_linears(block, f"{blocks_name}.{b}") if r.name in by_name]
+            groups = find_groups(block, mine, inputs) if mine else []
+            Hs, Hm, Hw, outputs = _block_hessians(block, groups, inputs, dtype, fisher, held)
+            for group, H, H_measure in zip(groups, Hs, Hm):
+                _profile_group(prof, group, H, H_measure, Hw, by_name, fisher, config, device)
+            inputs.hidden = outputs
+            block.to(home)
+            del Hs, Hm, Hw
+    finally:
+        model.train(was_training)
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    prof.seconds = time.perf_counter() - t0
+    return prof
+
+
+def _profile_group(prof, group, H, H_measure, Hw, by_name, fisher, config, device):
+    """Every option of every layer of one group: one solve per distinct setting with ``H``, the
+    group's layers that may take it stacked (each on its row subset), each error measured with
+    ``H_measure`` (the held-out windows' Hessian; ``H`` itself without a holdout)."""
+    choices = prof.layers
+    idx = [by_name[r.name] for r in group]
+    weights, subsets, weights_f = [], [], []
+    for r, i in zip(group, idx):
+        w = r.get_weight().to(device=device, dtype=torch.float32)
+        prof.energy[i] = reconstruction_error(w, torch.zeros_like(w), H_measure)
+        sub = _rows_subset(w.shape[0], config.profile_rows, config.seed, i)
+        subsets.append(sub)
+        weights.append(w if sub is None else w[sub.to(device)])
+        if fisher is not None:
+            f = fisher[r.name].channel.to(device=device, dtype=H.dtype)
+            f = f / f.mean() if f.mean() > 0 else f  # the scale is in the weighted Hessian
+            weights_f.append(f if sub is None else f[sub.to(device)])
+    buckets: dict[LayerSettings, list[int]] = {}
+    for j, i in enumerate(idx):
+        if len(choices[i].settings) < 2:
+            continue  # one choice: nothing to decide
+        for s in choices[i].settings:
+            if s.active:
+                buckets.setdefault(s, []).append(j)
+    factors = {}
+    held_out = None if H_measure is H else H_measure
+
+    def factor(act_order):
+        if act_order not in factors:
+            factors[act_order] = factorize(H, config.percdamp, act_order, name=group[0].name)
+        return factors[act_order]
+
+    def record(s, j, res):
+        i = idx[j]
+        k = choices[i].settings.index(s)
+        scale = 1.0 if subsets[j] is None else choices[i].rows / len(subsets[j])
+        prof.errors[i][k] = res.error * scale  # measured with H_measure (error_H)
+        if fisher is not None:
+            per_row = row_errors(weights[j], res.weight, Hw[group[j].name])
+            prof.weighted[i][k] = float((weights_f[j] * per_row).sum()) * scale
+
+    # grids without pruning that share the other solver options: one sweep for all of them
+    # (solve_grids: the rows of a GPTQ sweep never interact, and the per-column cost is shared)
+    grids: dict[tuple, list[tuple[LayerSettings, int]]] = {}
+    for s, members in buckets.items():
+        if s.bits is not None and not s.prunes:
+            shared = (s.sym, s.mse, s.act_order, s.static_groups)
+            grids.setdefault(shared, []).extend((s, j) for j in members)
+            continue
+        results = solve_layers(
+            [weights[j] for j in members], factor(s.act_order), sparsity=s.sparsity,
+            pattern=s.pattern, bits=s.bits, group_size=s.group_size, sym=s.sym, mse=s.mse,
+            act_order=s.act_order, static_groups=s.static_groups, block_size=config.block_size,
+            names=[group[j].name for j in members], error_H=held_out)
+        for j, res in zip(members, results):
+            record(s, j, res)
+    for (sym, mse, act_order, static_groups), jobs in grids.items():
+        # at most GRID_ROWS rows per sweep (more when one layer alone has more)
+        batch, rows = [], 0
+        for n, (s, j) in enumerate(jobs):
+            batch.append((s, j))
+            rows += weights[j].shape[0]
+            nxt = weights[jobs[n + 1][1]].shape[0] if n + 1 < len(jobs) else None
+            if nxt is not None and rows + nxt <= GRID_ROWS:
+                continue
+            results = solve_grids(
+                [weights[j] for _s, j in batch], factor(act_order),
+                [(s.bits, s.group_size) for s, _j in batch], sym=sym, mse=mse,
+                act_order=act_order, static_groups=static_groups,
+                block_size=config.block_size, names=[group[j].name for _s, j in batch],
+                error_H=held_out)
+            for (s, j), res in zip(batch, results):
+                record(s, j, res)
+            batch, rows = [], 0
+
+
+
+# ---- the sweep with the plan -------------------------------------------------------------------
+
+@dataclass
+class BudgetResult:
+    """What a budgeted :func:`toolkit.compress` did (``report.budget``): the ``profile`` (pass
+    it as ``compress(..., profile=...)`` to try other targets without profiling again), the
+    final ``plan``, ``layers`` (one row per budgeted layer: ``layer``, ``block``, ``option``,
+    ``bits``, ``sparsity``, ``group_size``, ``planned_bytes``, ``bytes`` (as stored),
+    ``profile_error``, ``profile_rel_error``, ``error`` (after the sweep), ``rel_error``),
+    ``summary`` (targets, bytes, timings), ``replans`` (how often the remaining layers were
+    planned again)."""
+
+    profile: BudgetProfile
+    plan: BudgetPlan
+    layers: pd.DataFrame
+    summary: dict
+    replans: int = 0
+
+
+def _stored_bytes(module: nn.Module, layout: str, keys) -> float:
+    """Bytes of one layer's weight as stored (its record and its weight, zeros counted), the
+    settings in ``keys`` with the block strategy (see :attr:`LayerChoices.block_keys`)."""
+    return model_bytes(module, DENSE_BITS, layout, block_keys=keys)["compressed_bytes"]
+
+
+def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
+                 profile: BudgetProfile | None = None,
+                 verbose: bool = True) -> tuple[list[dict], BudgetResult]:
+    """Profile (unless ``profile`` is given), plan and compress ``model`` in place to the
+    target of ``config``; returns the report rows and a :class:`BudgetResult`. Every check
+    (settings, target range, a reused profile) happens before any weight changes."""
+    check_budget_config(config)
+    layout, metric = config.budget_layout, config.budget_metric
+    target_size = parse_size(config.target_size) if config.target_size is not None else None
+    choices = layer_choices(model, config, layout)
+    dense_rest = model_bytes(model, DENSE_BITS, layout)["bytes"] - \
+        sum(c.params for c in choices) * DENSE_BITS / 8
+    check_target(choices, layout, dense_rest, config.target_bits, target_size)
+    if profile is None:
+        profile = profile_layers(model, ids, config, device=device, layout=layout,
+                                 choices=choices, verbose=verbose)
+    else:
+        refs = [r for _b, r in budgeted_layers(model, config)]
+        if [c.name for c in profile.layers] != [c.name for c in choices] or \
+                profile.key != _fingerprint(model, refs, ids, config):
+            raise ValueError("the profile was measured on another model, calibration or "
+                             "settings than this call's: profile again (profile=None)")
+        choices = profile.layers
+    plan = plan_budget(profile, target_bits=config.target_bits, target_size=target_size,
+                       layout=layout, metric=metric)
+    first = plan
+    by_name = {c.name: c for c in choices}
+    choice = dict(plan.choice)
+    planned = {c.name: c.option_bytes(choice[c.name], layout) for c in choices}
+
+    # ---- the sequential sweep, block by block, planning the rest again when bytes moved ----
+    t0 = time.perf_counter()
+    blocks_name, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, ids, device)
+    rows: list[dict] = []
+    actual: dict[str, float] = {}
+    modules: dict[str, nn.Module] = {}
+    replans = 0
+    bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block",
+               disable=not verbose)
+    for b in bar:
+        refs = find_linears(blocks[b], f"{blocks_name}.{b}")
+        step = [(r, by_name[r.name].settings[choice[r.name]] if r.name in by_name else None)
+                for r in refs]
+        block_rows = sweep_block(blocks[b], b, step, inputs, device=device,
+                                 block_size=config.block_size, percdamp=config.percdamp,
+                                 hessian_dtype=getattr(torch, config.hessian_dtype))
+        for r, s in step:
+            if s is None:
+                continue
+            if not s.active:  # left at 16 bits: still one of the budgeted layers
+                r.module.compression = LayerCompression(settings=s)
+                w = r.get_weight()
+                block_rows.append(dict(layer=r.name, shape=tuple(w.shape), sparsity=0.0,
+                                       zeros=float((w == 0).float().mean()), bits=16,
+                                       group_size=None, method="-+-", error=0.0,
+                                       rel_error=0.0, seconds=0.0, block=b))
+            actual[r.name] = _stored_bytes(r.module, layout, by_name[r.name].block_keys)
+            modules[r.name] = r.module
+        rows.extend(block_rows)
+        moved = any(abs(actual[r.name] - planned[r.name]) > 1e-6 for r, s in step
+                    if s is not None)
+        rest = [c.name for c in choices if c.block > b]
+        if moved and rest:
+            sub = plan_budget(profile, budget=plan.budget - sum(actual.values()),
+                              layers=rest, layout=layout, metric=metric)
+            choice.update(sub.choice)
+            planned.update({n: by_name[n].option_bytes(choice[n], layout) for n in rest})
+            replans += 1
+    seconds = time.perf_counter() - t0
+    # as stored: the block strategy for the settings some layer with a partial group took
+    # (a subset of the planned keys, so never more bytes than counted above)
+    final_keys = partial_group_keys([(by_name[n].settings[choice[n]], by_name[n].cols)
+                                     for n in actual])
+    actual = {n: _stored_bytes(m, layout, final_keys) for n, m in modules.items()}
+    spent = sum(actual.values())
+    if spent > plan.budget + 1e-6:
+        raise RuntimeError(f"the budgeted layers take {spent:,.0f} bytes, more than the budget "
+                           f"of {plan.budget:,.0f}: a bug in the size prediction, please "
+                           f"report it")
+    values = {c.name: option_values(profile, i, metric) for i, c in enumerate(profile.layers)}
+    final = BudgetPlan(choice=choice, budget=first.budget, planned=sum(planned.values()),
+                       value=sum(values[n][choice[n]] for n in choice),
+                       resolution=first.resolution, rounding_bytes=first.rounding_bytes,
+                       layout=layout, metric=metric, layers=choices)
+    return rows, _result(profile, final, rows, actual, planned, dense_rest, config, seconds,
+                         replans)
+
+
+def _result(profile, plan, rows, actual, planned, dense_rest, config, seconds,
+            replans) -> BudgetResult:
+    index = {c.name: i for i, c in enumerate(profile.layers)}
+    swept = {r["layer"]: r for r in rows}
+    table = []
+    for c in plan.layers:
+        i, k = index[c.name], plan.choice[c.name]
+        s = c.settings[k]
+        en = profile.energy[i]
+        table.append(dict(
+            layer=c.name, block=c.block, option=c.specs[k],
+            sparsity=(1 - s.pattern[0] / s.pattern[1]) if s.pattern else s.sparsity,
+            bits=s.bits or 16, group_size=s.group_size if s.bits else None,
+            planned_bytes=planned[c.name], bytes=actual[c.name],
+            profile_error=profile.errors[i][k],
+            profile_rel_error=profile.errors[i][k] / en if en > 0 else 0.0,
+            error=swept.get(c.name, {}).get("error", math.nan),
+            rel_error=swept.get(c.name, {}).get("rel_error", math.nan)))
+    layers = pd.DataFrame(table)
+    params = sum(c.params for c in plan.layers)
+    spent = sum(actual.values())
+    if config.target_bits is not None:
+        target = f"{config.target_bits:g} bits/weight"
+    else:
+        target = f"{parse_size(config.target_size):,} bytes"
+    summary = {
+        "budget target": target,
+        "budget layout": plan.layout,
+        "budget metric": plan.metric,
+        "budgeted layers": len(plan.layers),
+        "budget bytes (layers)": plan.budget,
+        "bytes (budgeted layers)": spent,
+        "budget used": spent / plan.budget if plan.budget > 0 else math.nan,
+        "bits/weight (budgeted)": 8 * spent / params,
+        "checkpoint bytes": dense_rest + spent,
+        "options chosen": ", ".join(f"{k} x{v}" for k, v in plan.counts().items()),
+        "menu": ",".join(dict.fromkeys(s for c in plan.layers for s in c.specs)),
+        "profile seconds": profile.seconds,
+        "profile rows": profile.rows_fraction,
+        "profile holdout windows": profile.holdout,
+        "budget sweep seconds": seconds,
+        "replans": replans,
+    }
+    return BudgetResult(profile=profile, plan=plan, layers=layers, summary=summary,
+                        replans=replans)
