@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from toolkit import load_model
     from toolkit.checkpoint.saveload import check_savable
     from toolkit.config.options import CompressConfig
-    from toolkit.tradeoff import tradeoff
+    from toolkit.harness import tradeoff
 
     rows = grid(args.bits, args.group_size)
     configs = ["dense"] + [{**spec, "label": label} for label, spec in rows]

@@ -101,8 +101,8 @@ def main(argv=None) -> int:
 
     from toolkit import CompressConfig, compress, load_model, perplexity
     from toolkit.checkpoint.size import model_bytes
+    from toolkit.harness import tradeoff
     from toolkit.measure.text import get_calibration, tokenize_text
-    from toolkit.tradeoff import tradeoff
     from toolkit.walk.budget import profile_layers
 
     where = describe()
@@ -282,9 +282,9 @@ def main(argv=None) -> int:
 
 def plot(df, path):
     """The Pareto plot of one run's table (``df`` as written to the CSV): the uniform rows with
-    :func:`toolkit.tradeoff.plot_tradeoff`, and one budget curve (its ``curves``) per layout,
+    :func:`toolkit.harness.plot_tradeoff`, and one budget curve (its ``curves``) per layout,
     metric and profile-rows setting."""
-    from toolkit.tradeoff import plot_tradeoff
+    from toolkit.harness import plot_tradeoff
 
     runs = df[df["kind"] == "budget"]
     if "profile_holdout" not in runs:  # a CSV written before the holdout existed: none

@@ -44,6 +44,14 @@ def assert_one_error_line(r, command: str, code: int, *fragments: str) -> str:
     return r.stderr
 
 
+def after_loading(err: str) -> str:
+    """stderr less the line a command prints when it starts loading the model (``loading ...
+    with N threads ...``)."""
+    first, sep, rest = err.partition("\n")
+    assert first.startswith("loading ") and " threads" in first, err
+    return rest
+
+
 def run_main(argv, capsys) -> tuple[int, str, str]:
     """``toolkit.cli.main(argv)`` in-process: ``(exit status, stdout, stderr)``."""
     from toolkit.cli import main
@@ -323,6 +331,7 @@ def test_bad_weights_are_one_line(tiny_dir, tiny_ckpt, tmp_path, capsys):
         f.truncate(5000)
     status, out, err = run_main(["eval", "--model", plain], capsys)
     assert status == 2 and out == ""
+    err = after_loading(err)
     assert err.count("\n") == 1 and f"{plain}: unreadable weights file" in err, err
 
     ckpt = tmp_path / "ckpt"
@@ -330,6 +339,7 @@ def test_bad_weights_are_one_line(tiny_dir, tiny_ckpt, tmp_path, capsys):
     flip_last_byte(ckpt / "model.safetensors")
     status, out, err = run_main(["eval", "--model", ckpt], capsys)
     assert status == 2 and out == ""
+    err = after_loading(err)
     assert err.count("\n") == 1 and err.startswith("toolkit eval: error: ") and "SHA-256" in err
 
 

@@ -11,8 +11,8 @@ import torch
 from conftest import random_ids, tiny_model
 
 from toolkit import compress
+from toolkit.harness import COLUMNS, plot_tradeoff, to_markdown, tradeoff
 from toolkit.solver.quant import group_bounds
-from toolkit.tradeoff import COLUMNS, plot_tradeoff, to_markdown, tradeoff
 
 
 def needs_bnb(test):
@@ -214,7 +214,7 @@ def test_an_unexpected_error_in_compress_propagates(monkeypatch, error):
     row's label in its message (same type where the type takes a message)."""
     import sys
 
-    tr = sys.modules["toolkit.tradeoff"]  # the package attribute is the function
+    tr = sys.modules["toolkit.harness"]  # the module (toolkit.tradeoff is the function)
 
     def fail(*a, **k):
         raise error("boom inside the solver")
@@ -235,7 +235,7 @@ def test_an_unexpected_error_in_a_bnb_row_propagates(monkeypatch, where):
     RuntimeError (here out of memory, or a failure in the forward pass) propagates."""
     import sys
 
-    tr = sys.modules["toolkit.tradeoff"]
+    tr = sys.modules["toolkit.harness"]
     real = getattr(tr, where)
 
     def fail(model, *a, **k):
@@ -254,7 +254,7 @@ def test_bnb_not_installed_is_a_not_run_row_with_its_reason(monkeypatch, tmp_pat
     bnb rows are not run: the reason of the table in ``not_run`` (and in the CSV), the error in
     ``note``, no size or perplexity, and the plot lists and marks the row."""
     import toolkit.measure.bnb
-    from toolkit.tradeoff import NOT_RUN_BY_DESIGN
+    from toolkit.harness import NOT_RUN_BY_DESIGN
 
     why = "bitsandbytes does not import: ModuleNotFoundError: No module named 'bitsandbytes'"
     monkeypatch.setattr(toolkit.measure.bnb, "bnb_available", lambda: (False, why))
@@ -287,7 +287,7 @@ def test_bnb_refused_on_the_device_is_a_not_run_row(monkeypatch):
     "bitsandbytes <format> cannot run on <device>: ...") is the second by-design entry."""
     import bitsandbytes as bnb
 
-    from toolkit.tradeoff import NOT_RUN_BY_DESIGN
+    from toolkit.harness import NOT_RUN_BY_DESIGN
 
     def refuse(self, *a, **k):
         raise RuntimeError("no 4-bit kernel for this device")
@@ -332,7 +332,7 @@ def test_plot_writes_png_with_expected_series(table, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    from toolkit.tradeoff import _pareto
+    from toolkit.harness import _pareto
 
     front = len(_pareto(table.assign(_x=table["bits_per_weight"]))) > 1
     assert labels[0].startswith("dense")
@@ -407,7 +407,7 @@ def test_cli_grid():
 
 
 def test_pareto_front():
-    from toolkit.tradeoff import _pareto
+    from toolkit.harness import _pareto
 
     df = pd.DataFrame({"method": list("abcd"), "_x": [16, 4, 3, 5],
                        "perplexity": [10.0, 11.0, 12.0, 13.0]})

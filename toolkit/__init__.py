@@ -24,20 +24,45 @@ from the layers below its own (checked by ``lint-imports``, contract in ``pyproj
     solver/                   the math with no model: Hessian, the column sweep, grids, masks
 """
 
-from toolkit.api import compress
-from toolkit.checkpoint.saveload import save_compressed
-from toolkit.checkpoint.size import model_bytes
-from toolkit.config.options import CompressConfig, LayerSettings
-from toolkit.config.records import CompressionReport
-from toolkit.loading import load_compressed, load_model
-from toolkit.measure.perplexity import perplexity
-from toolkit.runtime.pack import load_packed, pack, pack_report
-from toolkit.solver.layer import solve, solve_layers
-from toolkit.tradeoff import plot_tradeoff, tradeoff
-from toolkit.walk.capture import capture_hessian, capture_hessians
+from importlib import import_module
 
-__all__ = ["compress", "CompressConfig", "LayerSettings", "CompressionReport", "perplexity",
-           "load_model", "model_bytes", "solve", "solve_layers", "save_compressed",
-           "load_compressed", "tradeoff", "plot_tradeoff", "capture_hessian", "capture_hessians",
-           "pack", "pack_report", "load_packed"]
 __version__ = "0.1.0"
+
+#: The public names and the module each comes from. They are imported on first use (PEP 562), so
+#: that ``import toolkit`` and the command line's ``--help``, ``--version`` and flag errors do not
+#: pay for torch and transformers.
+_EXPORTS = {
+    "compress": "toolkit.api",
+    "CompressConfig": "toolkit.config.options",
+    "LayerSettings": "toolkit.config.options",
+    "CompressionReport": "toolkit.config.records",
+    "perplexity": "toolkit.measure.perplexity",
+    "load_model": "toolkit.loading",
+    "load_compressed": "toolkit.loading",
+    "model_bytes": "toolkit.checkpoint.size",
+    "solve": "toolkit.solver.layer",
+    "solve_layers": "toolkit.solver.layer",
+    "save_compressed": "toolkit.checkpoint.saveload",
+    "tradeoff": "toolkit.harness",
+    "plot_tradeoff": "toolkit.harness",
+    "capture_hessian": "toolkit.walk.capture",
+    "capture_hessians": "toolkit.walk.capture",
+    "pack": "toolkit.runtime.pack",
+    "pack_report": "toolkit.runtime.pack",
+    "load_packed": "toolkit.runtime.pack",
+    "using_threads": "toolkit.config.threads",
+    "default_threads": "toolkit.config.threads",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'toolkit' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

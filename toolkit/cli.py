@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -89,15 +89,17 @@ def _version() -> str:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    from toolkit import __version__
-
     parts = [f"Python {platform.python_version()}"]
     for pkg in ("torch", "transformers", "compressed-tensors"):
         try:
             parts.append(f"{pkg} {version(pkg)}")
         except PackageNotFoundError:
             parts.append(f"{pkg} not installed")
-    return f"toolkit {__version__} ({', '.join(parts)})"
+    try:
+        own = version("toolkit")
+    except PackageNotFoundError:  # run from a source tree without installing
+        own = "(not installed)"
+    return f"toolkit {own} ({', '.join(parts)})"
 
 
 def _common() -> argparse.ArgumentParser:
@@ -108,6 +110,11 @@ def _common() -> argparse.ArgumentParser:
                    help="print only the result: no progress bars, logs or warnings")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="full tracebacks instead of one-line errors")
+    p.add_argument("--threads", type=_positive("threads"), default=argparse.SUPPRESS,
+                   metavar="N",
+                   help="CPU threads for torch (default: usable cores minus the current load, "
+                        "at least 1; torch's own default of one per core slows down several "
+                        "times when other work shares the cores)")
     return p
 
 
@@ -219,12 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- checks made before the work ---------------------------------------------------------------
 
 def _require(module: str, purpose: str, install: str) -> None:
-    """Import ``module`` or raise a one-line ImportError saying what to install."""
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{purpose} needs the package {module.replace('_', '-')}, which "
-                          f"cannot be imported ({e}): {install}") from None
+    """Raise a one-line ImportError saying what to install when ``module`` is not installed
+    (found without importing it: the check stays fast)."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{purpose} needs the package {module.replace('_', '-')}, which is "
+                          f"not installed: {install}")
 
 
 def _check_text(spec, flag: str, split: str) -> None:
@@ -275,10 +281,10 @@ def _writable_parent(path: Path, flag: str) -> None:
 
 def _check_out_folder(out: str, overwrite: bool, stream: bool) -> None:
     """--out of compress: new (or --overwrite of a model folder; --stream: its own journal)."""
-    from toolkit.walk.stream import JOURNAL_NAME
-
     path = Path(out).expanduser()
     if stream:
+        from toolkit.walk.stream import JOURNAL_NAME
+
         if overwrite:
             raise ValueError("--overwrite does not apply to --stream, which resumes an "
                              "interrupted --out folder: remove the folder or choose another")
@@ -309,10 +315,10 @@ def _check_out_file(out: str | None, overwrite: bool, flag: str) -> None:
 
 
 def _check_device(device) -> None:
+    if device is None or not str(device).startswith("cuda"):
+        return
     import torch
 
-    if device is None or torch.device(device).type != "cuda":
-        return
     if not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here (torch "
                          f"{torch.__version__}); use --device cpu or leave it out")
@@ -325,16 +331,6 @@ def _check_device(device) -> None:
 def _layout_kw(args) -> dict:
     """``layout=`` for the checkpoint writers, only when --layout was given (else theirs)."""
     return {"layout": args.layout} if args.layout else {}
-
-
-def _check_out_requirements(args, cfg) -> None:
-    """What --out needs: its packages, and settings its layout can store."""
-    for module in ("safetensors", "compressed_tensors"):
-        _require(module, "--out", "pip install -e . (compressed-tensors and safetensors are "
-                                  "dependencies of toolkit)")
-    from toolkit.checkpoint.saveload import check_savable
-
-    check_savable(cfg, **_layout_kw(args))
 
 
 # ---- evaluation text ---------------------------------------------------------------------------
@@ -377,11 +373,29 @@ def _say(args, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _start_torch(args):
+    """Import torch with the thread count of --threads (default: usable cores minus the load);
+    the loading line says which. Every check that needs no torch has been made before this."""
+    import torch
+
+    from toolkit.config.threads import current_load, default_threads, usable_cores
+
+    given = getattr(args, "threads", None)
+    n = given if given is not None else default_threads()
+    torch.set_num_threads(n)
+    args.threads_used = n
+    args.threads_note = f"{n} threads" + (
+        " (--threads)" if given is not None else
+        f" ({usable_cores()} usable cores, load {current_load():.1f}; --threads N sets it)")
+    return torch
+
+
 def _load(args, source, device=None):
     import torch
 
     from toolkit.loading import load_model
 
+    _say(args, f"loading {source.describe()} with {getattr(args, 'threads_note', '')} ...")
     model, tok = load_model(source, dtype=getattr(torch, args.dtype), device=device)
     n = sum(p.numel() for p in model.parameters())
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -418,20 +432,14 @@ NOT_SAVED = f"{'checkpoint':>22}: not saved (add --out DIR to write the compress
 # ---- commands ----------------------------------------------------------------------------------
 
 def _cmd_compress(args) -> int:
-    import torch
-
-    from toolkit.api import compress
     from toolkit.loading import resolve_model
-    from toolkit.measure.perplexity import perplexity
-    from toolkit.measure.text import calibration_plan, get_calibration
-    from toolkit.walk import distributed
 
     cfg = config_from_args(args, verbose=not args.quiet)
     # ---- every check that does not need the model, before loading it ---------------------------
+    if not cfg.asks_for_work:
+        raise ValueError("nothing to do: give --sparsity, --pattern or --bits (or a size target: "
+                         "--target-bits / --target-size)")
     _check_device(args.device)
-    # under torchrun: one process group (NCCL on GPUs, gloo on CPUs); only rank 0 evaluates,
-    # prints and writes (see toolkit.walk.distributed)
-    distributed.init_from_env(device=args.device)
     if args.stream and not args.out:
         raise ValueError("--stream writes the checkpoint block by block: give --out DIR")
     if args.layout and not args.out:
@@ -444,10 +452,26 @@ def _cmd_compress(args) -> int:
                          f"{args.model!r} is not a folder")
     if args.out:
         _check_out_folder(args.out, args.overwrite, args.stream)
-        _check_out_requirements(args, cfg)
+        for module in ("safetensors", "compressed_tensors"):
+            _require(module, "--out", "pip install -e . (compressed-tensors and safetensors are "
+                                      "dependencies of toolkit)")
     _check_text(cfg.calibration, "--calibration", "train")
     if not args.stream:
         _check_text(args.eval_text, "--eval", "validation" if args.eval_text == "c4" else "test")
+    # ---- what needs torch ------------------------------------------------------------------------
+    torch = _start_torch(args)
+    from toolkit.api import compress
+    from toolkit.measure.perplexity import perplexity
+    from toolkit.measure.text import calibration_plan, get_calibration
+    from toolkit.walk import distributed
+
+    if args.out:
+        from toolkit.checkpoint.saveload import check_savable
+
+        check_savable(cfg, **_layout_kw(args))
+    # under torchrun: one process group (NCCL on GPUs, gloo on CPUs); only rank 0 evaluates,
+    # prints and writes (see toolkit.walk.distributed)
+    distributed.init_from_env(device=args.device)
     if args.stream:
         return _compress_streaming(args, cfg)
 
@@ -511,11 +535,13 @@ def _compress_streaming(args, cfg) -> int:
 
 def _cmd_eval(args) -> int:
     from toolkit.loading import resolve_model
-    from toolkit.measure.perplexity import perplexity
 
     _check_device(args.device)
     source = resolve_model(args.model)
     _check_text(args.text, "--text", "validation" if args.text == "c4" else "test")
+    _start_torch(args)
+    from toolkit.measure.perplexity import perplexity
+
     model, tok = _load(args, source, device=args.device)
     ids, seqlen, windows, name = _eval_plan(model, tok, args.text, args.seqlen,
                                             args.max_windows, "--seqlen")
@@ -564,7 +590,6 @@ def _cmd_tradeoff(args) -> int:
     import copy
 
     from toolkit.loading import resolve_model
-    from toolkit.tradeoff import COLUMNS, plot_tradeoff, to_markdown, tradeoff
 
     configs = parse_grid(args.grid)
     for b in args.baselines:
@@ -581,6 +606,9 @@ def _cmd_tradeoff(args) -> int:
         _require("matplotlib", "--plot", "pip install -e .")
     _check_text(args.calibration, "--calibration", "train")
     _check_text(args.eval_text, "--eval", "validation" if args.eval_text == "c4" else "test")
+    _start_torch(args)
+    from toolkit.harness import COLUMNS, plot_tradeoff, to_markdown, tradeoff
+
     base, tok = _load(args, source)
     ids, eval_seqlen, windows, text_name = _eval_plan(
         base, tok, args.eval_text, args.eval_seqlen, args.eval_windows, "--eval-seqlen")
@@ -593,7 +621,9 @@ def _cmd_tradeoff(args) -> int:
                   eval_seqlen=eval_seqlen, eval_windows=windows,
                   calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
                   seed=args.seed, device=args.device, on_row=show)
-    df[COLUMNS].to_csv(args.out, index=False, float_format="%.6g")
+    table = df[COLUMNS].copy()
+    table["bytes"] = table["bytes"].round().astype("Int64")  # exact integers, not 1.12477e+08
+    table.to_csv(args.out, index=False, float_format="%.6g")
     print(to_markdown(df))
     print(f"perplexity on {text_name}, {df.attrs['eval_windows']} windows x {eval_seqlen} "
           f"tokens; calibration {args.calibration or 'python-docs'}, {df.attrs['nsamples']} x "
@@ -606,13 +636,13 @@ def _cmd_tradeoff(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from toolkit.checkpoint.saveload import describe_checkpoint
-
     path = Path(args.path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {args.path}")
     if not path.is_dir():
         raise NotADirectoryError(f"{args.path} is not a folder (a checkpoint is a folder)")
+    from toolkit.checkpoint.saveload import describe_checkpoint
+
     text = describe_checkpoint(path, verify=args.verify)
     print(text)
     if args.verify:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the command line checks first
+    import torch
 
 __all__ = ["smollm2_gguf_path", "load_model", "load_compressed", "DEFAULT_MODEL", "resolve_model", "ModelSource",
            "ModelNotFoundError", "OFFLINE_MODELS"]
@@ -179,7 +181,7 @@ def _load_error(source: ModelSource, e: Exception) -> Exception:
 
 
 def load_model(name_or_path: str | ModelSource = DEFAULT_MODEL,
-               dtype: torch.dtype = torch.float32, device: str | None = None,
+               dtype: torch.dtype | None = None, device: str | None = None,
                trust_remote_code: bool = False):
     """Load ``(model, tokenizer)``.
 
@@ -189,9 +191,12 @@ def load_model(name_or_path: str | ModelSource = DEFAULT_MODEL,
     :func:`toolkit.save_compressed` or another compressed-tensors writer, read with
     :func:`toolkit.load_compressed`), a hub name, or a :class:`ModelSource`. The name is checked
     first by :func:`resolve_model` (one-line :class:`ModelNotFoundError` for a path that does not
-    exist or a hub name while offline).
+    exist or a hub name while offline). ``dtype``: default float32.
     """
+    import torch
     from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
 
     source = resolve_model(name_or_path)
     if source.kind in ("smollm2", "gguf"):
@@ -233,6 +238,8 @@ def _declared_dtype(source: ModelSource, loaded: torch.dtype,
                     trust_remote_code: bool) -> torch.dtype:
     """The floating dtype ``config.json`` of the source declares (bfloat16 for GGUF files, the
     loaded dtype when the config names none)."""
+    import torch
+
     if source.kind in ("smollm2", "gguf"):
         return torch.bfloat16
     from transformers import AutoConfig

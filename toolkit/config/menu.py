@@ -15,8 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from toolkit.solver.masks import check_pattern, check_sparsity
-from toolkit.solver.quant import check_bits, check_group_size
+from toolkit.solver.checks import check_bits, check_group_size, check_pattern, check_sparsity
 
 __all__ = ["DEFAULT_MENU", "PREVIOUS_MENU", "DEFAULT_LAYOUT", "METRICS", "MenuOption",
            "parse_menu", "parse_size",

@@ -22,12 +22,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass, replace
 
-import torch
-
 from toolkit.config.menu import DEFAULT_LAYOUT, METRICS, parse_menu, parse_size
-from toolkit.solver.masks import check_pattern, check_sparsity
-from toolkit.solver.quant import check_bits, check_group_size
-from toolkit.solver.refine import check_refine_iters
+from toolkit.solver.checks import (
+    check_bits,
+    check_group_size,
+    check_pattern,
+    check_refine_iters,
+    check_sparsity,
+)
 
 __all__ = ["Option", "OPTIONS", "LayerSettings", "CompressConfig", "OVERRIDE_KEYS",
            "option", "parse_value", "add_flags", "config_from_args", "label", "options_doc",
@@ -105,9 +107,16 @@ def _check_regex(p, name):
         raise ValueError(f"{name}: {p!r} is not a valid regular expression ({e})") from None
 
 
+_COMMON_DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+
+
 def _device(value, name):
     if value is None:
         return None
+    if isinstance(value, str) and _COMMON_DEVICE.fullmatch(value):
+        return value  # valid for torch.device; checked without importing torch (fast CLI)
+    import torch
+
     try:
         torch.device(value)
     except (RuntimeError, TypeError):
@@ -228,6 +237,8 @@ class Option:
     part: str | None = None
     annotation: str = "object"
     choices: tuple | None = None
+    #: the flag's help where it differs from ``help`` (values only Python can pass left out)
+    cli_help: str | None = None
 
     def validate(self, value):
         if self.choices is not None and value not in self.choices:
@@ -262,6 +273,7 @@ OPTIONS: tuple[Option, ...] = (
            annotation="tuple[int, int] | str | None"),
     Option("bits", None, lambda v, n: check_bits(v, n),
            "quantize to 2..8 bits (16 or None: no quantization)", scope="layer", flag="--bits",
+           cli_help="quantize to 2..8 bits (16: no quantization; default: none)",
            parse=_parse_int, label=lambda v, s, long: f"{v}-bit" if v is not None else None,
            part="quant", annotation="int | None"),
     Option("group_size", 128, lambda v, n: check_group_size(v, n),
@@ -304,15 +316,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("calibration", None, _passthrough,
            "calibration text: python-docs (offline default), wikitext2 (hub, or the bundled "
            "copy offline), c4, ptb (hub), a text file, a list of strings or a tensor of token "
-           "ids", flag="--calibration", metavar="SOURCE"),
+           "ids", flag="--calibration", metavar="SOURCE",
+           cli_help="calibration text: python-docs (offline default), wikitext2 (hub, or the "
+                    "bundled copy offline), c4, ptb (hub) or a text file"),
     Option("nsamples", None, _int(1, " (or None for the device default)", allow_none=True),
            "calibration windows (None: 128 on CUDA, 32 on CPU)", flag="--nsamples",
+           cli_help="calibration windows (default: 128 on CUDA, 32 on CPU)",
            parse=_parse_int, annotation="int | None"),
     Option("seqlen", None, _int(1, " (or None for the device default)", allow_none=True),
            "tokens per calibration window (None: 2048 on CUDA, 512 on CPU, capped at the "
-           "model's context)", flag="--seqlen", parse=_parse_int, annotation="int | None"),
+           "model's context)", flag="--seqlen", parse=_parse_int, annotation="int | None",
+           cli_help="tokens per calibration window (default: 2048 on CUDA, 512 on CPU, capped "
+                    "at the model's context)"),
     Option("device", None, _device, "where each block is solved (None: CUDA when available, "
            "else CPU); the rest of the model stays where it is", flag="--device",
+           cli_help="where each block is solved, e.g. cpu, cuda, cuda:1 (default: CUDA when "
+                    "available, else CPU); the rest of the model stays where it is",
            annotation="str | None"),
     Option("ignore", (), _regexes, "regular expressions of layer names to leave alone",
            flag="--ignore", metavar="REGEX", annotation="tuple[str, ...]"),
@@ -399,6 +418,9 @@ OPTIONS: tuple[Option, ...] = (
            "the options each layer may take under a target, comma-separated [SPARSITY+]BITS "
            "specs such as 16,8g128,4g128,4g32,3g128,50%+4g128,2:4+4g128 (None: "
            "toolkit.config.menu.DEFAULT_MENU)", flag="--budget-menu", metavar="SPECS",
+           cli_help="the options each layer may take under a target, comma-separated "
+                    "[SPARSITY+]BITS specs such as 16,8g128,4g128,4g32,3g128,50%+4g128,2:4+4g128 "
+                    "(default: the ladder toolkit.config.menu.DEFAULT_MENU)",
            annotation="tuple[str, ...] | None"),
     Option("budget_metric", "fisher", _passthrough,
            "how layers' errors are made comparable under a target: fisher (each output "
@@ -587,6 +609,16 @@ class _ConfigBase:
         """The per-layer settings before ``ignore`` and ``overrides``."""
         return self._settings
 
+    @property
+    def asks_for_work(self) -> bool:
+        """False when no layer can change, as far as the settings alone tell (no model needed):
+        no sparsity, pattern or bits globally nor in any override, and no size target."""
+        if self.target_bits is not None or self.target_size is not None or \
+                self._settings.active:
+            return True
+        return any(replace(self._settings, **changes).active
+                   for changes in (self.overrides or {}).values())
+
     def layer_settings(self, name: str) -> LayerSettings | None:
         """Settings for the layer ``name``: None when ignored; ``overrides`` (regex -> dict)
         apply in order, later ones winning."""
@@ -600,7 +632,7 @@ class _ConfigBase:
         """The configuration as a plain dict (for logs and checkpoints); the calibration is
         named."""
         d = {o.name: getattr(self, o.name) for o in OPTIONS}
-        if isinstance(d["calibration"], torch.Tensor):
+        if type(d["calibration"]).__name__ == "Tensor":
             d["calibration"] = "token ids"
         elif isinstance(d["calibration"], (list, tuple)):
             d["calibration"] = "given text"
@@ -656,7 +688,8 @@ def add_flags(parser: argparse.ArgumentParser, names=None) -> None:
     for opt in OPTIONS:
         if opt.flag is None or (names is not None and opt.name not in names):
             continue
-        kwargs = dict(dest=opt.name, help=opt.help.replace("%", "%%"))  # argparse %-formats help
+        text = opt.cli_help or opt.help
+        kwargs = dict(dest=opt.name, help=text.replace("%", "%%"))  # argparse %-formats help
         if opt.annotation == "bool":
             kwargs.update(action="store_true", default=opt.default)
         elif opt.name == "ignore":

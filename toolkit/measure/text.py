@@ -27,9 +27,11 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the command line checks first
+    import torch
 
 __all__ = ["load_text", "get_calibration", "tokenize_text", "DEFAULT_CALIBRATION",
            "HUB_SOURCES", "python_docs_text", "bundled_wikitext2", "describe_source",
@@ -40,7 +42,7 @@ log = logging.getLogger("toolkit")
 DEFAULT_CALIBRATION = "python-docs"
 HUB_SOURCES = ("wikitext2", "c4", "ptb")
 # WikiText-2 shipped with the project (data/README.md: source, licence, checksums)
-BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data" / "wikitext2"
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "data" / "wikitext2"
 _BUNDLED_FILES = {"test": "wiki.test.raw", "validation": "wiki.valid.tokens",
                   "train": "wiki.valid.tokens"}
 
@@ -233,6 +235,8 @@ def load_text(source, split: str = "train") -> str:
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     """Token ids of ``text`` as a 1-D LongTensor (no special tokens added)."""
+    import torch
+
     if tokenizer is None:
         raise ValueError(
             "a tokenizer is needed to turn calibration text into tokens: pass tokenizer=..., "
@@ -250,6 +254,8 @@ def get_calibration(calibration, tokenizer=None, nsamples: int = 128, seqlen: in
     drawn at random (seeded), so no calibration token is used twice. A 2-D tensor of token ids
     with ``seqlen`` columns is used as given (its first ``nsamples`` rows).
     """
+    import torch
+
     if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
         raise ValueError(f"nsamples must be a positive integer, got {nsamples!r}")
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1:
@@ -286,6 +292,7 @@ def default_calibration_size(device) -> tuple[int, int]:
     it to keep CI short); the report always states what was used.
     """
     import torch
+
 
     knob = os.environ.get("TOOLKIT_DEFAULT_CALIBRATION")
     if knob:

@@ -9,33 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from toolkit.solver.checks import check_pattern, check_sparsity
+
 __all__ = ["prune_lowest", "nm_mask", "check_pattern", "check_sparsity", "is_nm_valid"]
-
-
-def check_sparsity(sparsity, name: str = "sparsity") -> float:
-    """Validate a sparsity fraction in [0, 1)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
-    return float(sparsity)
-
-
-def check_pattern(pattern, name: str = "pattern") -> tuple[int, int] | None:
-    """Validate an n:m pattern given as ``(n, m)`` or ``"n:m"``: at least n zeros in every m."""
-    if pattern is None:
-        return None
-    if isinstance(pattern, str):
-        try:
-            n, m = (int(p) for p in pattern.split(":"))
-        except ValueError:
-            raise ValueError(f"{name} must look like '2:4' (n:m), got {pattern!r}") from None
-    else:
-        try:
-            n, m = pattern
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a pair (n, m) or a string 'n:m', got {pattern!r}") from None
-    if not (isinstance(n, int) and isinstance(m, int)) or m < 2 or not 1 <= n < m:
-        raise ValueError(f"{name} must satisfy 1 <= n < m with m >= 2 (e.g. 2:4, 4:8), got {n}:{m}")
-    return n, m
 
 
 def prune_lowest(score: torch.Tensor, count: int) -> torch.Tensor:

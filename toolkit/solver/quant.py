@@ -19,36 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from toolkit.solver.checks import check_bits, check_group_size
+
 __all__ = ["fit_grid", "quantize", "dequantize", "fake_quantize", "rtn_quantize", "check_bits",
            "check_group_size", "codes_on_grid"]
-
-ALLOWED_BITS = "2..8"
-
-
-def check_bits(bits, name: str = "bits") -> int | None:
-    """Validate ``bits``: None (no quantization), an int in 2..8, or 16 (meaning no quantization)."""
-    if bits is None or bits == 16:
-        return None
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"{name} must be one of 2..8 or 16 (or None), got {bits!r}")
-    return bits
-
-
-def check_group_size(group_size, name: str = "group_size") -> int | None:
-    """Validate ``group_size``: None or -1 (one grid per output row) or an int >= 1.
-
-    A group size that does not divide the number of columns is allowed: the last group is
-    narrower and has its own scale and zero point.
-    """
-    if group_size is None or group_size == -1:
-        return None
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(
-            f"{name} must be a positive integer, or None/-1 for one grid per output row, "
-            f"got {group_size!r}"
-        )
-    return group_size
-
 
 def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
     if sym:

@@ -39,19 +39,13 @@ import time
 
 import torch
 
+from toolkit.solver.checks import check_refine_iters
 from toolkit.solver.hessian import row_errors
 from toolkit.solver.layer import Factor, SolveResult, solve_layers
 from toolkit.solver.quant import dequantize, quantize
 
 __all__ = ["refine_layers", "pcg_masked_lstsq", "row_errors", "check_refine_iters",
            "masked_results"]
-
-
-def check_refine_iters(iters, name: str = "refine_iters") -> int:
-    """Validate the number of re-solve iterations (0 = off)."""
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (0 = plain SparseGPT), got {iters!r}")
-    return iters
 
 
 @torch.no_grad()
