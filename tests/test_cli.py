@@ -499,3 +499,128 @@ def test_smollm2_compress_out_then_eval(tmp_path):
     # dense tensors in the model's own dtype (bfloat16), which moved it by 1.3% when measured;
     # a checkpoint read wrongly is off by orders of magnitude
     assert abs(ppl / after - 1) < 0.03, (ppl, after)
+
+
+# ---- the first ten minutes: answers before torch, threads, units (issue 34) ----------------------
+
+# Each line must be answered without importing torch or transformers (what made them take 5 to 20 s
+# before): checked here as the modules the process imported, which holds on any machine; the wall
+# times are measured by bench/cli.py.
+QUICK_ANSWERS = [
+    (["--help"], 0, "usage: toolkit"),
+    (["--version"], 0, "toolkit "),
+    (["compress", "--help"], 0, "--threads N"),
+    (["compress", "--bits", "1"], 2, "bits must be one of 2..8"),
+    (["compress", "--pattern", "3:2"], 2, "1 <= n < m"),
+    (["compress", "--sparsity", "abc"], 2, "sparsity"),
+    (["compress", "--threads", "0"], 2, "threads must be a positive integer"),
+    (["compress"], 2, "nothing to do"),
+    (["compress", "--sparsity", "0.5", "--model", "/no/such/model"], 2, "no such file"),
+    (["compress", "--bits", "4", "--calibration", "/no/such.txt"], 2, "no such file"),
+    (["compress", "--bits", "4", "--layout", "compact"], 2, "give --out DIR"),
+    (["eval", "--model", "/no/such/model"], 2, "no such file"),
+    (["eval", "--text", "/no/such.txt"], 2, "no such file"),
+    (["info", "/no/such/folder"], 2, "no such file or folder"),
+    (["tradeoff", "--grid", "colour=red"], 2, "--grid takes KEY"),
+]
+
+PROBE = """
+import contextlib, io, sys
+from toolkit.cli import main
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as e:
+        code = e.code
+heavy = sorted(m for m in ("torch", "transformers", "compressed_tensors") if m in sys.modules)
+print(repr((code, out.getvalue() + err.getvalue(), heavy)))
+"""
+
+
+@pytest.mark.parametrize("argv,code,fragment", QUICK_ANSWERS,
+                         ids=[" ".join(a) for a, _, _ in QUICK_ANSWERS])
+def test_answers_before_torch(argv, code, fragment):
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got_code, text, heavy = eval(r.stdout.strip().splitlines()[-1])  # noqa: S307 - our repr
+    assert got_code == code and fragment in text, (got_code, text)
+    assert heavy == [], f"{' '.join(argv)} imported {heavy}"
+
+
+def test_default_threads_follow_the_load():
+    from toolkit.config.threads import check_threads, default_threads
+
+    assert default_threads(cores=2, load=0.2) == 2   # idle: every core
+    assert default_threads(cores=2, load=1.1) == 1   # one core busy elsewhere
+    assert default_threads(cores=2, load=6.0) == 1   # never below one
+    assert default_threads(cores=16, load=3.4) == 13
+    assert default_threads(cores=4, load=0.0) == 4
+    assert check_threads(None) is None and check_threads(3) == 3
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            check_threads(bad)
+
+
+def test_using_threads_restores_the_count():
+    import torch
+
+    from toolkit import using_threads
+
+    before = torch.get_num_threads()
+    with using_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_threads_flag_is_used_and_named(tiny_dir, capsys, offline):
+    """--threads N sets torch's thread count for the command, says so on the loading line, and
+    the count is put back afterwards (main() may run in-process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+    from toolkit.measure import perplexity as ppl_module
+
+    real = ppl_module.perplexity
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    ppl_module.perplexity = spy
+    try:
+        status, out, err = run_main(["eval", "--model", tiny_dir, "--threads", "1", "--text",
+                                     "wikitext2", "--seqlen", "64", "--max-windows", "1"], capsys)
+    finally:
+        ppl_module.perplexity = real
+    assert status == 0, err
+    assert seen == [1]
+    assert err.startswith("loading model folder ") and "with 1 threads (--threads) ..." in err
+    assert torch.get_num_threads() == before
+
+
+def test_tradeoff_csv_bytes_are_integers(tiny_dir, tmp_path, capsys, offline):
+    out = tmp_path / "t.csv"
+    status, _, err = run_main(["tradeoff", "--model", tiny_dir, "--grid", "bits=16,4",
+                               "--out", out, *CALIB, *EVAL, "-q"], capsys)
+    assert status == 0, err
+    import pandas as pd
+
+    raw = pd.read_csv(out, dtype=str)
+    assert all(v.isdigit() for v in raw["bytes"]), raw["bytes"].tolist()
+    table = pd.read_csv(out)
+    assert table["bytes"].dtype.kind == "i" and (table["bytes"] > 10_000).all()
+
+
+def test_help_lists_only_what_the_command_line_takes():
+    from toolkit.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["compress"].format_help()
+    flat = " ".join(text.split())
+    assert "a list of strings" not in flat and "tensor of token ids" not in flat
+    for python_only in ("16 or None", "calibration windows (None:",
+                        "tokens per calibration window (None:", "solved (None:"):
+        assert python_only not in flat, python_only

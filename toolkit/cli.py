@@ -382,6 +382,7 @@ def _start_torch(args):
 
     given = getattr(args, "threads", None)
     n = given if given is not None else default_threads()
+    args.threads_before = torch.get_num_threads()  # put back by main() (it may run in-process)
     torch.set_num_threads(n)
     args.threads_used = n
     args.threads_note = f"{n} threads" + (
@@ -801,6 +802,11 @@ def main(argv: list[str] | None = None) -> int:
             line, code = _error_line(args.command, e, args.debug)
             print(line, file=err, flush=True)
             return code
+        finally:
+            if getattr(args, "threads_before", None):
+                import torch
+
+                torch.set_num_threads(args.threads_before)
 
 
 if __name__ == "__main__":

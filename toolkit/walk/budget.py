@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -86,7 +87,8 @@ class Sensitivity:
 
 
 def output_sensitivity(model: nn.Module, ids: torch.Tensor, refs: list[LinearRef], *,
-                       labels: str = "data", seed: int = 0) -> dict[str, Sensitivity]:
+                       labels: str = "data", seed: int = 0,
+                       verbose: bool = False) -> dict[str, Sensitivity]:
     """The :class:`Sensitivity` of each layer of ``refs``: squared gradients of the language
     model loss (the mean next-token loss of each calibration window) with respect to the
     layer's outputs, from one forward and backward pass per window on the model where it is
@@ -129,7 +131,7 @@ def output_sensitivity(model: nn.Module, ids: torch.Tensor, refs: list[LinearRef
         for p in grads_on:
             p.requires_grad_(False)
         gen = torch.Generator(device=device).manual_seed(seed)
-        for row in ids:
+        for row in tqdm(ids, desc="profile: loss gradients", unit="window", disable=not verbose):
             x = row[None].to(device)
             with torch.enable_grad():
                 if labels == "model":
@@ -215,6 +217,43 @@ def _weighted_hook(acc: HessianAccumulator, token: torch.Tensor, wanted=lambda: 
     return hook
 
 
+def peak_rss() -> int:
+    """The process's peak resident memory in bytes so far (0 where the OS does not say)."""
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):  # Windows
+        return 0
+    return kb * (1 if sys.platform == "darwin" else 1024)
+
+
+def profile_memory_note(model: nn.Module, ids: torch.Tensor, choices: list[LayerChoices]) -> str:
+    """One line, printed before the profile: what it will hold beyond the model, from the
+    shapes (an estimate), and what lowers it."""
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", 0) or 0
+    inter = getattr(cfg, "intermediate_size", 0) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", 1) or 1
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    vocab = getattr(cfg, "vocab_size", 0) or 0
+    seqlen = ids.shape[-1]
+    # the loss-gradient pass keeps one window's activations for its backward pass (float32):
+    # per block about 12 hidden-wide and 3 intermediate-wide rows and the attention scores of
+    # each head, and the logits with their gradient
+    grads = 4 * seqlen * (layers * (12 * hidden + 3 * inter + heads * seqlen) + 3 * vocab)
+    # the stacked grids of one group: up to GRID_ROWS rows of the widest layer, a few copies
+    cols = max((c.cols for c in choices), default=0)
+    grids = 4 * 4 * min(GRID_ROWS, 3 * max((c.rows for c in choices), default=0)) * cols
+    inputs = 4 * 2 * ids.numel() * hidden  # the block inputs and outputs of every window
+    extra = grads + grids + inputs
+    return (f"profile: {len(choices)} layers x {max(len(c.settings) for c in choices)} options; "
+            f"about {extra / 1e9:.1f} GB beyond the model (gradient pass of one "
+            f"{seqlen}-token window {grads / 1e9:.1f} GB, stacked grids {grids / 1e9:.1f} GB, "
+            f"block activations {inputs / 1e9:.1f} GB); lower it with a shorter --seqlen, "
+            f"fewer --nsamples or --budget-metric relative (no gradient pass)")
+
+
 @torch.no_grad()
 def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
                    layout: str | None = None, choices: list[LayerChoices] | None = None,
@@ -243,9 +282,12 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
     prof.key = _fingerprint(model, list(refs.values()), ids, config)
     prof.dense_rest = model_bytes(model, DENSE_BITS, layout)["bytes"] - \
         sum(c.params for c in choices) * DENSE_BITS / 8
+    if verbose:
+        tqdm.write(profile_memory_note(model, ids, choices), file=sys.stderr)
     fisher = None
     if sensitivity:
-        fisher = output_sensitivity(model, ids, [refs[c.name] for c in choices])
+        fisher = output_sensitivity(model, ids, [refs[c.name] for c in choices],
+                                    verbose=verbose)
         prof.sensitivity_seconds = time.perf_counter() - t0
     inputs = capture_block_inputs(model, blocks, ids, device)
     held = holdout_windows(len(inputs.hidden), config.profile_holdout)
@@ -277,6 +319,9 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     prof.seconds = time.perf_counter() - t0
+    if verbose:
+        tqdm.write(f"profile: {prof.seconds:.0f} s, process peak memory {peak_rss() / 1e9:.2f} "
+                   "GB", file=sys.stderr)
     return prof
 
 
