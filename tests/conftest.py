@@ -177,26 +177,53 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def smollm2_results(_smollm2, wikitext_valid, wikitext_test):
-    """Perplexities of SmolLM2-135M (weights dequantized from a Q4_1 GGUF) under
-    :data:`SMOLLM2_SETTINGS`, computed once per session with :data:`SMOLLM2_THREADS` torch
-    threads: a fresh copy of the model per setting, calibrated on :data:`SMOLLM2_CALIB`
-    (8 x 256 tokens of WikiText-2 validation), evaluated on :data:`SMOLLM2_EVAL` (the first
-    8 windows of 256 tokens of the WikiText-2 test split). Also ``"dense"``. Prints the table
-    as tests/test_quality_pinned.py's ``PINNED`` (visible with ``pytest -s``)."""
+def smollm2_quality(model, tok, calibration: str, evaluation: str, *, threads: int,
+                    deterministic: bool = False, **changes) -> dict[str, tuple[float, float]]:
+    """``{setting: (perplexity, mean rel_error)}`` of SmolLM2 under :data:`SMOLLM2_SETTINGS`
+    (and ``"dense"``), with ``threads`` torch threads: a fresh copy of ``model`` per setting,
+    calibrated on :data:`SMOLLM2_CALIB` windows of ``calibration``, evaluated on
+    :data:`SMOLLM2_EVAL` windows of ``evaluation``. The mean rel_error is the report's
+    ``rel_error`` averaged over the compressed layers (NaN for the rules that use no Hessian:
+    magnitude, RTN). ``changes`` alter every setting (e.g. ``percdamp=0.1``, ``nsamples=4``:
+    the deliberate regressions of bench/quality_spread.py); ``deterministic`` runs with
+    ``torch.use_deterministic_algorithms(True)``."""
     from toolkit import compress, perplexity
 
-    model, tok = _smollm2
-    with torch_threads(SMOLLM2_THREADS):
-        out = {"dense": perplexity(model, tok, wikitext_test, verbose=False, **SMOLLM2_EVAL)}
-        for name, kw in SMOLLM2_SETTINGS.items():
-            m = copy.deepcopy(model)
-            compress(m, tok, calibration=wikitext_valid, verbose=False, **SMOLLM2_CALIB, **kw)
-            out[name] = perplexity(m, tok, wikitext_test, verbose=False, **SMOLLM2_EVAL)
-            del m
-    print("\nPINNED = {\n" + "".join(f"    {k!r}: {v:.4f},\n" for k, v in out.items()) + "}")
+    calib = {**SMOLLM2_CALIB, **{k: v for k, v in changes.items() if k in SMOLLM2_CALIB}}
+    extra = {k: v for k, v in changes.items() if k not in SMOLLM2_CALIB}
+    det_before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with torch_threads(threads):
+            out = {"dense": (perplexity(model, tok, evaluation, verbose=False, **SMOLLM2_EVAL),
+                             float("nan"))}
+            for name, kw in SMOLLM2_SETTINGS.items():
+                m = copy.deepcopy(model)
+                report = compress(m, tok, calibration=calibration, verbose=False, **calib,
+                                  **{**kw, **extra})
+                out[name] = (perplexity(m, tok, evaluation, verbose=False, **SMOLLM2_EVAL),
+                             float(report.layers["rel_error"].mean()))
+                del m
+    finally:
+        torch.use_deterministic_algorithms(det_before)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_quality_results(_smollm2, wikitext_valid, wikitext_test):
+    """:func:`smollm2_quality` of the session's SmolLM2 with :data:`SMOLLM2_THREADS` threads,
+    computed once per session (every real-model quality test reads it)."""
+    model, tok = _smollm2
+    out = smollm2_quality(model, tok, wikitext_valid, wikitext_test, threads=SMOLLM2_THREADS)
+    print("\nmeasured = {\n" + "".join(f"    {k!r}: ({p:.4f}, {e:.6f}),\n"
+                                       for k, (p, e) in out.items()) + "}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_results(smollm2_quality_results):
+    """The perplexities of :func:`smollm2_quality_results`, ``{setting: perplexity}``."""
+    return {k: p for k, (p, _e) in smollm2_quality_results.items()}
 
 
 @pytest.hookimpl(hookwrapper=True)
