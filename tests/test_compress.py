@@ -240,7 +240,7 @@ def test_config_mirrors_compress_keywords():
 @pytest.mark.slow
 def test_smollm2_sparsegpt_beats_magnitude_6x_and_joint_beats_3bit(smollm2_results):
     """SmolLM2-135M, the settings of conftest's smollm2_results (8 x 256 WikiText-2 calibration
-    tokens, perplexity on 8 x 256 test tokens, 2 threads; values pinned in
+    tokens, perplexity on 8 x 256 test tokens; values recorded in
     tests/test_quality_pinned.py). The orderings the README states, each at its measured ratio
     with a 10% margin, so that a setting whose perplexity doubles fails:
 
