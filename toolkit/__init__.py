@@ -43,6 +43,7 @@ _EXPORTS = {
     "solve": "toolkit.solver.layer",
     "solve_layers": "toolkit.solver.layer",
     "save_compressed": "toolkit.checkpoint.saveload",
+    "save_gguf": "toolkit.checkpoint.gguf",
     "tradeoff": "toolkit.harness",
     "plot_tradeoff": "toolkit.harness",
     "capture_hessian": "toolkit.walk.capture",

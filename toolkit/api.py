@@ -13,6 +13,7 @@ import time
 import torch
 from torch import nn
 
+from toolkit.checkpoint.gguf import reencodes_exactly
 from toolkit.checkpoint.size import model_bytes
 from toolkit.config.options import CompressConfig, options_doc
 from toolkit.config.records import CompressionReport, build_report, config_dict
@@ -20,7 +21,9 @@ from toolkit.measure.text import calibration_plan, default_calibration_size, get
 from toolkit.model import experts
 from toolkit.model.layers import find_blocks
 from toolkit.plan import budget
+from toolkit.plan import gguf as gguf_plan
 from toolkit.plan.allocation import apply_allocation
+from toolkit.solver.gguf_grids import gguf_rtn
 from toolkit.walk import budget as budget_walk
 from toolkit.walk import distributed
 from toolkit.walk.capture import allocate
@@ -134,6 +137,19 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
                              owl_m=config.owl_m, owl_lambda=config.owl_lambda)
         settings = apply_allocation(settings, allocated)
 
+    gguf_notes = {}
+    if gguf_plan.uses_gguf(config):  # one storable GGUF type per layer (presets, fallbacks)
+        on_gguf = [r for r in layers if (s := settings(r.name)) is not None and s.gguf]
+        wide = [r.name for r in on_gguf if r.get_weight().dtype != torch.float32]
+        if wide:
+            raise ValueError(f"gguf= puts weights on GGUF values, which only float32 holds "
+                             f"exactly; {wide[0]} is {on_gguf[0].get_weight().dtype}: load the "
+                             "model in float32 (load_model(..., dtype=torch.float32))")
+        mc = getattr(model, "config", None)
+        heads = getattr(mc, "num_attention_heads", None) or 1
+        n_gqa = heads / (getattr(mc, "num_key_value_heads", None) or heads)
+        settings, gguf_notes = gguf_plan.resolve_gguf(settings, on_gguf, len(blocks), n_gqa)
+
     active = [r.name for r in layers if (s := settings(r.name)) is not None and s.active]
     if not active and not planned:
         raise ValueError("nothing to do: give sparsity, pattern or bits (or overrides that set "
@@ -155,6 +171,8 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
                              schedule=config.schedule, memory_mb=config.sweep_memory_mb)
     finally:
         model.train(was_training)
+    if config.settings.gguf is not None:  # embeddings and output head on the preset's types
+        gguf_notes.update(_gguf_embeddings(model, config.settings.gguf, config.ignore))
     after = model_bytes(model)
     extra = {
         "processes": distributed.world_size(),
@@ -166,6 +184,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         "bytes after": after["bytes"],
         "bits/weight (compressed)": after["bits_per_weight"],
         **notes,  # MoE routers left dense; tensors left dense by ignore
+        **gguf_notes,  # GGUF types per layer, fallbacks, embeddings
         **(result.summary if planned else {}),
     }
     compact = model_bytes(model, layout="compact")
@@ -179,6 +198,43 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     log.info("compressed %d layers (%s) in %.1fs", len(report.layers), summary["method"],
              summary["seconds"])
     return report
+
+
+@torch.no_grad()
+def _gguf_embeddings(model: nn.Module, gguf: str, ignore=()) -> dict:
+    """Put the token embeddings and the output head onto the GGUF types ``gguf`` (a type or a
+    preset) gives them (:func:`toolkit.plan.gguf.embedding_types`), by round to nearest, in
+    place, so that ``save_gguf`` stores the model as it is in memory. A matrix already exactly
+    on a grid of that type (SmolLM2's Q8_0 embeddings) is kept as it is; one whose name an
+    ``ignore`` regex matches is left alone (save_gguf then writes it in F16/F32 exactly).
+    Returns the lines for the report's summary."""
+    import re
+
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None:
+        return {}
+    tied = out is None or out.weight is emb.weight
+    etype, otype = gguf_plan.embedding_types(gguf, tied, emb.weight.shape[1],
+                                             None if tied else out.weight.shape[1])
+    names = {id(m): n for n, m in model.named_modules()}
+    notes = {}
+    for what, module, t in (("embeddings", emb, etype), ("output head", out, otype)):
+        if module is None or t is None or (what == "output head" and tied):
+            continue
+        name = names.get(id(module), what)
+        if any(re.search(p, name) for p in ignore) or module.weight.dtype != torch.float32:
+            notes[f"GGUF {what}"] = "left as it is (ignored, or not float32)"
+            continue
+        w = module.weight.data
+        if reencodes_exactly(w, t):
+            module.toolkit_gguf = t
+            notes[f"GGUF {what}"] = f"{t} (already on its grid, unchanged)"
+            continue
+        new, _codes, grid = gguf_rtn(w, t, name=name)
+        w.copy_(new)
+        module.toolkit_gguf = grid
+        notes[f"GGUF {what}"] = f"{t} (round to nearest)" + (", tied" if tied else "")
+    return notes
 
 
 compress.__doc__ += options_doc()

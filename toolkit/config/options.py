@@ -24,7 +24,10 @@ from dataclasses import dataclass, field, fields, make_dataclass, replace
 
 from toolkit.config.menu import DEFAULT_LAYOUT, METRICS, parse_menu, parse_size
 from toolkit.solver.checks import (
+    GGUF_PRESETS,
+    GGUF_TYPES,
     check_bits,
+    check_gguf,
     check_group_size,
     check_pattern,
     check_refine_iters,
@@ -256,6 +259,8 @@ def _quant_label(v, s, long):
 
 
 def _group_label(v, s, long):
+    if getattr(s, "gguf", None) is not None:
+        return None  # the GGUF type fixes the blocks
     return f"g{v}" if v else ("per-channel" if long else "per-row")
 
 
@@ -276,6 +281,14 @@ OPTIONS: tuple[Option, ...] = (
            cli_help="quantize to 2..8 bits (16: no quantization; default: none)",
            parse=_parse_int, label=lambda v, s, long: f"{v}-bit" if v is not None else None,
            part="quant", annotation="int | None"),
+    Option("gguf", None, lambda v, n: check_gguf(v, n),
+           "quantize onto a GGUF block type instead of bits: " + ", ".join(GGUF_TYPES)
+           + ", or a llama.cpp preset (" + ", ".join(GGUF_PRESETS) + ": a type per tensor, as "
+           "llama.cpp chooses them); the weights are put on exactly the values that type "
+           "stores, so save_gguf writes the solver's codes bit for bit (group_size, sym and mse "
+           "are not used)", scope="layer", flag="--gguf", metavar="TYPE",
+           parse=_parse_optional(str), label=lambda v, s, long: v, part="quant",
+           annotation="str | None"),
     Option("group_size", 128, lambda v, n: check_group_size(v, n),
            "columns per quantization grid (128); None or -1: one grid per row. A last narrower "
            "group gets its own grid", scope="layer", flag="--group-size",
@@ -283,7 +296,8 @@ OPTIONS: tuple[Option, ...] = (
            annotation="int | None"),
     Option("sym", False, _bool, "symmetric grids (default asymmetric)", scope="layer",
            flag="--sym", parse=_parse_bool,
-           label=lambda v, s, long: ("sym" if v else "asym") if long else ("sym" if v else None),
+           label=lambda v, s, long: None if getattr(s, "gguf", None) is not None else
+           (("sym" if v else "asym") if long else ("sym" if v else None)),
            part="quant", annotation="bool"),
     Option("act_order", False, _bool, "GPTQ: visit columns by descending Hessian diagonal",
            scope="layer", flag="--act-order", parse=_parse_bool,
@@ -477,6 +491,16 @@ def _check_combination(values, block_size: int, layer: bool = True) -> None:
                          "column order)")
     if pattern is not None and block_size % pattern[1]:
         raise ValueError(f"block_size ({block_size}) must be a multiple of m={pattern[1]}")
+    if values.gguf is not None:
+        clash = [f"{k}={getattr(values, k)!r}" for k in ("bits", "act_order", "static_groups",
+                                                          "refine_iters")
+                 if getattr(values, k) not in (None, False, 0)]
+        if clash:
+            raise ValueError(f"gguf={values.gguf!r} sets the grid of every layer it applies to; "
+                             f"it cannot be combined with {', '.join(clash)} (GGUF blocks are "
+                             "natural column ranges fitted in order; to give a layer another "
+                             "type, use overrides with {'gguf': TYPE}, or {'gguf': None, "
+                             "'bits': B} to leave GGUF there)")
 
 
 # ---- the per-layer settings -------------------------------------------------------------------
@@ -489,14 +513,19 @@ class _LayerSettingsBase:
         return self.sparsity > 0 or self.pattern is not None
 
     @property
+    def quantizes(self) -> bool:
+        """On a grid: a uniform one (``bits``) or a GGUF type (``gguf``)."""
+        return self.bits is not None or self.gguf is not None
+
+    @property
     def active(self) -> bool:
-        return self.prunes or self.bits is not None
+        return self.prunes or self.quantizes
 
     @property
     def needs_hessian(self) -> bool:
         """Magnitude pruning and round-to-nearest need no calibration data; the rest do."""
         return (self.prunes and (self.method != "magnitude" or self.refine_iters > 0)) or (
-            self.bits is not None and self.quant == "gptq")
+            self.quantizes and self.quant == "gptq")
 
     def to_dict(self) -> dict:
         """The settings as plain JSON-able values (pattern as a list)."""
@@ -537,7 +566,7 @@ def label(settings, long: bool = False, extra=None) -> str:
     :class:`CompressConfig`): ``"SparseGPT 50% + GPTQ 4-bit g128"``, or with ``long=True``
     ``"sparsegpt 50% + gptq 4-bit g128 asym"``. Empty when nothing is done."""
     parts: dict[str, list[str]] = {}
-    show = {"prune": settings.prunes, "quant": settings.bits is not None}
+    show = {"prune": settings.prunes, "quant": settings.quantizes}
     for opt in OPTIONS:
         if opt.label is None:
             continue
@@ -578,6 +607,10 @@ class _ConfigBase:
                     f"at n/m), got sparsity={base.sparsity}")
         set_(self, "overrides", self._check_overrides(base))
         set_(self, "_settings", base)
+        if (self.target_bits is not None or self.target_size is not None) and (
+                base.gguf is not None or any("gguf" in c for c in (self.overrides or {}).values())):
+            raise ValueError("target_bits/target_size do not plan over GGUF types yet: give gguf "
+                             "(a type or a preset) without a size target")
 
     def _check_overrides(self, base):
         if self.overrides is None:

@@ -26,6 +26,9 @@ class LayerCompression:
     ``scale``/``zero`` are (out, n_groups) float32 on the CPU; ``g_idx`` maps each input column
     to its group (only needed with act_order). ``error`` is the layer's reconstruction error
     ``tr(dW H dW^T)`` (see :data:`REPORT_COLUMNS`), ``sparsity`` the fraction pruned.
+    ``gguf``: with ``settings.gguf``, the GGUF factors of the weight
+    (:class:`toolkit.solver.gguf_grids.GGUFGrid`, on the CPU; ``scale``/``zero`` stay None: the
+    layer is on no uniform grid, ``settings.bits`` is None).
     """
 
     settings: LayerSettings
@@ -34,6 +37,7 @@ class LayerCompression:
     g_idx: torch.Tensor | None = None
     error: float = 0.0
     sparsity: float = 0.0
+    gguf: object = None
 
 
 #: Columns of ``report.layers``: ``block``; ``layer`` (full module name); ``shape`` (out, in);

@@ -5,7 +5,13 @@ and the allowed values, and returns the value in its normal form."""
 from __future__ import annotations
 
 __all__ = ["check_sparsity", "check_pattern", "check_bits", "check_group_size",
-           "check_refine_iters"]
+           "check_refine_iters", "check_gguf", "GGUF_TYPES", "GGUF_PRESETS"]
+
+#: The GGUF block types the solver fits (:mod:`toolkit.solver.gguf_grids`): 32-weight blocks and
+#: the 256-weight K-quant super-blocks.
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+#: llama.cpp's mixed presets: one base type, some tensors at more bits (toolkit.plan.gguf).
+GGUF_PRESETS = ("Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
@@ -64,3 +70,14 @@ def check_refine_iters(iters, name: str = "refine_iters") -> int:
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"{name} must be an integer >= 0 (0 = plain SparseGPT), got {iters!r}")
     return iters
+
+
+def check_gguf(value, name: str = "gguf") -> str | None:
+    """Validate a GGUF type or preset name (None: no GGUF grid); case-insensitive, returned in
+    GGUF's spelling (``"q4_k_m"`` -> ``"Q4_K_M"``)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.upper() in GGUF_TYPES + GGUF_PRESETS:
+        return value.upper()
+    raise ValueError(f"{name} must be a GGUF type ({', '.join(GGUF_TYPES)}) or a llama.cpp preset "
+                     f"({', '.join(GGUF_PRESETS)}), or None, got {value!r}")

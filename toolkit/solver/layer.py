@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from toolkit.solver.gguf_grids import BlockFitter, GGUFGrid, gguf_type
 from toolkit.solver.hessian import SolverError, inverse_cholesky_factor, reconstruction_error
 from toolkit.solver.masks import check_pattern, check_sparsity, nm_mask, prune_lowest
 from toolkit.solver.quant import (
@@ -52,6 +53,12 @@ class SolveResult:
     ``col // group_size`` with ``act_order``). ``loss``: the solver's own running estimate
     ``sum err^2 / 2``. ``error``: ``tr(dW H dW^T)`` with the undamped ``H``, which equals
     ``2/n ||(W - W_new) X||^2``.
+
+    With ``gguf=`` (a GGUF block type): the groups are the type's sub-blocks, ``scale``/``zero``
+    their float32 scales and code offsets, ``minimum`` (rows x sub-blocks, or None for the types
+    without one) what each sub-block subtracts, so that ``weight = scale * (codes - zero) -
+    minimum`` exactly as GGUF's reader computes it; ``gguf`` holds the factors the file stores
+    (:class:`toolkit.solver.gguf_grids.GGUFGrid`).
     """
 
     weight: torch.Tensor
@@ -63,6 +70,8 @@ class SolveResult:
     loss: float
     error: float
     seconds: float
+    minimum: torch.Tensor | None = None
+    gguf: GGUFGrid | None = None
 
 
 @dataclass
@@ -121,7 +130,7 @@ def solve(weight: torch.Tensor, H: torch.Tensor | Factor, *, sparsity: float = 0
           pattern=None, bits: int | None = None, group_size: int | None = None,
           sym: bool = False, mse: bool = False, act_order: bool = False,
           static_groups: bool = False, block_size: int = 128, percdamp: float = 0.01,
-          name: str = "layer") -> SolveResult:
+          name: str = "layer", gguf: str | None = None) -> SolveResult:
     """Prune and/or quantize one layer's weight (rows x cols) against its input Hessian.
 
     Args:
@@ -153,11 +162,17 @@ def solve(weight: torch.Tensor, H: torch.Tensor | Factor, *, sparsity: float = 0
         percdamp: dampening ``percdamp * mean(diag H)`` added to the diagonal (ignored when a
             ``Factor`` is passed).
         name: the layer's name, used in error messages.
+        gguf: a GGUF block type (``"Q4_0"``, ``"Q4_K"``, ... :data:`toolkit.solver.gguf_grids.TYPES`)
+            instead of ``bits``: every weight is put on exactly the values that type stores,
+            each block's factors fitted when the sweep reaches it
+            (:class:`toolkit.solver.gguf_grids.BlockFitter`); ``group_size``, ``sym`` and ``mse``
+            are not used, ``act_order`` and ``static_groups`` are refused (GGUF blocks are
+            natural column ranges, fitted in order). Pruned weights take the code nearest 0.
     """
     return solve_layers([weight], H, sparsity=sparsity, pattern=pattern, bits=bits,
                         group_size=group_size, sym=sym, mse=mse, act_order=act_order,
                         static_groups=static_groups, block_size=block_size, percdamp=percdamp,
-                        names=[name])[0]
+                        names=[name], gguf=gguf)[0]
 
 
 SUB_BLOCK = 32
@@ -257,7 +272,8 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
                  static_groups: bool = False, block_size: int = 128, percdamp: float = 0.01,
                  names: list[str] | None = None,
                  masks: list[torch.Tensor] | None = None,
-                 error_H: torch.Tensor | None = None) -> list[SolveResult]:
+                 error_H: torch.Tensor | None = None,
+                 gguf: str | None = None) -> list[SolveResult]:
     """Solve several layers that read the same input (q/k/v; gate/up) in one sweep.
 
     Their rows are stacked and share one factorisation of ``H``; each layer keeps its own exact
@@ -270,6 +286,8 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     (default ``H`` itself), e.g. that of calibration windows the solve did not see (the size
     planner's held-out windows, :func:`toolkit.walk.budget.profile_layers`).
 
+    ``gguf``: a GGUF block type instead of ``bits`` (see :func:`solve`).
+
     Inputs that never fired (``diag H == 0``, e.g. a dead feature in the calibration data) have
     no effect on the calibration outputs: their weights are set to 0 before the sweep (as the
     SparseGPT and GPTQ reference code does), so pruning takes them first, whatever the scale of
@@ -279,6 +297,16 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     sparsity, pattern, bits, group_size = check_solver_args(
         sparsity, pattern, bits, group_size, act_order, block_size)
     names = names or [f"layer{i}" for i in range(len(weights))]
+    gtype = None
+    if gguf is not None:
+        gtype = gguf_type(gguf)
+        if bits is not None:
+            raise ValueError(f"give either bits (a uniform grid) or gguf (a GGUF block type), not "
+                             f"both: bits={bits}, gguf={gtype.name!r}")
+        if act_order or static_groups:
+            raise ValueError(f"gguf={gtype.name!r} cannot be combined with act_order or "
+                             "static_groups: GGUF blocks are natural column ranges, fitted as "
+                             "the sweep reaches them in order")
     cols = weights[0].shape[-1] if weights else 0
     if weights and pattern is not None and cols % pattern[1]:
         raise ValueError(
@@ -313,12 +341,22 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     if masks is None:
         keep = torch.ones(rows, cols, dtype=torch.bool, device=device) if prune else None
     pruned_so_far = [0] * len(splits)
-    if bits is not None:
-        maxq = 2**bits - 1
-        bounds = group_bounds(cols, group_size)
-        starts = {a: (g, b) for g, (a, b) in enumerate(bounds)}
+    quantizing = bits is not None or gtype is not None
+    fitter = minimums = None
+    if quantizing:
+        if gtype is not None:  # GGUF: the groups are the type's sub-blocks (gguf_grids)
+            fitter = BlockFitter(gtype, rows, cols, device=device, name=names[0])
+            maxq = gtype.maxq
+            bounds = fitter.bounds
+            starts = fitter.starts  # col -> (sub-block, end of the weights its fit sees)
+        else:
+            maxq = 2**bits - 1
+            bounds = group_bounds(cols, group_size)
+            starts = {a: (g, b) for g, (a, b) in enumerate(bounds)}
         scales = torch.empty(rows, len(bounds), dtype=torch.float32, device=device)
         zeros = torch.empty_like(scales)
+        if gtype is not None and gtype.has_min:
+            minimums = torch.empty_like(scales)
         natural_group = torch.empty(cols, dtype=torch.int32, device=device)
         for g, (a, b) in enumerate(bounds):
             natural_group[a:b] = g
@@ -342,22 +380,23 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
         keepT = keep.t().contiguous()
         del keep
     loss = torch.zeros(rows, dtype=torch.float32, device=device)
-    if bits is not None:
+    if quantizing:
         codesT = torch.empty(cols, rows, dtype=torch.uint8, device=device)
         cbuf = torch.empty(rows, dtype=torch.float32, device=device)
-    scale = zero = None
-    dyn_starts = starts if bits is not None and not static else {}
-    sub, split_groups = _sub_block(block_size, pattern, group_size if dyn_starts else None)
+    scale = zero = minimum = zcode = None  # the current grid; zcode: what pruned weights get
+    dyn_starts = starts if quantizing and not static else {}
+    dyn_size = gtype.sub if gtype is not None else group_size
+    sub, split_groups = _sub_block(block_size, pattern, dyn_size if dyn_starts else None)
     d_all = torch.diagonal(U)
     d_float = d_all.tolist()  # U_ii as Python numbers (the exact float32 values)
 
-    for i1 in range(0, cols if (prune or bits is not None) else 0, block_size):
+    for i1 in range(0, cols if (prune or quantizing) else 0, block_size):
         i2 = min(i1 + block_size, cols)
         count = i2 - i1
         W1 = WT[i1:i2]  # a view: updated in place, then replaced by the block's targets
         Err1 = torch.zeros_like(W1)
-        Q1 = torch.empty_like(W1) if bits is not None else None
-        C1 = torch.empty_like(W1) if bits is not None else None  # codes, as floats
+        Q1 = torch.empty_like(W1) if quantizing else None
+        C1 = torch.empty_like(W1) if quantizing else None  # codes, as floats
         U1 = U[i1:i2, i1:i2]
         d = d_all[i1:i2]
         df = d_float[i1:i2]
@@ -390,11 +429,12 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
                     km = nm_mask(score, n, m).t()
                     keep1[i:i + m] = km
                     pruned1[i:i + m] = (~km).float()
-                if bits is not None:
+                if quantizing:
                     if static:
                         if static_of[col] != current_group:
                             current_group = static_of[col]
                             scale, zero = scales[:, current_group], zeros[:, current_group]
+                            zcode = zero
                     elif col in starts:
                         g, gend = starts[col]
                         inblock = min(gend, i2) - i1
@@ -405,17 +445,25 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
                             if prune:
                                 gk = torch.cat([gk, torch.ones_like(WT[i2:gend], dtype=torch.bool)],
                                                0)
-                        scale, zero = fit_grid(gw.t().contiguous(), bits, sym=sym, mse=mse,
-                                               keep=None if gk is None else gk.t().contiguous())
+                        gk = None if gk is None else gk.t().contiguous()
+                        if fitter is not None:
+                            scale, zero, minimum, zcode = fitter.fit(col, gw.t().contiguous(), gk)
+                            if minimum is not None:
+                                minimums[:, g] = minimum
+                        else:
+                            scale, zero = fit_grid(gw.t().contiguous(), bits, sym=sym, mse=mse,
+                                                   keep=gk)
+                            zcode = zero
                         scales[:, g], zeros[:, g] = scale, zero
                     # codes clamp(round(w / scale) + zero, 0, maxq); pruned weights get the zero
-                    quantize(w, scale, zero, maxq, out=cbuf)
+                    # point (GGUF: the code nearest 0)
+                    quantize(w, scale, zero, maxq, out=cbuf, minimum=minimum)
                     if prune:
-                        torch.where(keep1[i], cbuf, zero, out=C1[i])
+                        torch.where(keep1[i], cbuf, zcode, out=C1[i])
                     else:
                         C1[i].copy_(cbuf)
                     q = Q1[i]
-                    dequantize(C1[i], scale, zero, out=q)
+                    dequantize(C1[i], scale, zero, out=q, minimum=minimum)
                     torch.sub(w, q, out=e)
                 else:  # pruning only: the target is 0 where pruned, w elsewhere
                     torch.mul(w, pruned1[i], out=e)
@@ -423,7 +471,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
             _carry(W1, U1, Err1, a, b)
 
         loss += Err1.pow(2).sum(0) / 2
-        if bits is not None:
+        if quantizing:
             W1.copy_(Q1)
             codesT[i1:i2] = C1.to(torch.uint8)
         else:
@@ -433,9 +481,9 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
 
     W = WT.t()
     keep = keepT.t() if prune else None
-    codes = codesT.t() if bits is not None else None
+    codes = codesT.t() if quantizing else None
     g_idx = None
-    if bits is not None:
+    if quantizing:
         # dynamic: groups are ranges of visiting positions; static: natural column ranges
         g_idx = natural_group
     if perm is not None:
@@ -443,7 +491,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
         W = W[:, inv]
         if prune:
             keep = keep[:, inv]
-        if bits is not None:
+        if quantizing:
             codes = codes[:, inv]
             if not static:
                 g_idx = g_idx[inv]
@@ -456,13 +504,15 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
         results.append(SolveResult(
             weight=new,
             mask=keep[r0:r1].clone() if prune else None,
-            codes=codes[r0:r1].clone() if bits is not None else None,
-            scale=scales[r0:r1].clone() if bits is not None else None,
-            zero=zeros[r0:r1].clone() if bits is not None else None,
+            codes=codes[r0:r1].clone() if quantizing else None,
+            scale=scales[r0:r1].clone() if quantizing else None,
+            zero=zeros[r0:r1].clone() if quantizing else None,
             g_idx=g_idx,
             loss=float(loss[r0:r1].sum()),
             error=reconstruction_error(w_in, new, Hf),  # in H's dtype
             seconds=seconds * (r1 - r0) / rows,
+            minimum=minimums[r0:r1].clone() if minimums is not None else None,
+            gguf=fitter.grid().rows(r0, r1) if fitter is not None else None,
         ))
     return results
 

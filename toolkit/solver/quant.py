@@ -85,20 +85,29 @@ def fit_grid(
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, minimum: torch.Tensor | None = None) -> torch.Tensor:
     """Integer codes ``clamp(round(w / scale) + zero, 0, maxq)`` (float tensor holding integers);
-    written into ``out`` when given (the same values, no temporaries)."""
+    written into ``out`` when given (the same values, no temporaries). ``minimum``: the grid
+    ``scale * (q - zero) - minimum`` of GGUF's types with a minimum
+    (:mod:`toolkit.solver.gguf_grids`): codes ``round((w + minimum) / scale) + zero``."""
+    if minimum is not None:
+        if out is None:
+            return torch.clamp(torch.round((w + minimum) / scale) + zero, 0, maxq)
+        return torch.add(w, minimum, out=out).div_(scale).round_().add_(zero).clamp_(0, maxq)
     if out is None:
         return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
     return torch.div(w, scale, out=out).round_().add_(zero).clamp_(0, maxq)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """Values ``scale * (q - zero)``; written into ``out`` when given."""
+               out: torch.Tensor | None = None, minimum: torch.Tensor | None = None) -> torch.Tensor:
+    """Values ``scale * (q - zero)``, less ``minimum`` when given (a product, then a difference:
+    the float32 operations of GGUF's reader); written into ``out`` when given."""
     if out is None:
-        return scale * (q - zero)
-    return torch.sub(q, zero, out=out).mul_(scale)
+        v = scale * (q - zero)
+        return v if minimum is None else v - minimum
+    torch.sub(q, zero, out=out).mul_(scale)
+    return out if minimum is None else out.sub_(minimum)
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

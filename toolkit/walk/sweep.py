@@ -50,6 +50,7 @@ from toolkit.config.records import LayerCompression
 from toolkit.model import experts
 from toolkit.model.layers import LinearRef, find_blocks, find_linears
 from toolkit.solver.baselines import apply_mask, magnitude_mask, wanda_mask
+from toolkit.solver.gguf_grids import gguf_rtn, gguf_type
 from toolkit.solver.hessian import HessianAccumulator, quadratic_form, reconstruction_error
 from toolkit.solver.layer import factorize, solve_layers
 from toolkit.solver.quant import rtn_quantize
@@ -644,7 +645,7 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
             else:
                 masks = [wanda_mask(w, H, s.sparsity, s.pattern) for w in weights]
             weights = [apply_mask(w, m) for w, m in zip(weights, masks)]
-        use_solver = (s.bits is not None and s.quant == "gptq") or (
+        use_solver = (s.quantizes and s.quant == "gptq") or (
             s.prunes and s.method == "sparsegpt")
         results = None
         # the solver's error is the layer's when it starts from the original weights and its
@@ -654,18 +655,20 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
             if s.act_order not in factors:
                 factors[s.act_order] = factorize(H, percdamp, s.act_order, name=refs[0].name)
             solver_bits = s.bits if s.quant == "gptq" else None
+            solver_gguf = s.gguf if s.quant == "gptq" else None  # a GGUF block type
             if masks is not None:
                 results = solve_layers(weights, factors[s.act_order], bits=solver_bits,
                                        group_size=s.group_size, sym=s.sym, mse=s.mse,
                                        act_order=s.act_order, static_groups=s.static_groups,
                                        block_size=block_size, names=[r.name for r in refs],
-                                       masks=masks)
+                                       masks=masks, gguf=solver_gguf)
             else:
                 results = solve_layers(weights, factors[s.act_order], sparsity=s.sparsity,
                                        pattern=s.pattern, bits=solver_bits,
                                        group_size=s.group_size, sym=s.sym, mse=s.mse,
                                        act_order=s.act_order, static_groups=s.static_groups,
-                                       block_size=block_size, names=[r.name for r in refs])
+                                       block_size=block_size, names=[r.name for r in refs],
+                                       gguf=solver_gguf)
             weights = [r.weight for r in results]
             if masks is None and results[0].mask is not None:
                 masks = [r.mask for r in results]
@@ -680,7 +683,15 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
         for j, (ref, w) in enumerate(zip(refs, weights)):
             comp = LayerCompression(settings=s)
             stored_as_solved = solver_error
-            if s.bits is not None:
+            if s.gguf is not None:  # a GGUF type: the record holds the file's factors
+                if results is not None and results[j].gguf is not None:
+                    comp.gguf = results[j].gguf.to("cpu")
+                else:  # round to nearest onto the same GGUF grid, keeping the mask
+                    keep = masks[j] if masks is not None else None
+                    w, _codes, grid = gguf_rtn(w, s.gguf, keep, name=ref.name)
+                    comp.gguf = grid.to("cpu")
+                    stored_as_solved = False
+            elif s.bits is not None:
                 if results is not None and results[j].scale is not None:
                     comp.scale, comp.zero = results[j].scale.cpu(), results[j].zero.cpu()
                     if s.act_order:
@@ -705,12 +716,15 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
             pruned = int((~masks[j]).sum()) if masks is not None else 0
             comp.sparsity = pruned / new.numel()
             ref.set_record(comp)  # module.compression, or the experts module's dict (MoE)
+            gt = gguf_type(s.gguf) if s.gguf is not None else None
             rows.append(dict(
                 layer=ref.name, shape=tuple(new.shape), sparsity=comp.sparsity,
                 zeros=float((new == 0).float().mean()),
-                bits=s.bits if s.bits is not None else 16,
-                group_size=s.group_size if s.bits is not None else None,
-                method=(s.method if s.prunes else "-") + "+" + (s.quant if s.bits else "-"),
+                bits=s.bits if s.bits is not None else (gt.bits if gt is not None else 16),
+                group_size=s.group_size if s.bits is not None else (
+                    gt.sub if gt is not None else None),
+                method=(s.method if s.prunes else "-") + "+" + (
+                    s.quant if s.quantizes else "-") + (f" {gt.name}" if gt is not None else ""),
                 error=comp.error,
                 rel_error=rel_error,
                 seconds=(time.perf_counter() - t0) / len(refs),
