@@ -14,11 +14,13 @@ import torch
 from conftest import random_ids, tiny_model
 
 import toolkit
+from toolkit.checkpoint.formats import GUARD_GROUP, READERS
 from toolkit.checkpoint.saveload import (
     TOOLKIT_NAME,
     WEIGHTS_NAME,
     CheckpointError,
     check_savable,
+    checkpoint_info,
     checkpoint_readers,
     describe_checkpoint,
     is_checkpoint,
@@ -124,23 +126,73 @@ def test_transformers_from_pretrained_symmetric(tmp_path):
         assert torch.equal(plain(BATCH).logits, model(BATCH).logits)
 
 
-def test_transformers_asymmetric_needs_dequantize(tmp_path):
-    """transformers 5.24 + compressed-tensors 0.20.1 expect an unpacked zero point in their plain
-    loader: an error, never garbage; the dequantizing load reads the file (the format's, and
-    llm-compressor's, packed zero points)."""
+def test_default_file_loads_in_plain_from_pretrained(tmp_path):
+    """compress(model, tok, bits=4) + save_compressed with every default opens with plain
+    AutoModelForCausalLM.from_pretrained, with the saved model's logits. The default grid is
+    asymmetric (bench/symmetry.py: on SmolLM2 symmetric grids cost +22% perplexity at 4 bits);
+    transformers >= 5.23 reads asymmetric zero points only in the format's block strategy, so
+    asymmetric layers are stored that way (vLLM refuses it, by its format rules: sym=True gives
+    the group strategy it reads)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    model, _ = _compressed("llama", bits=4, group_size=128)
+    model = tiny_model("llama", hidden=HIDDEN)
+    toolkit.compress(model, None, bits=4, calibration=random_ids(8, 32), nsamples=8, seqlen=32,
+                     verbose=False)
+    assert CompressConfig().sym is False  # the default grid, as measured
     out = save_compressed(model, tmp_path / "ckpt")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    assert group["weights"]["strategy"] == "block" and not group["weights"]["symmetric"]
+    assert group["weights"]["block_structure"] == [1, 128]
+    readers = checkpoint_readers(out)
+    assert [readers[k].status for k in ("transformers", "dequantize", "load_compressed",
+                                        "vllm")] == ["loads", "loads", "loads", "error"]
+    assert "sym=True" in readers["vllm"].reason
+    with torch.no_grad():
+        ref = model(BATCH).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(BATCH).logits, ref)
+        deq = AutoModelForCausalLM.from_pretrained(
+            out, quantization_config=CompressedTensorsConfig(dequantize=True))
+        assert torch.equal(deq(BATCH).logits, ref)
+        assert torch.equal(load_compressed(out)(BATCH).logits, ref)
+    # the zero points stay int8 (unpacked): what model_bytes counts
+    assert _data_bytes(save_compressed(model, tmp_path / "half", dtype=torch.float16)) == \
+        toolkit.model_bytes(model)["bytes"]
+
+
+def test_symmetric_default_off_one_flag_away(tmp_path):
+    """sym=True: the group strategy (vLLM's WNA16 reads it) and plain from_pretrained."""
+    model, _ = _compressed("llama", bits=4, sym=True)
+    out = save_compressed(model, tmp_path / "ckpt")
+    (group,) = json.loads((out / "config.json").read_text())["quantization_config"][
+        "config_groups"].values()
+    assert group["weights"]["strategy"] == "group" and group["weights"]["symmetric"]
+    readers = checkpoint_readers(out)
+    assert all(v.status == "loads" for k, v in readers.items() if k != "dequantize")
+
+
+def test_asymmetric_per_row_names_its_loading_path(tmp_path, caplog):
+    """A folder plain from_pretrained refuses (asymmetric, one grid per row: zero points packed
+    down the rows): save_compressed says so in one warning with the way it loads, the same
+    verdicts toolkit info prints."""
+    from toolkit.checkpoint.saveload import checkpoint_info, readers_summary
+
+    model, _ = _compressed("llama", bits=4, group_size=None)
+    with caplog.at_level(logging.INFO, logger="toolkit"):
+        out = save_compressed(model, tmp_path / "ckpt")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "transformers' from_pretrained refuses it" in warnings[0]
+    assert "CompressedTensorsConfig(dequantize=True)" in warnings[0]
+    assert "toolkit.load_compressed" in warnings[0]
     readers = checkpoint_readers(out)
     assert readers["transformers"].status == "error" and readers["dequantize"].status == "loads"
-    with pytest.raises(Exception, match="mismatch|size"):
-        AutoModelForCausalLM.from_pretrained(out)
-    deq = AutoModelForCausalLM.from_pretrained(
-        out, quantization_config=CompressedTensorsConfig(dequantize=True))
-    with torch.no_grad():
-        assert torch.equal(deq(BATCH).logits, model(BATCH).logits)
+    info = checkpoint_info(out)
+    summary = readers_summary(out)
+    for text in (info.text, summary):
+        assert "refuses: asymmetric zero points packed along the rows" in text
+        assert "CompressedTensorsConfig(dequantize=True)" in text
 
 
 def test_standard_layout_stores_pruned_layers_dense(tmp_path):
@@ -169,11 +221,16 @@ def test_config_describes_layers(tmp_path):
                                 overrides={"down_proj": {"bits": 8}})
     out = save_compressed(model, tmp_path / "ckpt", report=report)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    groups = qc["config_groups"].values()
+    # several schemes: a guard group first, which transformers' dequantizing path takes for
+    # every layer and fails on (see test_readers.py)
+    assert list(qc["config_groups"])[0] == GUARD_GROUP
+    assert qc["config_groups"][GUARD_GROUP]["targets"] == []
+    groups = [g for k, g in qc["config_groups"].items() if k != GUARD_GROUP]
     bits = {g["weights"]["num_bits"]: g["targets"] for g in groups}
     assert set(bits) == {4, 8}
     assert all(t.endswith("down_proj") for t in bits[8])
     assert {g["format"] for g in groups} == {"pack-quantized"} and qc["format"] == "pack-quantized"
+    assert checkpoint_readers(out)["dequantize"].status == "error"
     assert qc["ignore"] == ["lm_head"]  # every other linear layer is a target
     assert qc["sparsity_config"]["format"] == "dense"  # pruned + quantized, stored densely
     assert sorted(qc["sparsity_config"]["targets"]) == sorted(bits[4] + bits[8])
@@ -183,7 +240,7 @@ def test_config_describes_layers(tmp_path):
     compact = save_compressed(model, tmp_path / "compact", layout="compact")
     qc = json.loads((compact / "config.json").read_text())["quantization_config"]
     assert {g["format"] for g in qc["config_groups"].values()} == \
-        {"toolkit-sparse-bitmask-pack-quantized"}
+        {"toolkit-sparse-bitmask-pack-quantized"}  # no guard: compressed-tensors refuses it
     assert torch.equal(load_compressed(compact)(BATCH).logits, model(BATCH).logits)
 
 
@@ -346,6 +403,41 @@ def test_default_dtype_is_the_source_checkpoint_dtype(tmp_path):
             assert torch.equal(load_compressed(exact)(BATCH).logits, model(BATCH).logits)
 
 
+def test_float32_load_of_a_bfloat16_file_is_on_the_grid(tmp_path):
+    """load_compressed(dtype=torch.float32) of a checkpoint with bfloat16 scales gives every
+    weight exactly scale * (q - zero) in float32 -- what transformers' plain float32 load
+    gives, logit for logit -- and pack() recovers every code from it."""
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.runtime.pack import layer_codes, pack
+
+    for kw in (dict(bits=4, group_size=64), dict(sparsity=0.5, bits=4, group_size=64),
+               dict(bits=3, group_size=64, sym=True)):
+        model, _ = _compressed("llama", **kw)
+        out = save_compressed(model, tmp_path / "bf16", dtype=torch.bfloat16, overwrite=True)
+        loaded = load_compressed(out, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        for name, m in loaded.named_modules():
+            comp = getattr(m, "compression", None)
+            if comp is None:
+                continue
+            lc = layer_codes(m, name)  # raises when a weight is off its grid
+            widths = torch.tensor(lc.widths)
+            grid = torch.repeat_interleave(comp.scale, widths, 1) * (
+                lc.codes.float() - torch.repeat_interleave(comp.zero, widths, 1))
+            assert torch.equal(m.weight, grid), name
+            assert comp.scale.dtype == torch.float32 and torch.equal(
+                comp.scale, comp.scale.bfloat16().float()), name  # the stored bf16 scales
+        with torch.no_grad():
+            assert torch.equal(loaded(BATCH).logits, plain(BATCH).logits), kw
+        with torch.no_grad():
+            ref = loaded(BATCH).logits
+        pack(loaded, compute_dtype=torch.float32)
+        with torch.no_grad():
+            err = float((loaded(BATCH).logits - ref).abs().max())
+        assert err <= 2e-5 * float(ref.abs().max()), (kw, err)
+
+
 def test_files_follow_the_umask(tmp_path):
     import stat
 
@@ -361,14 +453,21 @@ def test_files_follow_the_umask(tmp_path):
 
 
 def test_warnings_are_one_short_line(tmp_path, caplog):
+    """A folder every transformers path loads: no warning; the layers stored in the block
+    strategy for a partial last group are one INFO line, the readers one line each."""
     model, _ = _compressed("llama", hidden=96, bits=4, group_size=64)
     with caplog.at_level(logging.INFO, logger="toolkit"):
         out = save_compressed(model, tmp_path / "ckpt")
-    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(lines) == 1 and len(lines[0]) < 160, lines
-    assert "stored 12 layers with the 'block' strategy" in lines[0] and TOOLKIT_NAME in lines[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    block = [line for line in info if line.startswith("stored 12 layers whose group size")]
+    assert len(block) == 1 and TOOLKIT_NAME in block[0] and len(block[0]) < 300
+    assert sum(line.startswith("transformers AutoModelForCausalLM.from_pretrained") and
+               " loads" in line for line in info) == 1
     meta = json.loads((out / TOOLKIT_NAME).read_text())
     assert len(meta["partial_group_layers"]) == 12
+    # why transformers prints compressed-tensors' warning once per such layer: said once
+    assert "compressed-tensors 0.20 marks the warning log-once" in describe_checkpoint(out)
 
 
 def test_check_savable():
@@ -400,16 +499,32 @@ def test_describe_verifies_and_names_readers(tmp_path):
     model, report = _compressed("llama", hidden=64, bits=4, group_size=32, sym=True)
     model.toolkit_source = "tiny-llama"
     out = save_compressed(model, tmp_path / "ckpt", report=report)
-    text = describe_checkpoint(out, verify=True)
+    info = checkpoint_info(out, verify=True)
+    text = info.text
+    assert info.ok is True and info.problems == []
+    assert text.splitlines()[0].startswith("checksums ok: model.safetensors (")  # first
     assert "LlamaForCausalLM (llama), 2 blocks, 64 hidden, 128 vocab; from tiny-llama" in text
     assert "SHA-256 OK" in text and "layout standard" in text
-    assert "from_pretrained" in text and "yes" in text
+    readers = [line for line in text.splitlines() if line.startswith("    ") and
+               any(line.strip().startswith(label) for label in READERS.values())]
+    assert len(readers) == 4
+    assert all(line.split("  ")[-1].split(":")[0].strip() in ("loads", "refuses")
+               for line in readers), readers
+    assert "load it with AutoModelForCausalLM.from_pretrained(" in text
+    # sizes in decimal units: MB = 10^6 bytes
+    size = (out / WEIGHTS_NAME).stat().st_size
+    assert f"{size:,} bytes ({size / 1e3:,.1f} KB)" in text
     assert "not checked" in describe_checkpoint(out)
+    assert checkpoint_info(out).ok is None and not describe_checkpoint(out).startswith("checksums")
     f = out / WEIGHTS_NAME
     raw = bytearray(f.read_bytes())
     raw[-50] ^= 0xFF
     f.write_bytes(bytes(raw))
-    assert f"DIFFERS: {f}: SHA-256 differs" in describe_checkpoint(out, verify=True)
+    info = checkpoint_info(out, verify=True)
+    assert info.ok is False and info.problems == [f"{f}: SHA-256 differs from the one recorded "
+                                                  "at save time (the file is corrupt)"]
+    assert info.text.splitlines()[0] == f"checksums FAILED: {info.problems[0]}"
+    assert f"DIFFERS: {f}: SHA-256 differs" in info.text
     # aligned columns: every layer row has its format at the same offset
     rows = [line for line in describe_checkpoint(out).splitlines()
             if line.startswith("  model.layers.")]

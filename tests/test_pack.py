@@ -211,8 +211,9 @@ def test_joint_bitmask_is_exact_and_compact(awkward, kw):
     m = compressed(awkward, **kw)
     ref = logits(m)
     sizes = {n: _compact_bytes(x) for n, x in m.named_modules() if hasattr(x, "compression")}
-    rep = pack(m)  # joint="bitmask" by default
+    rep = pack(m, joint="bitmask")
     assert (rep.layers["path"] == "bitmask").all()
+    assert rep.layers["why"].str.startswith("joint='bitmask' asked").all()
     if kw.get("act_order"):  # the inputs are permuted: the sums run in another order
         assert float((logits(m) - ref).abs().max()) <= FP32_TOL * float(ref.abs().max())
     else:
@@ -233,6 +234,32 @@ def _compact_bytes(module) -> int:
                                 dense_bits=8 * w.element_size()).values()))
 
 
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5, bits=4, group_size=64),
+                                dict(sparsity=0.5, bits=8, group_size=32)],
+                         ids=["50%+4bit", "50%+8bit"])
+def test_joint_default_is_the_fastest_path_smaller_than_dense(awkward, kw):
+    """pack() puts pruned + quantized layers on the kernels (every code, pruned weights as the
+    zero-point code): fewer bytes than the unpacked layer, the same outputs as joint="codes";
+    the report says why and what joint="bitmask" would keep."""
+    m = compressed(awkward, **kw)
+    dense = {n: x.weight.numel() * x.weight.element_size() for n, x in m.named_modules()
+             if hasattr(x, "compression")}
+    codes = copy.deepcopy(m)
+    pack(codes, joint="codes")
+    rep = pack(m)
+    kernel = "int4" if kw["bits"] <= 4 else "int8"
+    assert (rep.layers["path"] == kernel).all()
+    assert rep.layers["why"].str.contains("fewer bytes than the unpacked layer; joint='bitmask' "
+                                          "keeps fewer still").all()
+    for _, r in rep.layers.iterrows():
+        assert r["bytes"] < dense[r["layer"]], r["layer"]
+    assert torch.equal(logits(m), logits(codes))
+    bitmask = pack(compressed(awkward, **kw), joint="bitmask")
+    assert rep.summary["joint layers as joint='bitmask'"] == \
+        bitmask.summary["bytes of these layers"]
+    assert bitmask.summary["bytes of these layers"] < rep.summary["bytes of these layers"]
+
+
 def test_decode_path_is_exact(awkward):
     m = compressed(awkward, bits=3, group_size=64, quant="rtn")
     ref = logits(m)
@@ -249,8 +276,8 @@ def test_pruned_only_layers(awkward):
     rep = pack(m)
     assert len(rep.layers) == 12
     assert (rep.layers["path"] == "dense").all()
-    assert rep.layers["detail"].str.contains("2:4 semi-structured sparse kernels need CUDA; "
-                                             "the layer is on cpu").all()
+    assert rep.layers["why"].str.contains("2:4 semi-structured sparse kernels need CUDA; "
+                                          "the layer is on cpu").all()
     ref = logits(m)
     rep = pack(m, pruned="bitmask")
     assert (rep.layers["path"] == "bitmask").all()
@@ -339,11 +366,13 @@ def test_report_and_resident_bytes(awkward):
     m = compressed(awkward, bits=4, group_size=64, quant="rtn")
     before = pack_report(m)
     assert (before.layers["path"] == "dense").all()
-    assert (before.layers["detail"] == "not packed yet").all()
+    assert (before.layers["why"] == "not packed yet").all()
     rep = pack(m)
     lay = rep.layers
-    assert list(lay.columns) == ["layer", "shape", "bits", "sparsity", "path", "detail", "bytes",
-                                 "fp16_bytes"]
+    assert list(lay.columns) == ["layer", "shape", "bits", "sparsity", "path", "why", "detail",
+                                 "bytes", "fp16_bytes"]
+    assert (lay["why"] == "int4 kernel: the fastest path").all()
+    assert "int4 x14: int4 kernel: the fastest path" in str(rep)
     assert rep.summary["bytes of these layers"] == lay["bytes"].sum()
     assert rep.summary["layers on int4"] == 14
     assert lay.set_index("layer").loc["model.layers.1.mlp.down_proj", "shape"] == (96, 201)
@@ -380,7 +409,7 @@ def test_bad_arguments(awkward):
     m = copy.deepcopy(awkward)
     with pytest.raises(ValueError, match="compute_dtype must be"):
         pack(m, compute_dtype=torch.int8)
-    with pytest.raises(ValueError, match="joint must be one of 'bitmask', 'codes'"):
+    with pytest.raises(ValueError, match="joint must be one of 'auto', 'codes', 'bitmask'"):
         pack(m, joint="dense")
     with pytest.raises(ValueError, match="pruned must be one of 'dense', 'bitmask'"):
         pack(m, pruned="codes")

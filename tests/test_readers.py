@@ -4,10 +4,12 @@ Each cell is a real load of a checkpoint written by ``save_compressed``, compare
 in-memory model's logits: ``equal``, ``error`` (the reader raises) or ``WRONG`` (it returns a
 model with other logits and no error). The toolkit's own prediction
 (:func:`toolkit.checkpoint.saveload.checkpoint_readers`, what ``toolkit info`` prints) must say the same for
-every cell; no cell may be WRONG except the one documented transformers limitation (its
-``dequantize=True`` path decompresses every layer with the first config group's scheme, so a
-file mixing bit widths loads wrong there). The table "What loads where" of docs/checkpoints.md is this matrix
-(``test_readme_table``); regenerate it with ``python tests/test_readers.py``.
+every cell, and no cell may be WRONG: files with several schemes (overrides by bits, group size,
+sparsity or grid; budget plans; mixture-of-experts with per-expert settings) load right or are
+refused in every reader (transformers' dequantizing path, which decompresses every layer with
+one config group's scheme, meets a guard group first and raises). The table "What loads where"
+of docs/checkpoints.md is this matrix (``test_readme_table``); regenerate it with
+``python tests/test_readers.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import random_ids, tiny_model, tiny_moe  # noqa: E402
 
 import toolkit  # noqa: E402
+from toolkit.checkpoint.formats import GUARD_GROUP  # noqa: E402
 from toolkit.checkpoint.saveload import checkpoint_readers, load_compressed, save_compressed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,28 +38,51 @@ CALIB = dict(calibration=random_ids(8, 32), nsamples=8, seqlen=32, verbose=False
 #: label -> (family, tiny_model keywords, compress keywords)
 SCHEMES = {
     "4-bit sym g32": ("llama", {}, dict(bits=4, group_size=32, sym=True)),
-    "4-bit asym g32": ("llama", {}, dict(bits=4, group_size=32)),
+    "4-bit asym g32": ("llama", {}, dict(bits=4, group_size=32, sym=False)),
     "3-bit sym g32": ("llama", {}, dict(bits=3, group_size=32, sym=True)),
-    "5-bit asym g32": ("llama", {}, dict(bits=5, group_size=32)),
+    "5-bit asym g32": ("llama", {}, dict(bits=5, group_size=32, sym=False)),
     "6-bit sym g32": ("llama", {}, dict(bits=6, group_size=32, sym=True)),
     "8-bit sym per-row": ("llama", {}, dict(bits=8, group_size=None, sym=True)),
+    "4-bit asym per-row": ("llama", {}, dict(bits=4, group_size=None, sym=False)),
     "50%": ("llama", {}, dict(sparsity=0.5)),
     "2:4": ("llama", {}, dict(pattern="2:4")),
-    "50% + 4-bit asym": ("llama", {}, dict(sparsity=0.5, bits=4, group_size=32)),
+    "50% + 4-bit asym": ("llama", {}, dict(sparsity=0.5, bits=4, group_size=32, sym=False)),
     "2:4 + 4-bit sym": ("llama", {}, dict(pattern="2:4", bits=4, group_size=32, sym=True)),
     "act-order, static groups": ("llama", {}, dict(bits=4, group_size=32, sym=True,
                                                    act_order=True, static_groups=True)),
     "partial last group (block)": ("llama", dict(hidden=96), dict(bits=4, group_size=64,
                                                                   sym=True)),
-    "partial last group, asym": ("llama", dict(hidden=96), dict(bits=4, group_size=64)),
+    "partial last group, asym": ("llama", dict(hidden=96), dict(bits=4, group_size=64,
+                                                                sym=False)),
+    # several schemes in one file: overrides by bits, group size, sparsity; a budget plan
     "mixed: 4-bit, down_proj 8-bit": ("llama", {}, dict(bits=4, group_size=32, sym=True,
                                                         overrides={"down_proj": {"bits": 8}})),
+    "mixed: 4-bit asym, down_proj 8-bit": ("llama", {}, dict(
+        bits=4, group_size=32, sym=False, overrides={"down_proj": {"bits": 8}})),
+    "mixed: g32, mlp g16": ("llama", {}, dict(bits=4, group_size=32, sym=True,
+                                              overrides={"mlp": {"group_size": 16}})),
+    "mixed: g32, o_proj per-row": ("llama", {}, dict(bits=4, group_size=32, sym=True,
+                                                     overrides={"o_proj": {"group_size": None}})),
+    "mixed: 4-bit, mlp 50% + 4-bit": ("llama", {}, dict(bits=4, group_size=32, sym=True,
+                                                        overrides={"mlp": {"sparsity": 0.5}})),
+    "mixed: asym g32, mlp sym": ("llama", {}, dict(bits=4, group_size=32, sym=False,
+                                                   overrides={"mlp": {"sym": True}})),
+    "budget: target_bits 5, sym": ("llama", {}, dict(target_bits=5.0, sym=True,
+                                                     budget_menu="8g32,4g32,4g16,3g32")),
+    "budget: target_bits 5, asym": ("llama", {}, dict(target_bits=5.0, sym=False,
+                                                      budget_menu="8g32,4g32,4g16,3g32")),
     "GPT-2 Conv1D 4-bit sym": ("gpt2", {}, dict(bits=4, group_size=32, sym=True)),
     "GPT-2 Conv1D 50%": ("gpt2", {}, dict(sparsity=0.5)),
     # mixture-of-experts (fused 3-D experts, toolkit.model.experts): per-expert tensors under the names
     # transformers' conversion mapping merges (Mixtral: experts.N.w1/w3/w2), or the toolkit's own
     "MoE Mixtral 4-bit sym g32": ("moe:mixtral", {}, dict(bits=4, group_size=32, sym=True)),
-    "MoE Mixtral 4-bit asym g32": ("moe:mixtral", {}, dict(bits=4, group_size=32)),
+    "MoE Mixtral 4-bit asym g32": ("moe:mixtral", {}, dict(bits=4, group_size=32, sym=False)),
+    "MoE Mixtral 4-bit asym g64 (partial last group)": ("moe:mixtral", {}, dict(
+        bits=4, group_size=64, sym=False)),
+    "MoE Mixtral: attention 8-bit": ("moe:mixtral", {}, dict(
+        bits=4, group_size=32, sym=True, overrides={"self_attn": {"bits": 8}})),
+    "MoE Mixtral: expert 3 8-bit": ("moe:mixtral", {}, dict(
+        bits=4, group_size=32, sym=True, overrides={r"experts\.3\.": {"bits": 8}})),
     "MoE Qwen3-MoE 50%": ("moe:qwen3_moe", {}, dict(sparsity=0.5)),
     "MoE GPT-OSS 4-bit sym g32": ("moe:gpt_oss", {}, dict(bits=4, group_size=32, sym=True)),
     "MoE Mixtral 4-bit sym, expert 2 ignored": ("moe:mixtral", {}, dict(
@@ -64,8 +90,9 @@ SCHEMES = {
 }
 LAYOUTS = ("standard", "compact")
 READERS = ("transformers", "dequantize", "load_compressed")
-#: the cells allowed to load wrong: transformers' dequantizing path and several schemes
-KNOWN_WRONG = {("mixed: 4-bit, down_proj 8-bit", layout, "dequantize") for layout in LAYOUTS}
+#: the cells allowed to load wrong: none. (Until issue 32, transformers' dequantizing path read
+#: files with several schemes wrong; they now start with a guard group that makes it raise.)
+KNOWN_WRONG: set = set()
 WORDS = {"loads": "equal", "error": "error", "wrong": "WRONG"}
 
 
@@ -113,9 +140,12 @@ def build_matrix(root: Path) -> dict:
             folder = root / f"{re.sub(r'[^a-z0-9]+', '-', label.lower())}-{layout}"
             save_compressed(model, folder, layout=layout)
             predicted = {k: v for k, v in checkpoint_readers(folder).items()}
+            qc = json.loads((folder / "config.json").read_text()).get("quantization_config")
+            groups = [g for g in (qc or {}).get("config_groups", {}) if g != GUARD_GROUP]
             results[(label, layout)] = {
                 "readers": {r: outcome(folder, r, ref) for r in READERS},
                 "predicted": predicted,
+                "groups": len(groups),
             }
     return results
 
@@ -151,9 +181,27 @@ def test_predictions_match_real_loads(matrix):
 
 
 def test_never_silently_wrong(matrix):
-    wrong = {(label, layout, reader) for (label, layout), r in matrix.items()
-             for reader in READERS if r["readers"][reader][0] == "wrong"}
-    assert wrong == KNOWN_WRONG, wrong ^ KNOWN_WRONG
+    """Every reader loads every file with the saved model's logits, or raises."""
+    assert KNOWN_WRONG == set()
+    wrong = {(label, layout, reader): r["readers"][reader][1] for (label, layout), r in
+             matrix.items() for reader in READERS if r["readers"][reader][0] == "wrong"}
+    assert not wrong, wrong
+    # and toolkit info never says a reader loads one of them wrong
+    said = {(label, layout, reader) for (label, layout), r in matrix.items()
+            for reader, v in r["predicted"].items() if v.status == "wrong"}
+    assert not said, said
+
+
+def test_several_schemes_are_covered(matrix):
+    """The rows with several schemes are really several schemes in one file (more than one
+    config group besides the guard), in both layouts."""
+    for label in SCHEMES:
+        if not label.startswith(("mixed:", "budget:", "MoE Mixtral: ")):
+            continue
+        if label == "mixed: 4-bit, mlp 50% + 4-bit":
+            continue  # one scheme in the standard layout (joint layers store every code)
+        for layout in LAYOUTS:
+            assert matrix[(label, layout)]["groups"] >= 2, (label, layout)
 
 
 def test_load_compressed_reads_everything(matrix):
@@ -161,22 +209,42 @@ def test_load_compressed_reads_everything(matrix):
 
 
 #: the standard layout's promise, (plain from_pretrained, dequantize=True), cell by cell:
-#: symmetric and pruned-only folders load plainly, asymmetric ones with dequantize=True
+#: symmetric, asymmetric (stored in the block strategy, whose zero points transformers reads)
+#: and pruned-only folders load plainly; asymmetric one-grid-per-row folders (zero points packed
+#: down the rows) with dequantize=True; several schemes: plainly, and the dequantizing path
+#: (one scheme for every layer) raises on the guard group. Mixture-of-experts: transformers
+#: merges every expert with one scheme and no zero point, so asymmetric experts and experts
+#: with several schemes are refused (the latter stored in the toolkit's own format)
 STANDARD = {
-    "4-bit sym g32": ("loads", "loads"), "4-bit asym g32": ("error", "loads"),
-    "3-bit sym g32": ("loads", "loads"), "8-bit sym per-row": ("loads", "loads"),
-    "5-bit asym g32": ("error", "loads"), "6-bit sym g32": ("loads", "loads"),
-    "50%": ("loads", "error"), "2:4": ("loads", "error"),
-    "50% + 4-bit asym": ("error", "loads"), "2:4 + 4-bit sym": ("loads", "loads"),
+    "4-bit sym g32": ("loads", "loads"),
+    "4-bit asym g32": ("loads", "loads"),
+    "3-bit sym g32": ("loads", "loads"),
+    "5-bit asym g32": ("loads", "loads"),
+    "6-bit sym g32": ("loads", "loads"),
+    "8-bit sym per-row": ("loads", "loads"),
+    "4-bit asym per-row": ("error", "loads"),
+    "50%": ("loads", "error"),
+    "2:4": ("loads", "error"),
+    "50% + 4-bit asym": ("loads", "loads"),
+    "2:4 + 4-bit sym": ("loads", "loads"),
     "act-order, static groups": ("loads", "loads"),
     "partial last group (block)": ("loads", "loads"),
     "partial last group, asym": ("loads", "loads"),
-    "mixed: 4-bit, down_proj 8-bit": ("loads", "wrong"),
-    "GPT-2 Conv1D 4-bit sym": ("error", "error"), "GPT-2 Conv1D 50%": ("loads", "error"),
-    # transformers 5.24 merges per-expert packed tensors into the fused experts, symmetric only
-    # (its expert decompression reads no zero point); the toolkit's expert formats are refused
+    "mixed: 4-bit, down_proj 8-bit": ("loads", "error"),
+    "mixed: 4-bit asym, down_proj 8-bit": ("loads", "error"),
+    "mixed: g32, mlp g16": ("loads", "error"),
+    "mixed: g32, o_proj per-row": ("loads", "error"),
+    "mixed: 4-bit, mlp 50% + 4-bit": ("loads", "loads"),
+    "mixed: asym g32, mlp sym": ("loads", "error"),
+    "budget: target_bits 5, sym": ("loads", "error"),
+    "budget: target_bits 5, asym": ("loads", "error"),
+    "GPT-2 Conv1D 4-bit sym": ("error", "error"),
+    "GPT-2 Conv1D 50%": ("loads", "error"),
     "MoE Mixtral 4-bit sym g32": ("loads", "loads"),
     "MoE Mixtral 4-bit asym g32": ("error", "error"),
+    "MoE Mixtral 4-bit asym g64 (partial last group)": ("error", "error"),
+    "MoE Mixtral: attention 8-bit": ("loads", "error"),
+    "MoE Mixtral: expert 3 8-bit": ("error", "error"),
     "MoE Qwen3-MoE 50%": ("loads", "error"),
     "MoE GPT-OSS 4-bit sym g32": ("error", "error"),
     "MoE Mixtral 4-bit sym, expert 2 ignored": ("error", "error"),

@@ -22,6 +22,7 @@ they describe *files*, whoever wrote them (the toolkit, llm-compressor 0.10 or 0
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,11 @@ __all__ = ["JOINT_FORMAT", "SPARSE_FORMAT", "SPARSE24_FORMAT", "CONV1D_FORMAT", 
            "TOOLKIT_FORMATS", "LEGACY_SPARSE_FORMATS", "READERS", "Group", "LayerPlan",
            "Verdict", "parse_groups", "matches", "plan_layers", "unpack_codes", "pack_layout",
            "unpack_zero_point", "column_groups", "dequantize", "expected_shapes",
-           "predict_readers", "version_tuple", "block_key", "partial_group_keys"]
+           "predict_readers", "version_tuple", "block_key", "partial_group_keys",
+           "block_strategy_keys",
+           "GUARD_GROUP", "guard_group", "dequantize_fate", "arrange_groups", "dense_group",
+           "experts_decoders",
+           "experts_group"]
 
 # ---- format names ------------------------------------------------------------------------------
 
@@ -72,7 +77,7 @@ READERS = {
     "vllm": "vLLM (from its format rules, not run)",
 }
 #: the versions the transformers rules were measured with
-MEASURED_WITH = "transformers 5.24.0 + compressed-tensors 0.20.1"
+MEASURED_WITH = "transformers 5.25.0 + compressed-tensors 0.20.1"
 
 
 def version_tuple(text) -> tuple[int, ...]:
@@ -98,13 +103,28 @@ def block_key(settings) -> tuple | None:
 
 def partial_group_keys(items) -> set[tuple]:
     """``items``: ``(settings, cols)`` of every layer of a model. The :func:`block_key` of the
-    settings some layer of which has a partial last group (``cols > group_size`` and not a
-    multiple of it). The standard layout stores *every* layer of such settings with the
-    ``block`` strategy, so that each setting is one config group: transformers' dequantizing
-    load decompresses every layer with the first group's scheme, and its plain loader reads
-    asymmetric zero points only in the block strategy's unpacked form."""
+    settings the standard layout stores with the format's ``block`` strategy (blocks of
+    1 x group size, the same grids), for *every* layer of those settings, so that each setting
+    is one config group:
+
+    * asymmetric settings: transformers' plain ``from_pretrained`` (5.23+, with
+      compressed-tensors 0.20) reads asymmetric zero points only in the block strategy's
+      unpacked int8 form (``group``/``channel`` zero points are packed into int32 down the
+      rows, which its loader does not allocate: size mismatch); vLLM reads no ``block``
+      strategy for integer weights, so an asymmetric folder is transformers' and
+      :func:`toolkit.load_compressed`'s (``sym=True`` gives the ``group`` strategy vLLM reads);
+    * settings some layer of which has a partial last group (``cols > group_size`` and not a
+      multiple of it): the ``group`` strategy needs the group size to divide the columns.
+
+    (The name is historical: partial groups were the first reason.)"""
     return {block_key(s) for s, cols in items
-            if block_key(s) is not None and cols > s.group_size and cols % s.group_size}
+            if block_key(s) is not None and (not s.sym or (cols > s.group_size and
+                                                            cols % s.group_size))}
+
+
+def block_strategy_keys(items) -> set[tuple]:
+    """:func:`partial_group_keys` under the name that says what it returns."""
+    return partial_group_keys(items)
 
 
 # ---- config groups and target resolution --------------------------------------------------------
@@ -405,9 +425,13 @@ class Verdict:
     reason: str = ""
 
     def text(self) -> str:
-        word = {"loads": "yes", "error": "no (raises)", "wrong": "NO: loads WRONG weights "
-                "without an error"}[self.status]
-        return f"{word}{': ' + self.reason if self.reason else ''}"
+        """``loads``, ``refuses`` or (for files of other tools only: the toolkit writes none)
+        ``LOADS WRONG WEIGHTS without an error``, and the reason."""
+        return f"{self.word()}{': ' + self.reason if self.reason else ''}"
+
+    def word(self) -> str:
+        return {"loads": "loads", "error": "refuses",
+                "wrong": "LOADS WRONG WEIGHTS without an error"}[self.status]
 
 
 def _ct_parse_error(qc: dict) -> str | None:
@@ -454,14 +478,22 @@ def _effective_grouping(args: dict, cols: int):
     return None
 
 
-def _dequantize_other_scheme(first: LayerPlan, p: LayerPlan) -> str:
-    """What transformers' dequantizing load does to layer ``p`` when it decompresses every
-    dense layer with the first config group's scheme: "loads", "error" or "wrong"."""
-    a, b = first.args or {}, p.args or {}
-    if p.shape is None:
+def dequantize_fate(a: dict | None, b: dict | None, cols: int | None) -> str:
+    """What compressed-tensors' ``pack-quantized`` decompression does to a layer of ``cols``
+    columns quantized with the weight arguments ``b`` when it is given the arguments ``a``
+    instead (transformers decompresses every layer with ONE config group's scheme on its
+    dequantizing path, and every fused expert with one scheme on both paths): ``"loads"`` (the
+    same weights), ``"error"`` (it raises) or ``"wrong"`` (other weights, no error). Rules read
+    from compressed-tensors 0.20 (``_process_group`` raises when the group size does not divide
+    the columns; asymmetric ``group``/``channel`` schemes assert a zero point) and measured in
+    ``tests/test_readers.py``; a case not known to load or raise counts as ``"wrong"``."""
+    a, b = a or {}, b or {}
+    if cols is None:
         return "wrong"
-    cols = p.shape[1]
-    if not a.get("symmetric", True) and b.get("symmetric", True):
+    if a.get("strategy") == "group" and cols % int(a["group_size"]):
+        return "error"  # "tensor column shape must be divisible by the given group_size"
+    if not a.get("symmetric", True) and b.get("symmetric", True) and \
+            a.get("strategy") in ("group", "channel"):
         return "error"  # "Asymmetric quant requires zero-point values"
     packed = ("group", "channel")  # zero points packed into int32 down the rows
     if not a.get("symmetric", True) and not b.get("symmetric", True) and \
@@ -469,13 +501,120 @@ def _dequantize_other_scheme(first: LayerPlan, p: LayerPlan) -> str:
         # measured: a block scheme first fails on packed zero points (shape); the reverse
         # (unpacking int8 zero points as int32 words) was not measured: assume the worst
         return "error" if a.get("strategy") == "block" else "wrong"
-    if a.get("strategy") == "group" and cols % int(a["group_size"]):
-        return "error"  # "tensor column shape must be divisible by the given group_size"
     same = (a.get("num_bits") == b.get("num_bits") and
             bool(a.get("symmetric", True)) == bool(b.get("symmetric", True)) and
             _effective_grouping(a, cols) is not None and
             _effective_grouping(a, cols) == _effective_grouping(b, cols))
     return "loads" if same else "wrong"
+
+
+# ---- several schemes in one file: which group transformers takes, and the guard ---------------
+
+#: the name of the config group the standard layout puts first in a file whose layers have
+#: several schemes that one scheme cannot decode (see :func:`guard_group`)
+GUARD_GROUP = "toolkit_guard_several_schemes"
+#: the guard's group size: larger than any layer's columns, so decompressing any layer with the
+#: guard's scheme raises
+GUARD_GROUP_SIZE = 2 ** 30
+
+
+def _experts_target(t: str) -> bool:
+    return t.startswith("re:") and "experts" in t
+
+
+def dense_group(groups: list[Group]) -> Group | None:
+    """The config group whose scheme transformers' dequantizing load applies to every
+    non-expert layer (transformers 5.25 ``get_dense_scheme``): the first group none of whose
+    targets is a ``re:`` pattern naming experts, else the first group."""
+    if not groups:
+        return None
+    return next((g for g in groups if not any(_experts_target(t) for t in g.targets)), groups[0])
+
+
+def experts_group(groups: list[Group]) -> Group | None:
+    """The config group whose scheme transformers applies to every expert slice it merges into
+    fused parameters, on both of its paths (transformers 5.25 ``get_experts_scheme``): the
+    first group with a ``re:`` target naming experts, else the first group with a target that is
+    not a ``re:`` pattern, else the first group."""
+    if not groups:
+        return None
+    return next((g for g in groups if any(_experts_target(t) for t in g.targets)), None) or \
+        next((g for g in groups if any(not t.startswith("re:") for t in g.targets)), groups[0])
+
+
+def guard_group() -> dict:
+    """A config group that targets no module, put first in a standard file whose layers have
+    several schemes that no one scheme decodes (e.g. 4-bit layers and an 8-bit ``down_proj``).
+
+    transformers' dequantizing load (``CompressedTensorsConfig(dequantize=True)``) decompresses
+    every non-expert layer with the scheme of the first config group that does not single out
+    experts (:func:`dense_group`) -- with several schemes, other weights and no error. With
+    this group first it takes the guard's scheme, a group size of 2**30 columns, and
+    compressed-tensors raises on the first layer ("tensor column shape must be divisible by
+    the given group_size 1073741824"): the load fails instead of going wrong. Readers that
+    resolve each layer's own group -- transformers' plain ``from_pretrained``,
+    :func:`toolkit.load_compressed`, vLLM (its target map gets no entry from a group without
+    targets) -- are not affected; compressed-tensors validates the group like any other."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="group",
+                            group_size=GUARD_GROUP_SIZE)
+    return {"format": "pack-quantized", "input_activations": None, "output_activations": None,
+            "targets": [], "weights": json.loads(args.model_dump_json())}
+
+
+def _decodes(a: dict | None, fa: str, b: dict | None, fb: str, names, cols) -> bool:
+    return all(fa == fb and dequantize_fate(a, b, cols.get(n)) == "loads" for n in names)
+
+
+def experts_decoders(groups: list[tuple], cols: dict[str, int], experts) -> list[int]:
+    """The indices of the groups holding expert slices whose scheme decodes every expert slice
+    of the file exactly (transformers merges them all with one scheme, through a module without
+    zero points: an asymmetric ``block`` scheme never qualifies). ``groups`` as
+    :func:`arrange_groups` takes them."""
+    out = []
+    for i, (a, fa, names) in enumerate(groups):
+        if not any(n in experts for n in names):
+            continue
+        if not (a or {}).get("symmetric", True) and (a or {}).get("strategy") == "block":
+            continue
+        if all(_decodes(a, fa, b, fb, [n for n in nb if n in experts], cols)
+               for j, (b, fb, nb) in enumerate(groups) if j != i):
+            out.append(i)
+    return out
+
+
+def arrange_groups(groups: list[tuple], cols: dict[str, int],
+                   experts: set[str] | frozenset = frozenset()) -> tuple[list[tuple], bool]:
+    """The order of a standard file's config groups, and whether it needs :func:`guard_group`.
+
+    ``groups``: ``[(weight args dict, format, layer names)]``; ``cols``: columns per layer;
+    ``experts``: the layers that are slices of fused expert parameters (transformers
+    decompresses them with the scheme of :func:`experts_group`, the first group here, so a
+    group holding experts whose scheme decodes every expert slice goes first, see
+    :func:`experts_decoders`). The first group is otherwise one whose scheme decodes every
+    other non-expert layer exactly (:func:`dequantize_fate`), the ``block`` groups preferred
+    (a 1 x g block scheme decodes g-group layers exactly, not the reverse); when no candidate
+    does, the guard is needed (True): the dequantizing path must raise."""
+    idx = sorted(range(len(groups)),
+                 key=lambda i: 0 if (groups[i][0] or {}).get("strategy") == "block" else 1)
+    holding = [i for i in idx if any(n in experts for n in groups[i][2])]
+    if holding:
+        good = set(experts_decoders(groups, cols, experts))
+        candidates = [i for i in holding if i in good] or holding[:1]
+    else:
+        candidates = idx
+
+    def decodes(c: int) -> bool:
+        a, fa, _ = groups[c]
+        return all(j == c or _decodes(a, fa, b, fb, [n for n in names if n not in experts], cols)
+                   for j in idx for b, fb, names in [groups[j]])
+
+    for c in candidates:
+        if decodes(c):
+            return [groups[c]] + [groups[j] for j in idx if j != c], False
+    c = candidates[0] if candidates else 0
+    return [groups[c]] + [groups[j] for j in idx if j != c], len(groups) > 1
 
 
 def predict_readers(config_data: dict, plan: dict[str, LayerPlan], shapes: dict[str, list],
@@ -575,10 +714,9 @@ def predict_readers(config_data: dict, plan: dict[str, LayerPlan], shapes: dict[
             else:
                 plain = Verdict("loads")
             out["transformers"] = plain
-            # dequantize=True: every dense layer decompressed with the FIRST config group's
-            # scheme (transformers 5.24, integrations/compressed_tensors.py get_dense_scheme)
-            first_group = groups[0].name
-            firsts = [p for p in layers if p.group == first_group]
+            # dequantize=True: every non-expert layer decompressed with ONE config group's
+            # scheme (transformers 5.25 integrations/compressed_tensors.py get_dense_scheme)
+            dg = dense_group(groups)
             deq = None
             if not_linear:
                 deq = Verdict("error", f"{not_linear[0].name} is a {not_linear[0].module_type} "
@@ -592,22 +730,28 @@ def predict_readers(config_data: dict, plan: dict[str, LayerPlan], shapes: dict[
                                        "read: it keeps its random initial weights")
             elif any(p.sparse or p.kind == "int" for p in layers):
                 deq = Verdict("error", "int-quantized / legacy sparse tensors (KeyError)")
-            elif firsts:
-                first = firsts[0]
-                fates = {}
+            else:
+                fates: dict[str, list] = {}
                 for p in layers:
-                    if p.group is None or _scheme_key(p) == _scheme_key(first):
+                    if p.group is None or p.expert or p.group == dg.name:
                         continue
-                    fates.setdefault(_dequantize_other_scheme(first, p), []).append(p)
-                if fates.get("error"):
+                    fate = "wrong" if p.fmt != (dg.format or "dense") else dequantize_fate(
+                        dg.weights, p.args, p.shape[1] if p.shape else None)
+                    fates.setdefault(fate, []).append(p)
+                n = len({_scheme_key(q) for q in layers if q.group and not q.expert})
+                if dg.name == GUARD_GROUP and not dg.targets and fates.get("error"):
+                    deq = Verdict("error", f"{n} schemes, and this path decompresses every layer "
+                                           "with one config group's scheme: the file's first "
+                                           f"group ({GUARD_GROUP}) makes it raise")
+                elif fates.get("error"):
                     p = fates["error"][0]
-                    deq = Verdict("error", f"it decompresses every layer with the first config "
-                                           f"group's scheme, which fails on {p.name}")
+                    deq = Verdict("error", f"it decompresses every layer with the scheme of "
+                                           f"config group {dg.name!r}, which fails on {p.name}")
                 elif fates.get("wrong"):
                     p = fates["wrong"][0]
-                    deq = Verdict("wrong", f"it decompresses every layer with the first config "
-                                           f"group's scheme ({len({_scheme_key(q) for q in layers if q.group})} "
-                                           f"schemes here; {p.name} differs)")
+                    deq = Verdict("wrong", f"it decompresses every layer with the scheme of "
+                                           f"config group {dg.name!r} ({n} schemes here; "
+                                           f"{p.name} differs)")
             out["dequantize"] = deq or Verdict("loads")
             fused = _experts_verdict(groups, layers)
             for key in ("transformers", "dequantize"):
@@ -615,11 +759,15 @@ def predict_readers(config_data: dict, plan: dict[str, LayerPlan], shapes: dict[
                         (fused.status == "error" or out[key].status == "loads"):
                     out[key] = fused
 
-    blocks = [p for p in layers if p.group is not None and (p.args or {}).get("strategy") == "block"]
+    # compressed-tensors 0.14 ignores the block strategy and infers the group width from the
+    # shapes: right where the block width divides the columns, wrong (or an error) elsewhere
+    blocks = [p for p in layers if p.group is not None and
+              (p.args or {}).get("strategy") == "block" and p.shape and
+              p.shape[1] % int(((p.args or {}).get("block_structure") or [1, 1])[1])]
     for key in ("transformers", "dequantize"):
         if blocks and out.get(key) and out[key].status == "loads":
-            note = ("only with transformers 5 / compressed-tensors >= 0.15: 0.14 ignores the "
-                    "'block' strategy and can load wrong weights")
+            note = ("with transformers 5 / compressed-tensors >= 0.15; 0.14 ignores the 'block' "
+                    "strategy of a partial last group and can load wrong weights")
             out[key] = Verdict("loads", "; ".join(x for x in (out[key].reason, note) if x))
 
     # ---- vLLM, from its scheme selection rules (not run) ----
@@ -628,28 +776,30 @@ def predict_readers(config_data: dict, plan: dict[str, LayerPlan], shapes: dict[
 
 
 def _experts_verdict(groups: list[Group], layers: list[LayerPlan]) -> Verdict | None:
-    """What transformers 5.24 does with slices of fused expert parameters stored per expert in
+    """What transformers 5.25 does with slices of fused expert parameters stored per expert in
     a config group (None when there are none). Its conversion mapping merges the per-expert
-    tensors into the fused parameters, decompressing each with ONE scheme, the experts' group of
-    ``get_experts_scheme`` (the first group with a ``re:`` target naming experts, else the first
-    group with another target), through a module holding ``weight_packed``, ``weight_scale``
-    and ``weight_shape`` only: asymmetric schemes fail ("Asymmetric quant requires zero-point
-    values"), other schemes than that group's decode wrong. Both loaders take this path."""
+    tensors into the fused parameters, decompressing each with ONE scheme, that of
+    :func:`experts_group`, through a module holding ``weight_packed``, ``weight_scale`` and
+    ``weight_shape`` only: asymmetric ``group``/``channel`` schemes fail ("Asymmetric quant
+    requires zero-point values"), an asymmetric ``block`` scheme decodes without its zero points
+    (wrong), other schemes than that group's decode as :func:`dequantize_fate` says. Both
+    loaders take this path."""
     ex = [p for p in layers if p.expert and p.group is not None]
     if not ex:
         return None
-    chosen = next((g for g in groups if any(t.startswith("re:") and "experts" in t
-                                            for t in g.targets)), None) or \
-        next((g for g in groups if any(not t.startswith("re:") for t in g.targets)), groups[0])
+    chosen = experts_group(groups)
     args = chosen.weights or {}
-    if not args.get("symmetric", True):
+    if not args.get("symmetric", True) and args.get("strategy") in ("group", "channel"):
         return Verdict("error", f"experts ({ex[0].name}, ...) are decompressed without their "
                                 "zero points: 'Asymmetric quant requires zero-point values'")
-    first = next((p for p in layers if p.group == chosen.name), None)
+    if not args.get("symmetric", True):
+        return Verdict("wrong", f"experts ({ex[0].name}, ...) are decompressed without their "
+                                f"zero points ({args.get('strategy')} strategy: no check)")
     for p in ex:
-        if first is None or p.group == chosen.name or _scheme_key(p) == _scheme_key(first):
+        if p.group == chosen.name:
             continue
-        fate = _dequantize_other_scheme(first, p)
+        fate = "wrong" if p.fmt != (chosen.format or "dense") else dequantize_fate(
+            args, p.args, p.shape[1] if p.shape else None)
         if fate != "loads":
             return Verdict(fate, f"every expert is decompressed with the scheme of config group "
                                  f"{chosen.name!r}; {p.name} has another")
@@ -692,8 +842,10 @@ def _vllm_verdict(qc: dict, layers: list[LayerPlan], linear_names) -> Verdict:
                                             "read pack-quantized")
         if a.get("strategy") not in ("group", "channel"):
             return Verdict("error", where + f"strategy {a.get('strategy')!r}: the WNA16 scheme "
-                                            "takes group or channel (partial last groups use "
-                                            "'block')")
+                                            "takes group or channel (the toolkit stores "
+                                            "asymmetric grids and partial last groups as "
+                                            "'block'; sym=True with a group size that divides "
+                                            "the columns gives 'group')")
         bits, sym = a.get("num_bits"), a.get("symmetric", True)
         if not sym and bits not in (4, 8):
             return Verdict("error", where + f"asymmetric {bits}-bit: zero points are supported "

@@ -16,8 +16,9 @@ files. For a linear layer of ``rows x cols`` (out x in), with dense tensors and 
   ``G = 1`` for one grid per row); ``weight_zero_point`` (asymmetric only) = the ``b``-bit zero
   points packed into int32 along the rows, ``ceil(rows * b / 32) * G * 4`` -- except in the
   format's ``block`` strategy, whose zero points stay int8, ``rows * G``: the export uses it for
-  a layer whose ``g`` does not divide ``cols`` and for every layer quantized with the same
-  settings (``block=True``; :func:`toolkit.checkpoint.formats.partial_group_keys`); ``weight_shape`` =
+  every asymmetric layer (transformers' plain loader reads no other asymmetric form), and for a
+  layer whose ``g`` does not divide ``cols`` and every layer quantized with the same settings
+  (``block=True``; :func:`toolkit.checkpoint.formats.partial_group_keys`); ``weight_shape`` =
   int64[2], 16 bytes; ``weight_g_idx`` =
   int32 group index per input column, ``cols * 4``, only when act-order left the groups out of
   column order (compressed-tensors 0.20 cannot store it and the export refuses such layers; it
@@ -135,9 +136,9 @@ def linear_bytes(rows: int, cols: int, *, nnz: int | None = None,
             out = {"weight_packed": rows * math.ceil(cols * bits / 32) * _INT32}
         out["weight_scale"] = rows * groups * d
         if not sym:
-            if groups == 1 or (cols % group_size == 0 and not block):  # packed along rows
+            if not block and (groups == 1 or cols % group_size == 0):  # packed along rows
                 out["weight_zero_point"] = math.ceil(rows * bits / 32) * groups * _INT32
-            else:  # block strategy (partial last group): zero points stay int8
+            else:  # block strategy (asymmetric, or a partial last group): int8 zero points
                 out["weight_zero_point"] = rows * groups
         if act_order:
             out["weight_g_idx"] = cols * _INT32

@@ -29,11 +29,14 @@ Which path a layer gets (the ``path`` column of :func:`pack_report`):
 ``sparse24`` 2:4-pruned (not quantized) layers on CUDA: PyTorch's semi-structured sparse tensor
              (``torch.sparse.to_sparse_semi_structured``, fp16/bf16, CUTLASS or cuSPARSELt).
              CUDA only: on the CPU these layers stay dense (``dense``, reason given).
-``bitmask``  pruned + quantized layers (default ``joint="bitmask"``): the codes of the kept
+``bitmask``  pruned + quantized layers with ``joint="bitmask"``: the codes of the kept
              weights only, bit-packed, plus a bitmask of one bit per weight -- the compact
              checkpoint layout (:func:`toolkit.save_compressed`), at most as many bytes --
              decoded to a dense weight at every call. Pruned-only layers too with
-             ``pruned="bitmask"`` (kept values + bitmask). Small, slow: see docs/packed-inference.md.
+             ``pruned="bitmask"`` (kept values + bitmask). The smallest form and a slow one
+             (docs/packed-inference.md); by default (``joint="auto"``) pruned + quantized
+             layers take the fastest path that holds fewer bytes than the unpacked layer:
+             every code on the int4/int8 kernel, pruned weights as the zero-point code.
 ``decode``   the correct path when no kernel can run (a kernel missing from this torch build or
              device, ``kernels=False``): the codes bit-packed at their own width, decoded to
              a dense weight at every call. The ``detail`` column names the reason.
@@ -87,7 +90,7 @@ __all__ = ["pack", "load_packed", "pack_report", "PackReport", "layer_codes", "L
 log = logging.getLogger("toolkit")
 
 PATHS = ("int4", "int8", "sparse24", "bitmask", "decode", "dense")
-JOINT = ("bitmask", "codes")
+JOINT = ("auto", "codes", "bitmask")
 PRUNED = ("dense", "bitmask")
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes the int4 kernels take
@@ -666,20 +669,31 @@ def is_packed(model: nn.Module) -> bool:
 @dataclass
 class PackReport:
     """What :func:`pack` did: ``layers`` (one row per compressed layer: ``layer``, ``shape``
-    (out, in), ``bits``, ``sparsity``, ``path``, ``detail``, ``bytes`` in memory,
-    ``fp16_bytes`` of the same weight dense in 16 bits) and ``summary`` (totals, layers per
-    path)."""
+    (out, in), ``bits``, ``sparsity``, ``path``, ``why`` (why that path: the fastest that
+    holds fewer bytes than the unpacked layer, an argument, a kernel that cannot run here),
+    ``detail`` (what was adapted: kernel groups, padding, permuted inputs), ``bytes`` in
+    memory, ``fp16_bytes`` of the same weight dense in 16 bits) and ``summary`` (totals, layers
+    per path, and for pruned + quantized layers the bytes ``joint="bitmask"`` would keep)."""
 
     layers: pd.DataFrame
     summary: dict
 
     def __str__(self) -> str:
+        """The per-layer table (without ``why``), then each reason once with its layers'
+        paths and count, then the summary."""
+        cols = [c for c in self.layers.columns if c != "why"]
         with pd.option_context("display.max_rows", 500, "display.width", 200,
                                "display.max_colwidth", 80):
-            table = self.layers.to_string(index=False) if len(self.layers) else "(no layers)"
+            table = self.layers[cols].to_string(index=False) if len(self.layers) else \
+                "(no layers)"
         lines = [table, ""]
+        if len(self.layers):
+            lines.append("why:")
+            for (path, why), g in self.layers.groupby(["path", "why"], sort=False):
+                lines.append(f"  {path} x{len(g)}: {why}")
+            lines.append("")
         for k, v in self.summary.items():
-            lines.append(f"{k:>28}: {v:,.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
+            lines.append(f"{k:>34}: {v:,.4g}" if isinstance(v, float) else f"{k:>34}: {v}")
         return "\n".join(lines)
 
     def _repr_html_(self):
@@ -694,9 +708,11 @@ def pack_report(model: nn.Module) -> PackReport:
         comp = getattr(m, "compression", None)
         if isinstance(m, PackedLinear):
             path, detail, nbytes = m.path, m.detail, module_bytes(m)
+            why = getattr(m, "why", "")
             shape = (m.out_features, m.in_features)
         elif comp is not None and getattr(m, "weight", None) is not None:
-            path, detail = "dense", getattr(m, "pack_reason", "not packed yet")
+            path, detail = "dense", ""
+            why = getattr(m, "pack_reason", "not packed yet")
             shape = tuple(_weight(m).shape)
             nbytes = module_bytes(m)
         else:
@@ -705,10 +721,10 @@ def pack_report(model: nn.Module) -> PackReport:
         rows.append(dict(layer=name, shape=shape,
                          bits=(s.bits or 16) if s is not None else None,
                          sparsity=float(comp.sparsity) if comp is not None else None,
-                         path=path, detail=detail, bytes=nbytes,
+                         path=path, why=why, detail=detail, bytes=nbytes,
                          fp16_bytes=shape[0] * shape[1] * 2))
-    layers = pd.DataFrame(rows, columns=["layer", "shape", "bits", "sparsity", "path", "detail",
-                                         "bytes", "fp16_bytes"])
+    layers = pd.DataFrame(rows, columns=["layer", "shape", "bits", "sparsity", "path", "why",
+                                         "detail", "bytes", "fp16_bytes"])
     packed_b = int(layers["bytes"].sum()) if len(layers) else 0
     fp16_b = int(layers["fp16_bytes"].sum()) if len(layers) else 0
     summary = {f"layers on {p}": int((layers["path"] == p).sum()) for p in PATHS
@@ -716,6 +732,10 @@ def pack_report(model: nn.Module) -> PackReport:
     summary.update({"bytes of these layers": packed_b, "same layers dense fp16": fp16_b,
                     "ratio to fp16": packed_b / fp16_b if fp16_b else float("nan"),
                     "model resident bytes": resident_bytes(model)})
+    smallest = [getattr(m, "smallest_bytes", None) for m in model.modules()
+                if isinstance(m, PackedLinear)]
+    if any(b is not None for b in smallest):
+        summary["joint layers as joint='bitmask'"] = sum(b for b in smallest if b is not None)
     return PackReport(layers=layers, summary=summary)
 
 
@@ -732,19 +752,58 @@ def _check_dtype(dtype):
     return dtype
 
 
+def _dense_bytes(module: nn.Module) -> int:
+    """Bytes of the layer's weight as it is before packing (its own dtype)."""
+    w = module.weight
+    return w.numel() * w.element_size()
+
+
+def _codes_module(name: str, module, comp, lc: LayerCodes, *, compute_dtype, kernels: bool,
+                  dtype) -> PackedLinear:
+    """Every code of the layer on the fastest path that runs here: the int4 kernel (2..4 bits),
+    else the int8 kernel, else ``decode``; ``why`` says which and why."""
+    bias = getattr(module, "bias", None)
+    kdtype = compute_dtype or torch.bfloat16
+    reasons = []
+    if kernels:
+        if lc.bits <= 4:
+            try:
+                new = Int4Linear(lc, bias, comp, kdtype)
+                new.why = "int4 kernel: the fastest path"
+                return new
+            except PackError as e:
+                reasons.append(str(e))
+        else:
+            reasons.append(f"{lc.bits}-bit codes do not fit the int4 kernel")
+        try:
+            new = Int8Linear(lc, bias, comp, kdtype, reason="; ".join(
+                r for r in reasons if "do not fit" not in r))
+            new.why = "int8 kernel: " + "; ".join(reasons)
+            return new
+        except PackError as e:
+            reasons.append(str(e))
+    else:
+        reasons.append("kernels=False")
+    new = DecodeLinear(lc, bias, comp, dtype=compute_dtype or dtype, reason="; ".join(reasons))
+    new.why = "no kernel runs here: " + "; ".join(reasons)
+    return new
+
+
 def _choose(name: str, module: nn.Module, comp, *, compute_dtype, joint: str, pruned: str,
             kernels: bool):
-    """The packed module for one compressed layer, or ``(None, reason)`` to leave it dense."""
+    """The packed module for one compressed layer, or ``(None, reason)`` to leave it dense.
+    Every packed module gets a ``why``: the path it took and why (the report's ``why``)."""
     s = comp.settings
     w = _weight(module)
     dtype = w.dtype if w.dtype in COMPUTE_DTYPES else torch.float32
     bias = getattr(module, "bias", None)
-    kdtype = compute_dtype or torch.bfloat16
     if s.bits is None:  # pruned only
         if s.pattern is not None and tuple(s.pattern) == (2, 4) and w.device.type == "cuda" \
                 and kernels:
             try:
-                return Sparse24Linear(w, bias, comp, compute_dtype), None
+                new = Sparse24Linear(w, bias, comp, compute_dtype)
+                new.why = "2:4 semi-structured sparse kernel"
+                return new, None
             except PackError as e:
                 reason = str(e)
         elif s.pattern is not None and tuple(s.pattern) == (2, 4):
@@ -754,46 +813,92 @@ def _choose(name: str, module: nn.Module, comp, *, compute_dtype, joint: str, pr
             reason = "unstructured sparsity has no sparse kernel that beats dense here"
         if pruned == "bitmask":
             mask = w != 0
-            return BitmaskLinear(mask, bias, values=w[mask], compression=comp,
-                                 dtype=compute_dtype or dtype), None
+            new = BitmaskLinear(mask, bias, values=w[mask], compression=comp,
+                                dtype=compute_dtype or dtype)
+            new.why = f"pruned='bitmask' asked: kept values + bitmask ({reason})"
+            return new, None
         return None, reason + " (pruned='bitmask' stores kept values + bitmask)"
     lc = layer_codes(module, name)
     if lc.mask is not None and joint == "bitmask":
-        return BitmaskLinear(lc.mask, bias, lc=lc, compression=comp, dtype=compute_dtype or dtype,
-                             perm=lc.perm), None
-    reasons = []
-    if kernels:
-        if lc.bits <= 4:
-            try:
-                return Int4Linear(lc, bias, comp, kdtype), None
-            except PackError as e:
-                reasons.append(str(e))
-        try:
-            return Int8Linear(lc, bias, comp, kdtype, reason="; ".join(reasons)), None
-        except PackError as e:
-            reasons.append(str(e))
-    else:
-        reasons.append("kernels=False")
-    return DecodeLinear(lc, bias, comp, dtype=compute_dtype or dtype,
-                        reason="; ".join(reasons)), None
+        new = BitmaskLinear(lc.mask, bias, lc=lc, compression=comp, dtype=compute_dtype or dtype,
+                            perm=lc.perm)
+        new.why = ("joint='bitmask' asked: the smallest form (kept codes + bitmask), decoded "
+                   "to a dense weight at every call")
+        return new, None
+    new = _codes_module(name, module, comp, lc, compute_dtype=compute_dtype, kernels=kernels,
+                        dtype=dtype)
+    if lc.mask is None or joint == "codes":
+        if joint == "codes" and lc.mask is not None:
+            new.why = "joint='codes' asked: " + new.why
+        return new, None
+    # joint="auto": the fastest path if it holds fewer bytes than the unpacked layer, else the
+    # smallest; say what the other form would take
+    dense = _dense_bytes(module)
+    fast_b, small_b = module_bytes(new), _bitmask_bytes(lc, compute_dtype or dtype, new)
+    if fast_b < dense:
+        new.why += (" for every code (pruned weights as the zero-point code), fewer bytes than "
+                    "the unpacked layer; joint='bitmask' keeps fewer still (kept codes + "
+                    "bitmask) but decodes at every call")
+        new.smallest_bytes = small_b
+        return new, None
+    small = BitmaskLinear(lc.mask, bias, lc=lc, compression=comp, dtype=compute_dtype or dtype,
+                          perm=lc.perm)
+    small.why = (f"the fastest path ({new.path}) would hold no fewer bytes than the unpacked "
+                 "layer: kept codes + bitmask, decoded at every call")
+    return small, None
+
+
+def _bitmask_bytes(lc: LayerCodes, dtype, like: PackedLinear) -> int:
+    """Bytes a :class:`BitmaskLinear` of ``lc`` would hold (without building it): the bitmask,
+    the kept codes and the zero points bit-packed, the scales in ``dtype``; the bias and the
+    permutation as ``like`` holds them."""
+    rows, cols = lc.codes.shape
+    kept = int(lc.mask.sum())
+    esize = torch.empty(0, dtype=_scale_dtype(dtype)).element_size()
+    extra = sum(_tensor_bytes(t) for t in (like.bias, like.perm))
+    return (rows * math.ceil(cols / 8) + math.ceil(kept * lc.bits / 8)
+            + math.ceil(lc.zero.numel() * lc.bits / 8) + lc.scale.numel() * esize + extra)
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap back to the system (glibc ``malloc_trim``), so that
+    the process's resident memory shows the weights the dense layers no longer hold."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back explicitly
+        pass
 
 
 @torch.no_grad()
-def pack(model: nn.Module, *, compute_dtype=None, joint: str = "bitmask", pruned: str = "dense",
+def pack(model: nn.Module, *, compute_dtype=None, joint: str = "auto", pruned: str = "dense",
          kernels: bool = True, verbose: bool = False) -> PackReport:
     """Replace every layer compressed by :func:`toolkit.compress` (or loaded by
     :func:`toolkit.load_compressed`) with a module that keeps its compressed form in memory and
-    computes with it, in place; returns a :class:`PackReport` (the path and bytes of each layer).
+    computes with it, in place; returns a :class:`PackReport` (per layer: the path it took, why,
+    and its bytes in memory).
 
-    ``compute_dtype``: dtype of the int4/int8 kernels (None: bfloat16, their fast path; pass
-    ``torch.float32`` for float32 results at the kernels' slow speed) and of the decoded weights
-    of the ``bitmask``/``decode`` paths (None: the layer's dtype). ``joint``: pruned + quantized
-    layers as ``"bitmask"`` (kept codes + bitmask, decoded per call: the smallest) or
-    ``"codes"`` (every code, pruned weights as the zero-point code, on the int4/int8 kernels:
-    the size of the quantized layer, the kernels' speed). ``pruned``: pruned-only layers that
-    have no sparse kernel here (unstructured; 2:4 off CUDA) stay ``"dense"`` or become
-    ``"bitmask"`` (kept values + bitmask). ``kernels=False`` uses the ``decode`` path for every
-    quantized layer (a reference). See the module docstring for the paths.
+    Each layer takes the fastest path that holds fewer bytes than the unpacked layer: the int4
+    kernel (2..4 bits), else the int8 kernel, else ``decode``. ``joint``: what pruned +
+    quantized layers become: ``"auto"`` (default: that fastest path, every code stored, pruned
+    weights as the zero-point code -- the size of the quantized layer), ``"bitmask"`` (kept
+    codes + bitmask, decoded to a dense weight at every call: the smallest form, no more bytes
+    than the compact checkpoint layout, and slow) or ``"codes"`` (the fastest path whatever its
+    size). ``compute_dtype``: dtype of the int4/int8 kernels (None: bfloat16, their fast path;
+    pass ``torch.float32`` for float32 results at the kernels' slow speed) and of the decoded
+    weights of the ``bitmask``/``decode`` paths (None: the layer's dtype). ``pruned``:
+    pruned-only layers that have no sparse kernel here (unstructured; 2:4 off CUDA) stay
+    ``"dense"`` or become ``"bitmask"`` (kept values + bitmask). ``kernels=False`` uses the
+    ``decode`` path for every quantized layer (a reference). See the module docstring for the
+    paths. The replaced dense weights are freed as packing goes, and the freed heap is handed
+    back to the system at the end (glibc), so the process's resident memory drops too.
     """
     compute_dtype = _check_dtype(compute_dtype)
     if joint not in JOINT:
@@ -802,12 +907,13 @@ def pack(model: nn.Module, *, compute_dtype=None, joint: str = "bitmask", pruned
         raise ValueError(f"pruned must be one of {', '.join(map(repr, PRUNED))}, got {pruned!r}")
     if not isinstance(kernels, bool):
         raise ValueError(f"kernels must be True or False, got {kernels!r}")
-    targets = [(n, m) for n, m in model.named_modules()
-               if getattr(m, "compression", None) is not None and not isinstance(m, PackedLinear)
-               and getattr(m, "weight", None) is not None and m.compression.settings.active]
+    names = [n for n, m in model.named_modules()
+             if getattr(m, "compression", None) is not None and not isinstance(m, PackedLinear)
+             and getattr(m, "weight", None) is not None and m.compression.settings.active]
     from tqdm.auto import tqdm
 
-    for name, module in tqdm(targets, desc="pack", unit="layer", disable=not verbose):
+    for name in tqdm(names, desc="pack", unit="layer", disable=not verbose):
+        module = model.get_submodule(name)
         new, reason = _choose(name, module, module.compression, compute_dtype=compute_dtype,
                               joint=joint, pruned=pruned, kernels=kernels)
         if new is None:
@@ -816,10 +922,12 @@ def pack(model: nn.Module, *, compute_dtype=None, joint: str = "bitmask", pruned
         new.train(False)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        del module, new  # the dense weight goes now, not after the last layer
+    _release_memory()
     return pack_report(model)
 
 
-def load_packed(path, *, compute_dtype=None, joint: str = "bitmask", pruned: str = "dense",
+def load_packed(path, *, compute_dtype=None, joint: str = "auto", pruned: str = "dense",
                 kernels: bool = True, **load_kwargs) -> nn.Module:
     """:func:`toolkit.load_compressed` followed by :func:`pack`: a checkpoint loaded straight
     into packed modules (the report: :func:`pack_report`). ``load_kwargs`` go to
