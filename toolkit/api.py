@@ -173,6 +173,7 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
         model.train(was_training)
     if config.settings.gguf is not None:  # embeddings and output head on the preset's types
         gguf_notes.update(_gguf_embeddings(model, config.settings.gguf, config.ignore))
+        model.toolkit_gguf_preset = config.settings.gguf  # save_gguf's general.file_type
     after = model_bytes(model)
     extra = {
         "processes": distributed.world_size(),

@@ -453,6 +453,8 @@ def _file_type(tensors: dict, sizes: dict, preset: str | None) -> int:
 
     if preset is not None and hasattr(LlamaFileType, f"MOSTLY_{preset}"):
         return int(getattr(LlamaFileType, f"MOSTLY_{preset}"))
+    if preset in _FILE_TYPES:
+        return int(getattr(LlamaFileType, _FILE_TYPES[preset]))
     weight = Counter()
     for name, qtype in tensors.items():
         if name.startswith("blk."):
@@ -493,8 +495,8 @@ def save_gguf(model, path, tokenizer=None, *, overwrite: bool = False, preset: s
     ``tokenizer``: a Hugging Face tokenizer (byte-level BPE), or the path of a GGUF file to take
     the vocabulary from; None: the GGUF file the model was loaded from (:func:`source_gguf_path`),
     else an error. ``overwrite``: replace an existing file (refused otherwise). ``preset``: the
-    ``general.file_type`` to declare (``"Q4_K_M"``; default: from the most common type of the
-    block tensors). ``name``: ``general.name``. ``verify``: every tensor is dequantized back with
+    ``general.file_type`` to declare (``"Q4_K_M"``; default: the ``gguf=`` that
+    ``compress`` ran with, else the most common type of the block tensors). ``name``: ``general.name``. ``verify``: every tensor is dequantized back with
     ``gguf.quants.dequantize`` and compared with the model's weight before anything is written
     (exact float32 equality; a mismatch raises and writes nothing). Returns a
     :class:`GGUFSummary`. See the module docstring for the type each tensor gets.
@@ -503,6 +505,8 @@ def save_gguf(model, path, tokenizer=None, *, overwrite: bool = False, preset: s
 
     path = check_gguf_out(path, overwrite)
     arch = _architecture(model)
+    if preset is None:
+        preset = getattr(model, "toolkit_gguf_preset", None)
     config = model.config
 
     # the tokenizer first: its errors come before any tensor is encoded

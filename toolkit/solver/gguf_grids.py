@@ -233,7 +233,7 @@ def _values(q, scale, offset, minimum=None):
 
 # ---- fitting ---------------------------------------------------------------------------------
 
-def _fit_offset(w: torch.Tensor, t: GGUFType, steps: int = 9) -> torch.Tensor:
+def _fit_offset(w: torch.Tensor, t: GGUFType, steps: int = 4) -> torch.Tensor:
     """Float scales (rows,) for a grid without minimum: codes ``-offset .. maxq - offset``.
 
     Candidates map the weight of largest magnitude near the most negative level (as the
@@ -305,7 +305,7 @@ def _fit_min(w: torch.Tensor, t: GGUFType, nonneg: bool,
     return s, -b
 
 
-_FIT_ROWS = 4096  # rows per fitting pass: the candidate search holds ~40 copies of them
+_FIT_ROWS = 1024  # rows per fitting pass: the candidate search holds ~20 copies of them
 
 
 def _fit_float(w: torch.Tensor, t: GGUFType,
@@ -318,7 +318,7 @@ def _fit_float(w: torch.Tensor, t: GGUFType,
         return s, (torch.cat([p[1] for p in parts]) if t.has_min else None)
     if t.has_min:
         return _fit_min(w, t, nonneg=t.kquant, steps=2 if coarse else 10)
-    return _fit_offset(w, t, steps=2 if coarse else 9), None
+    return _fit_offset(w, t, steps=2 if coarse else 4), None
 
 
 def _sq_error(w, scale, minimum, t: GGUFType) -> tuple[torch.Tensor, torch.Tensor]:
