@@ -37,7 +37,11 @@ the current weights of the whole block (already updated by the errors of every c
 left); inside a super-block, each sub-block's integer scale and minimum are chosen again when the
 sweep reaches it, under the super-block's factors, from the weights as they are then. Each fit
 searches a few candidate scales, each with its least-squares rescale, for the smallest squared
-error (round to nearest on the candidate grid), as llama.cpp's reference quantizers do.
+error (round to nearest on the candidate grid), as llama.cpp's reference quantizers do. In the
+sweep the squared error of column ``j`` is weighted by ``1 / U_jj^2``, what the sweep charges for
+rounding that column (``U`` the Cholesky factor of ``H^-1``): the grid is fitted to the
+Hessian's view of the block, as an importance matrix does for llama.cpp, but with the exact
+per-column cost. :func:`gguf_rtn` fits unweighted.
 
 **Pruned weights.** GGUF has no sparse type: a pruned weight is stored as the code whose value is
 nearest zero (``BlockFitter.fit`` returns it per row). In the types with an offset (Q4_0, Q5_0,
@@ -233,12 +237,14 @@ def _values(q, scale, offset, minimum=None):
 
 # ---- fitting ---------------------------------------------------------------------------------
 
-def _fit_offset(w: torch.Tensor, t: GGUFType, steps: int = 4) -> torch.Tensor:
+def _fit_offset(w: torch.Tensor, t: GGUFType, steps: int = 4,
+                wt: torch.Tensor | None = None) -> torch.Tensor:
     """Float scales (rows,) for a grid without minimum: codes ``-offset .. maxq - offset``.
 
     Candidates map the weight of largest magnitude near the most negative level (as the
     reference quantizers do, which gains the extra negative level) or near the largest positive
-    one; each candidate's codes get their least-squares scale; the smallest squared error wins.
+    one; each candidate's codes get their least-squares scale; the smallest squared error wins
+    (weighted by ``wt``, broadcast to ``w``, when given).
     """
     lo, hi = -t.offset, t.maxq - t.offset
     idx = w.abs().argmax(dim=1, keepdim=True)
@@ -248,8 +254,9 @@ def _fit_offset(w: torch.Tensor, t: GGUFType, steps: int = 4) -> torch.Tensor:
     safe = torch.where(xm == 0, torch.ones_like(xm), xm)
     iscale = targets[:, None] / safe[None, :]  # (C, rows)
     L = torch.clamp(torch.round(w[None] * iscale[:, :, None]), lo, hi)  # (C, rows, n)
-    sl2 = (L * L).sum(-1)
-    sxl = (w[None] * L).sum(-1)
+    ww = w if wt is None else w * wt
+    sl2 = (L * L).sum(-1) if wt is None else (L * L * wt).sum(-1)
+    sxl = (ww[None] * L).sum(-1)
     s = torch.where(sl2 > 0, sxl / sl2.clamp_min(1e-30), torch.zeros_like(sl2))
     err = s * s * sl2 - 2 * s * sxl  # the squared error less sum w^2 (the same for all)
     best = err.argmin(dim=0)
@@ -257,16 +264,16 @@ def _fit_offset(w: torch.Tensor, t: GGUFType, steps: int = 4) -> torch.Tensor:
     return torch.where(xm == 0, torch.zeros_like(s), s)
 
 
-def _fit_min(w: torch.Tensor, t: GGUFType, nonneg: bool,
-             steps: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_min(w: torch.Tensor, t: GGUFType, nonneg: bool, steps: int = 10,
+             wt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float ``(scale, minimum)`` (rows,) for a grid ``scale * q - minimum``, ``q`` in
     ``0 .. maxq``; ``nonneg``: the minimum must be >= 0 (the K-quants: the range reaches 0).
 
     Candidates spread ``[min, max]`` over ``maxq + delta`` steps (delta in -1 .. 1); the codes
     of each get the least-squares line ``scale * q + b`` (b <= 0 with ``nonneg``); the smallest
-    squared error wins."""
+    squared error wins (weighted by ``wt``, broadcast to ``w``, when given)."""
     maxq = t.maxq
-    n = w.shape[1]
+    n = w.shape[1] if wt is None else (wt * torch.ones_like(w)).sum(1)[None]
     xmin = w.min(dim=1).values
     xmax = w.max(dim=1).values
     if nonneg:
@@ -277,10 +284,12 @@ def _fit_min(w: torch.Tensor, t: GGUFType, nonneg: bool,
     deltas = torch.arange(-steps, steps + 1, device=w.device, dtype=w.dtype) * (1.0 / steps)
     iscale = (maxq + deltas)[:, None] / rng[None, :]  # (C, rows)
     L = torch.clamp(torch.round((w - xmin[:, None])[None] * iscale[:, :, None]), 0, maxq)
-    sl = L.sum(-1)
-    sl2 = (L * L).sum(-1)
-    sx = w.sum(1)[None]
-    sxl = (w[None] * L).sum(-1)
+    ww = w if wt is None else w * wt
+    Lw = L if wt is None else L * wt
+    sl = Lw.sum(-1)
+    sl2 = (Lw * L).sum(-1)
+    sx = ww.sum(1)[None]
+    sxl = (ww[None] * L).sum(-1)
     D = n * sl2 - sl * sl
     ok = D > 0
     Ds = torch.where(ok, D, torch.ones_like(D))
@@ -308,26 +317,30 @@ def _fit_min(w: torch.Tensor, t: GGUFType, nonneg: bool,
 _FIT_ROWS = 1024  # rows per fitting pass: the candidate search holds ~20 copies of them
 
 
-def _fit_float(w: torch.Tensor, t: GGUFType,
-               coarse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fit_float(w: torch.Tensor, t: GGUFType, coarse: bool = False,
+               wt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The float grid of each row of ``w``; ``coarse``: fewer candidates (a K-quant's
-    provisional sub-block fits, which only set the super-block factors)."""
+    provisional sub-block fits, which only set the super-block factors); ``wt``: weights of the
+    squared error, (1, n) or the shape of ``w``."""
     if w.shape[0] > _FIT_ROWS:
-        parts = [_fit_float(c, t, coarse) for c in torch.split(w, _FIT_ROWS)]
+        wts = [wt] * -(-w.shape[0] // _FIT_ROWS) if wt is None or wt.shape[0] == 1 else \
+            torch.split(wt, _FIT_ROWS)
+        parts = [_fit_float(c, t, coarse, cw) for c, cw in zip(torch.split(w, _FIT_ROWS), wts)]
         s = torch.cat([p[0] for p in parts])
         return s, (torch.cat([p[1] for p in parts]) if t.has_min else None)
     if t.has_min:
-        return _fit_min(w, t, nonneg=t.kquant, steps=2 if coarse else 10)
-    return _fit_offset(w, t, steps=2 if coarse else 4), None
+        return _fit_min(w, t, nonneg=t.kquant, steps=2 if coarse else 10, wt=wt)
+    return _fit_offset(w, t, steps=2 if coarse else 4, wt=wt), None
 
 
-def _sq_error(w, scale, minimum, t: GGUFType) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row squared error of rounding ``w`` (rows x n) to the nearest value of the grid with
-    per-row ``scale``/``minimum``; returns ``(error, codes)``."""
+def _sq_error(w, scale, minimum, t: GGUFType, wt=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row squared error (weighted by ``wt`` when given) of rounding ``w`` (rows x n) to the
+    nearest value of the grid with per-row ``scale``/``minimum``; returns ``(error, codes)``."""
     s = scale[:, None]
     mn = None if minimum is None else minimum[:, None]
     q = _codes(w, s, float(t.offset), t.maxq, mn)
-    return (w - _values(q, s, float(t.offset), mn)).pow(2).sum(1), q
+    e = (w - _values(q, s, float(t.offset), mn)).pow(2)
+    return (e if wt is None else e * wt).sum(1), q
 
 
 class BlockFitter:
@@ -363,10 +376,13 @@ class BlockFitter:
     def grid(self) -> GGUFGrid:
         return GGUFGrid(self.type, self.d, self.m, self.sc, self.mi)
 
-    def fit(self, col: int, w: torch.Tensor, keep: torch.Tensor | None = None):
+    def fit(self, col: int, w: torch.Tensor, keep: torch.Tensor | None = None,
+            importance: torch.Tensor | None = None):
         """Fit the grid of the sub-block starting at ``col`` to ``w`` (rows x n: the current
         weights of columns ``col .. starts[col][1] - 1``); ``keep`` marks the weights that
-        survive pruning (the others count as zeros). Returns per-row tensors
+        survive pruning (the others count as zeros); ``importance`` (n,): how much a squared
+        rounding error costs in each column (the solver passes ``1 / U_jj^2``, the cost GPTQ's
+        sweep charges for it; None: all alike, round to nearest). Returns per-row tensors
         ``(scale, zero, minimum, zero_code)``: the sub-block's grid is ``scale * (code - zero) -
         minimum`` (``minimum`` None without one), and ``zero_code`` is the code whose value is
         nearest 0 (what a pruned weight is stored as)."""
@@ -376,15 +392,19 @@ class BlockFitter:
         if keep is not None:
             w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
         blk = col // t.block
+        wt = None
+        if importance is not None:
+            imp = importance.float().clamp_min(0)
+            wt = (imp / imp.mean().clamp_min(1e-30))[None, :].to(w.device)
         if not t.kquant:
-            s, mn = _fit_float(w, t)
+            s, mn = _fit_float(w, t, wt=wt)
             self.d[:, blk] = _fp16(s, nonzero=True)
             if t.has_min:
                 self.m[:, blk] = _fp16(-mn)
         else:
             if col % t.block == 0:
-                self._fit_super(blk, w)
-            self._fit_sub(j, blk, w[:, :t.sub])
+                self._fit_super(blk, w, wt)
+            self._fit_sub(j, blk, w[:, :t.sub], None if wt is None else wt[:, :t.sub])
         g = self.grid()
         scale = g.scale()[:, j]
         mn = g.minimum()
@@ -392,12 +412,14 @@ class BlockFitter:
         zcode = _codes(torch.zeros_like(scale), scale, float(t.offset), t.maxq, mn)
         return scale, self._offset, mn, zcode
 
-    def _fit_super(self, blk: int, w: torch.Tensor) -> None:
+    def _fit_super(self, blk: int, w: torch.Tensor, wt: torch.Tensor | None = None) -> None:
         """The fp16 super-block factors, from float fits of each sub-block of ``w`` (rows x
         256), so that the largest sub-block scale (minimum) is the largest integer level."""
         t = self.type
         rows, per = w.shape[0], t.block // t.sub
-        s, mn = _fit_float(w.reshape(rows * per, t.sub), t, coarse=True)
+        if wt is not None:
+            wt = wt.reshape(per, t.sub).repeat(rows, 1)
+        s, mn = _fit_float(w.reshape(rows * per, t.sub), t, coarse=True, wt=wt)
         s = s.reshape(rows, per)
         lo, hi = t.scale_range
         if t.signed:  # the sub-block scale of largest magnitude lands on the most negative level
@@ -410,12 +432,12 @@ class BlockFitter:
             mn = mn.reshape(rows, per)
             self.m[:, blk] = _fp16(mn.max(dim=1).values / t.min_max)
 
-    def _fit_sub(self, j: int, blk: int, w: torch.Tensor) -> None:
+    def _fit_sub(self, j: int, blk: int, w: torch.Tensor, wt: torch.Tensor | None = None) -> None:
         """The integer scale (and minimum) of sub-block ``j`` under the super-block factors:
         the floor and ceiling of the float fit's ratios, the pair with the smallest error."""
         t = self.type
         d = self.d[:, blk]
-        s, mn = _fit_float(w, t)
+        s, mn = _fit_float(w, t, wt=wt)
         lo, hi = t.scale_range
         base = torch.floor(s / d)
         sc_cands = [base, base + 1]
@@ -437,7 +459,7 @@ class BlockFitter:
                 if mi is not None:
                     mi = mi.clamp(0, t.min_max)
                     minimum = dm * mi
-                err, _q = _sq_error(w, scale, minimum, t)
+                err, _q = _sq_error(w, scale, minimum, t, wt)
                 if best_err is None:
                     best_err, best_sc, best_mi = err, sc, mi
                     continue

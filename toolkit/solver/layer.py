@@ -447,7 +447,11 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
                                                0)
                         gk = None if gk is None else gk.t().contiguous()
                         if fitter is not None:
-                            scale, zero, minimum, zcode = fitter.fit(col, gw.t().contiguous(), gk)
+                            # each column's rounding error weighted by what the sweep
+                            # charges for it, err^2 / U_jj^2
+                            imp = d_all[col:gend].pow(-2)
+                            scale, zero, minimum, zcode = fitter.fit(col, gw.t().contiguous(), gk,
+                                                                     importance=imp)
                             if minimum is not None:
                                 minimums[:, g] = minimum
                         else:
