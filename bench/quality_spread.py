@@ -16,7 +16,8 @@ This bench measures, in one run, on one machine:
 * two deliberate **regressions**, with 2 threads: the dampening raised from 0.01 to 0.1, and the
   calibration halved (4 windows instead of 8).
 
-The test's bands are set from this file (its docstring says how). Writes one row per condition
+The test's bands are set from this file (its docstring says how). The CSV is rewritten whole after
+each condition, with every row of the run so far. Writes one row per condition
 and setting: ``condition``, ``threads``, ``deterministic``, ``setting``, ``perplexity``,
 ``mean_rel_error``, their ratios to the 2-thread row of the same setting, the machine.
 SmolLM2's weights were stored on a 4-bit grid (Q4_1, blocks of 32) and are dequantized on load.
@@ -41,9 +42,9 @@ sys.path.insert(0, str(REPO / "tests"))
 CONDITIONS = [
     ("threads 2", 2, False, {}),
     ("threads 1", 1, False, {}),
-    ("threads 3", 3, False, {}),
     ("regression: percdamp 0.1", 2, False, {"percdamp": 0.1}),
     ("regression: calibration halved", 2, False, {"nsamples": 4}),
+    ("threads 3", 3, False, {}),
 ]
 
 
@@ -81,14 +82,18 @@ def main() -> None:
         for r in rows[-len(res):]:
             print(f"   {r['setting']:<34} {r['perplexity']:>9} ({r['ppl_ratio']})  "
                   f"err {r['mean_rel_error']} ({r['error_ratio']})", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
+        _write(args.out, rows)  # the rows of this run so far, the whole file replaced
+
+
+def _write(out: Path, rows: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    tmp.replace(out)
+    print(f"wrote {out} ({len(rows)} rows)", flush=True)
 
 
 if __name__ == "__main__":
