@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     apply_threads(args)
 
     from toolkit import load_model
+    from toolkit.harness import COLUMNS, plot_tradeoff, to_markdown, tradeoff
     from toolkit.measure.bnb import bnb_available
-    from toolkit.tradeoff import COLUMNS, plot_tradeoff, to_markdown, tradeoff
 
     grid = [(label, spec) for label, spec in GRID if args.only is None or label in args.only]
     configs = [spec if spec == "dense" else {**spec, "label": label} for label, spec in grid]

@@ -642,22 +642,14 @@ def _cmd_info(args) -> int:
         raise FileNotFoundError(f"no such file or folder: {args.path}")
     if not path.is_dir():
         raise NotADirectoryError(f"{args.path} is not a folder (a checkpoint is a folder)")
-    from toolkit.checkpoint.saveload import describe_checkpoint
+    from toolkit.checkpoint.saveload import checkpoint_info
 
-    text = describe_checkpoint(path, verify=args.verify)
-    print(text)
-    if args.verify:
-        # describe_checkpoint reports a failed check as "DIFFERS: <file>: <what>" on its weights
-        # line; the exit status says it too, for scripts
-        bad = [line.split(VERIFY_FAILED, 1)[1] for line in text.splitlines()
-               if VERIFY_FAILED in line]
-        if bad:
-            raise CheckpointVerifyError(f"--verify: {bad[0].strip()}")
+    info = checkpoint_info(path, verify=args.verify)
+    print(info.text)  # with --verify, the checksum verdict is its first line
+    if args.verify and info.ok is False:
+        # the exit status says it too, for scripts
+        raise CheckpointVerifyError(f"--verify: {info.problems[0]}")
     return 0
-
-
-#: how describe_checkpoint(verify=True) marks weight files whose SHA-256 or size differ
-VERIFY_FAILED = "DIFFERS: "
 
 
 class CheckpointVerifyError(ValueError):
