@@ -448,10 +448,12 @@ def test_quiet_compress_out_overwrite_and_info_verify(tiny_dir, tiny_ckpt, tmp_p
     status, text, err = run_main(["info", out, "--verify"], capsys)
     assert status == 0 and err == "", err
     assert "LlamaForCausalLM" in text
+    assert "checksums ok" in text.splitlines()[0]  # the verdict first
     flip_last_byte(out / "model.safetensors")
     assert run_main(["info", out], capsys)[0] == 0  # no hashes read without --verify
     status, out_text, err = run_main(["info", out, "--verify"], capsys)
     assert status == 2 and "DIFFERS" in out_text  # the description, then one error line
+    assert "checksums FAILED" in out_text.splitlines()[0]  # the verdict first
     assert err.startswith(f"toolkit info: error: --verify: {out / 'model.safetensors'}: ")
     assert err.count("\n") == 1 and "SHA-256" in err, err
 
