@@ -15,7 +15,13 @@ from conftest import tiny_model
 
 from toolkit import compress, save_gguf
 from toolkit.api import CompressConfig
-from toolkit.checkpoint.gguf import describe_gguf, pack_codes, verify_gguf
+from toolkit.checkpoint.gguf import (
+    check_gguf_model,
+    check_gguf_out,
+    describe_gguf,
+    pack_codes,
+    verify_gguf,
+)
 from toolkit.plan.gguf import embedding_types, fallback_type, layer_role, preset_type
 from toolkit.solver.gguf_grids import TYPES, gguf_rtn
 from toolkit.solver.hessian import reconstruction_error
@@ -249,9 +255,18 @@ def test_save_gguf_names_what_it_cannot_write(byte_bpe, tmp_path):
     model = _tiny_llama(len(tok), True)
     with pytest.raises(ValueError, match="byte-level BPE"):
         save_gguf(model, tmp_path / "m.gguf", tokenizer=other)
+    with pytest.raises(ValueError, match="byte-level BPE"):
+        check_gguf_model(model, other)  # before any work
+    assert check_gguf_model(model, tok).startswith("built from")
     gpt2 = tiny_model("gpt2")
     with pytest.raises(ValueError, match="LLaMA-family.*'gpt2'"):
         save_gguf(gpt2, tmp_path / "g.gguf", tokenizer=tok)
+    with pytest.raises(ValueError, match="LLaMA-family.*'gpt2'"):
+        check_gguf_model(gpt2, tok)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        check_gguf_out(tmp_path / "nowhere" / "m.gguf")
+    with pytest.raises(IsADirectoryError, match="one file"):
+        check_gguf_out(tmp_path)
 
 
 def test_dense_and_uniform_layers_written_exactly(byte_bpe, tmp_path):

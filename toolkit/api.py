@@ -172,7 +172,10 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     finally:
         model.train(was_training)
     if config.settings.gguf is not None:  # embeddings and output head on the preset's types
-        gguf_notes.update(_gguf_embeddings(model, config.settings.gguf, config.ignore))
+        gguf_notes.update(_gguf_embeddings(
+            model, config.settings.gguf, config.ignore,
+            ids=ids if config.settings.quant == "gptq" else None, device=device,
+            percdamp=config.percdamp, block_size=config.block_size))
         model.toolkit_gguf_preset = config.settings.gguf  # save_gguf's general.file_type
     after = model_bytes(model)
     extra = {
@@ -202,14 +205,21 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
 
 
 @torch.no_grad()
-def _gguf_embeddings(model: nn.Module, gguf: str, ignore=()) -> dict:
+def _gguf_embeddings(model: nn.Module, gguf: str, ignore=(), ids=None, device=None,
+                     percdamp: float = 0.01, block_size: int = 128) -> dict:
     """Put the token embeddings and the output head onto the GGUF types ``gguf`` (a type or a
-    preset) gives them (:func:`toolkit.plan.gguf.embedding_types`), by round to nearest, in
-    place, so that ``save_gguf`` stores the model as it is in memory. A matrix already exactly
-    on a grid of that type (SmolLM2's Q8_0 embeddings) is kept as it is; one whose name an
-    ``ignore`` regex matches is left alone (save_gguf then writes it in F16/F32 exactly).
-    Returns the lines for the report's summary."""
+    preset) gives them (:func:`toolkit.plan.gguf.embedding_types`), in place, so that
+    ``save_gguf`` stores the model as it is in memory. With calibration windows ``ids`` (GPTQ
+    runs) the output head (with tied embeddings, the shared matrix) is solved like a layer, on
+    the Hessian of its inputs (the final hidden states of the already compressed model); the
+    untied token embeddings, and everything under ``quant="rtn"``, are rounded to nearest. A
+    matrix already exactly on a grid of its type (SmolLM2's Q8_0 embeddings) is kept as it is;
+    one whose name an ``ignore`` regex matches is left alone (save_gguf then writes it in
+    F16/F32 exactly). Returns the lines for the report's summary."""
     import re
+
+    from toolkit.solver.layer import solve
+    from toolkit.walk.capture import capture_hessians
 
     emb, out = model.get_input_embeddings(), model.get_output_embeddings()
     if emb is None:
@@ -231,10 +241,23 @@ def _gguf_embeddings(model: nn.Module, gguf: str, ignore=()) -> dict:
             module.toolkit_gguf = t
             notes[f"GGUF {what}"] = f"{t} (already on its grid, unchanged)"
             continue
-        new, _codes, grid = gguf_rtn(w, t, name=name)
-        w.copy_(new)
+        is_head = what == "output head" or tied
+        head_name = names.get(id(out)) if out is not None else None
+        if is_head and ids is not None and head_name is not None:
+            H = capture_hessians(model, [head_name], ids)[head_name].H
+            dev = device if device is not None else w.device
+            res = solve(w.to(dev), H.to(dev), gguf=t, percdamp=percdamp, block_size=block_size,
+                        name=name)
+            w.copy_(res.weight)
+            grid, how = res.gguf.to("cpu"), "solved as the output head"
+        else:
+            new, _codes, grid = gguf_rtn(w, t, name=name)
+            w.copy_(new)
+            how = "round to nearest"
         module.toolkit_gguf = grid
-        notes[f"GGUF {what}"] = f"{t} (round to nearest)" + (", tied" if tied else "")
+        if tied and out is not None:
+            out.toolkit_gguf = grid
+        notes[f"GGUF {what}"] = f"{t} ({how})" + (", tied" if tied else "")
     return notes
 
 

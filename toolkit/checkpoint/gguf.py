@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: `toolkit info FILE.gguf
 
 __all__ = ["save_gguf", "describe_gguf", "pack_codes", "verify_gguf", "GGUFSummary",
            "source_gguf_path", "gguf_tensor_names", "SUPPORTED_ARCHITECTURES", "is_gguf",
-           "reencodes_exactly", "check_gguf_out"]
+           "reencodes_exactly", "check_gguf_out", "check_gguf_model"]
 
 log = logging.getLogger("toolkit")
 
@@ -487,6 +487,29 @@ def check_gguf_out(path, overwrite: bool = False) -> Path:
     return path
 
 
+def check_gguf_model(model, tokenizer=None) -> str:
+    """Raise ``ValueError`` now, before any work, if :func:`save_gguf` could not write ``model``
+    with ``tokenizer`` (same meaning as there): a family other than LLaMA's, biases, a RoPE
+    variant, or a vocabulary it cannot build. Returns where the vocabulary will come from."""
+    _architecture(model)
+    return _tokenizer_fields(model, tokenizer)[1]
+
+
+def _tokenizer_fields(model, tokenizer):
+    source = source_gguf_path(model)
+    if tokenizer is None:
+        if source is None:
+            raise ValueError("save_gguf needs tokenizer=...: a Hugging Face tokenizer or a GGUF "
+                             "file to take the vocabulary from (the model was not loaded from a "
+                             "GGUF file)")
+        return _tokenizer_fields_from_gguf(source), f"from {source.name}"
+    if isinstance(tokenizer, (str, os.PathLike)):
+        if not is_gguf(tokenizer):
+            raise ValueError(f"tokenizer={str(tokenizer)!r} is not a GGUF file")
+        return _tokenizer_fields_from_gguf(tokenizer), f"from {Path(tokenizer).name}"
+    return _tokenizer_fields_from_hf(tokenizer), f"built from {type(tokenizer).__name__}"
+
+
 def save_gguf(model, path, tokenizer=None, *, overwrite: bool = False, preset: str | None = None,
               name: str | None = None, verify: bool = True) -> GGUFSummary:
     """Write ``model`` (a LLaMA-family ``transformers`` model, typically after
@@ -511,20 +534,7 @@ def save_gguf(model, path, tokenizer=None, *, overwrite: bool = False, preset: s
 
     # the tokenizer first: its errors come before any tensor is encoded
     source = source_gguf_path(model)
-    if tokenizer is None:
-        if source is None:
-            raise ValueError("save_gguf needs tokenizer=...: a Hugging Face tokenizer or a GGUF "
-                             "file to take the vocabulary from (the model was not loaded from a "
-                             "GGUF file)")
-        tok_fields, tok_from = _tokenizer_fields_from_gguf(source), f"from {source.name}"
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        if not is_gguf(tokenizer):
-            raise ValueError(f"tokenizer={str(tokenizer)!r} is not a GGUF file")
-        tok_fields, tok_from = _tokenizer_fields_from_gguf(tokenizer), \
-            f"from {Path(tokenizer).name}"
-    else:
-        tok_fields, tok_from = _tokenizer_fields_from_hf(tokenizer), \
-            f"built from {type(tokenizer).__name__}"
+    tok_fields, tok_from = _tokenizer_fields(model, tokenizer)
 
     source_types = {}
     if source is not None:
