@@ -174,7 +174,8 @@ def _by_hand(model, dense_bits=16):
                 s = info.settings
                 total += sum(linear_bytes(*p.shape, nnz=int((p != 0).sum()), pattern=s.pattern,
                                           sparse=s.prunes, bits=s.bits, group_size=s.group_size,
-                                          sym=s.sym).values())
+                                          sym=s.sym, block=bool(s.bits and not s.sym
+                                                                and s.group_size)).values())
             else:
                 total += p.numel() * dense_bits / 8
     return total
@@ -222,7 +223,8 @@ def test_model_bytes_rtn4_per_layer_by_hand():
     size = model_bytes(model)
     # per block: q,o 64x64; k,v 32x64; gate,up 128x64; down 64x128 -- all 4-bit, one group
     shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
-    per_block = sum(r * math.ceil(c * 4 / 32) * 4 + r * 2 + math.ceil(r * 4 / 32) * 4 + 16
+    # asymmetric zero points are stored as int8, one per row and group (the block strategy)
+    per_block = sum(r * math.ceil(c * 4 / 32) * 4 + r * 2 + r + 16
                     for r, c in shapes)
     assert size["compressed_bytes"] == 2 * per_block
 
@@ -262,13 +264,13 @@ def test_model_bytes_equal_the_exported_tensors(tmp_path, settings, layouts, hid
             meta = json.loads((out / export.TOOLKIT_NAME).read_text())
             assert {e["strategy"] for e in meta["layers"].values()} == {"block"}
             assert len(meta["partial_group_layers"]) == 12  # down_proj's 192 columns divide
-            # one layer counted alone: packed zero points, unless given the model's keys
+            # one layer counted alone: asymmetric grids are stored with the block strategy
+            # either way (int8 zero points), so the model's keys change nothing
             from toolkit.checkpoint.saveload import block_keys
 
             down = model.model.layers[0].mlp.down_proj
             alone = model_bytes(down, layout=layout)["compressed_bytes"]
             inside = model_bytes(down, layout=layout,
                                  block_keys=block_keys(model))["compressed_bytes"]
-            rows, groups = 96, 3  # 96 x 192 at g64; asymmetric 4-bit zero points
-            assert inside - alone == rows * groups - math.ceil(rows * 4 / 32) * groups * 4
+            assert inside == alone
             assert model_bytes(model, layout=layout, block_keys=set())["bytes"] < on_disk
