@@ -230,7 +230,12 @@ def smollm2_results(smollm2_quality_results):
 
 def pytest_configure(config):
     """``TOOLKIT_DETERMINISTIC=1`` runs the session under
-    ``torch.use_deterministic_algorithms(True)`` (the suite must pass either way)."""
+    ``torch.use_deterministic_algorithms(True)`` (the suite must pass either way).
+
+    ``OMP_NUM_THREADS`` is set to the session's torch thread count, so that the command line
+    (in-process or in a subprocess) computes with the same count as the tests' in-memory runs it
+    is compared with, whatever the load (its default follows the load)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     if os.environ.get("TOOLKIT_DETERMINISTIC") == "1":
         torch.use_deterministic_algorithms(True)
 

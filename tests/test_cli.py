@@ -552,7 +552,7 @@ def test_answers_before_torch(argv, code, fragment):
     assert heavy == [], f"{' '.join(argv)} imported {heavy}"
 
 
-def test_default_threads_follow_the_load():
+def test_default_threads_follow_the_load(monkeypatch):
     from toolkit.config.threads import check_threads, default_threads
 
     assert default_threads(cores=2, load=0.2) == 2   # idle: every core
@@ -560,6 +560,10 @@ def test_default_threads_follow_the_load():
     assert default_threads(cores=2, load=6.0) == 1   # never below one
     assert default_threads(cores=16, load=3.4) == 13
     assert default_threads(cores=4, load=0.0) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3  # the user's own choice wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert 1 <= default_threads() <= max(1, os.cpu_count() or 1)
     assert check_threads(None) is None and check_threads(3) == 3
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="threads must be a positive integer"):

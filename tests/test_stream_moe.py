@@ -312,9 +312,12 @@ def test_cli_stream_moe(tiny_dir, offline, tmp_path, capsys):
     src = _save(tiny_moe("qwen3_moe"), tmp_path / "src")
     tok.save_pretrained(src)
     out = tmp_path / "out"
+    # the same thread count as the in-memory run below: float sums must come out the same
+    threads = str(torch.get_num_threads())
     status, stdout, err = run_main(
         ["-q", "compress", "--model", src, "--stream", "--out", out, "--bits", "4",
-         "--group-size", "32", "--expert-hessian", "all", *CALIB, "--eval", "none"], capsys)
+         "--group-size", "32", "--expert-hessian", "all", *CALIB, "--eval", "none",
+         "--threads", threads], capsys)
     assert status == 0, err
     model = _from_pretrained(src)
     report = toolkit.compress(model, tok, bits=4, group_size=32, expert_hessian="all",

@@ -385,8 +385,10 @@ def _start_torch(args):
     args.threads_before = torch.get_num_threads()  # put back by main() (it may run in-process)
     torch.set_num_threads(n)
     args.threads_used = n
+    env = os.environ.get("OMP_NUM_THREADS", "")
     args.threads_note = f"{n} threads" + (
         " (--threads)" if given is not None else
+        " (OMP_NUM_THREADS)" if env.isdigit() and int(env) > 0 else
         f" ({usable_cores()} usable cores, load {current_load():.1f}; --threads N sets it)")
     return torch
 

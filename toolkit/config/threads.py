@@ -36,7 +36,13 @@ def current_load() -> float:
 
 
 def default_threads(cores: int | None = None, load: float | None = None) -> int:
-    """Usable cores minus the current load (rounded), at least 1 and at most the cores."""
+    """Usable cores minus the current load (rounded), at least 1 and at most the cores; a
+    positive ``OMP_NUM_THREADS`` in the environment (the user's own choice) wins when neither
+    argument is given."""
+    if cores is None and load is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        if env.isdigit() and int(env) > 0:
+            return int(env)
     cores = usable_cores() if cores is None else cores
     load = current_load() if load is None else load
     return max(1, min(cores, cores - round(load)))
