@@ -14,7 +14,9 @@ layer gets the same type and the embeddings the same treatment:
   (``ref_share``: the fraction of the rounded weights the package rounded);
 * ``rtn``: the toolkit's round to nearest on the same grids (``quant="rtn"``: each block's scale
   searched for the smallest squared error);
-* ``gptq``: the solver's sweep on the same grids (``quant="gptq"``).
+* ``gptq``: the solver's sweep on the same grids (``quant="gptq"``); the output head (SmolLM2:
+  the tied embedding matrix) solved on the Hessian of the final hidden states when it is
+  rounded at all.
 
 Each model is written with ``save_gguf`` (its tokenizer taken over from SmolLM2's GGUF file), the
 file's every tensor compared with the model's weight after ``gguf.quants.dequantize``
@@ -29,7 +31,8 @@ embedding matrix is Q8_0 under the preset (as in its own file, where it is alrea
 and stays unchanged) or the plain type's fallback. Its weights were stored as Q4_1 blocks of 32
 in the GGUF file it is loaded from, so the Q4_1 target is nearly lossless for any method: it is
 reported, and not a test of the solver. llama.cpp itself is not run here (no llama-cpp-python
-build in this environment). Writes ``data/results/gguf_smollm2.csv``.
+build in this environment). Writes ``data/results/gguf_smollm2.csv`` (rewritten whole after
+each row, so that a run cut short leaves the rows it finished; a complete file has 19 rows).
 """
 
 from __future__ import annotations
@@ -165,9 +168,9 @@ def main(argv=None) -> int:
                       f"  {seconds:.0f}s", flush=True)
                 path.unlink()
                 del model
-    out = Path(args.out)
-    pd.DataFrame(rows).to_csv(out, index=False)
-    print(f"wrote {out}")
+                pd.DataFrame(rows).to_csv(args.out, index=False)
+    pd.DataFrame(rows).to_csv(args.out, index=False)
+    print(f"wrote {args.out}")
     return 0
 
 
