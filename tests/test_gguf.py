@@ -347,3 +347,56 @@ def test_numpy_dtype_guard():
     W, H = _problem(rows=8)
     res = solve(W, H, gguf="Q6_K")
     assert pack_codes(res.codes.to(torch.int32), res.gguf).dtype == np.uint8
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+def _main(argv, capsys):
+    from toolkit.cli import main
+
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_cli_out_gguf_then_info(byte_bpe, tmp_path, capsys):
+    """``toolkit compress --gguf Q4_0 --out-gguf FILE`` writes what the Python API computes
+    (every tensor of the file dequantizes to the API's compressed weight exactly), ``toolkit
+    info FILE.gguf`` describes it, and the refusals come before any model is loaded."""
+    tok, text = byte_bpe
+    folder = tmp_path / "tiny"
+    _tiny_llama(len(tok), True).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text, encoding="utf-8")
+    out = tmp_path / "tiny-q4_0.gguf"
+    args = ["compress", "--model", folder, "--gguf", "Q4_0", "--calibration", calib,
+            "--nsamples", 2, "--seqlen", 32, "--eval", "none", "--quiet"]
+    status, stdout, err = _main([*args, "--out-gguf", out], capsys)
+    assert status == 0, err
+    assert "GGUF file" in stdout and "toolkit info" in stdout and "not saved" not in stdout
+    model = _tiny_llama(len(tok), True)
+    compress(model, tok, gguf="Q4_0", calibration=[text], nsamples=2, seqlen=32, verbose=False)
+    assert set(verify_gguf(out, model).values()) == {0.0}
+
+    status, stdout, err = _main(["info", out], capsys)
+    assert status == 0, err
+    assert "architecture: llama" in stdout and "Q4_0:" in stdout
+
+    # refused before loading, each naming the flag
+    before = out.stat().st_mtime_ns
+    status, _, err = _main([*args, "--out-gguf", out], capsys)
+    assert status != 0 and "--out-gguf" in err and "--overwrite" in err
+    assert out.stat().st_mtime_ns == before
+    status, _, err = _main([*args, "--out-gguf", tmp_path, "--overwrite"], capsys)
+    assert status != 0 and "one file" in err
+    status, _, err = _main([*args, "--stream", "--out", tmp_path / "c",
+                            "--out-gguf", tmp_path / "s.gguf"], capsys)
+    assert status != 0 and "--stream" in err and "--out-gguf" in err
+    status, _, err = _main(["info", out, "--verify"], capsys)
+    assert status != 0 and "GGUF file records none" in err
+    status, _, err = _main(["info", calib], capsys)
+    assert status != 0 and "neither a checkpoint folder nor a GGUF file" in err

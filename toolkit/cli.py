@@ -161,8 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None,
                    help="write the compressed checkpoint to this folder (load it with "
                         "toolkit eval --model DIR or toolkit.load_compressed)")
+    c.add_argument("--out-gguf", default=None, metavar="FILE",
+                   help="also write the model as one GGUF file (llama.cpp, Ollama; LLaMA-family "
+                        "models): with --gguf TYPE the file holds the solver's codes in that "
+                        "type, bit for bit; every tensor is read back and compared before the "
+                        "file is renamed into place")
     c.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out checkpoint folder")
+                   help="replace an existing --out checkpoint folder / --out-gguf file")
     c.add_argument("--layout", default=None, choices=["standard", "compact"],
                    help="checkpoint layout for --out: standard (default: the compressed-tensors "
                         "formats other readers load) or compact (smallest; read by "
@@ -188,10 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N windows (default: every window)")
 
     i = sub.add_parser("info", help="what a checkpoint holds: layers, sparsity, bits, bytes",
-                       parents=[common], description="Describe a compressed checkpoint folder: "
-                       "the model, each layer's format, the bytes on disk and which readers "
-                       "load it.")
-    i.add_argument("path", help="checkpoint folder")
+                       parents=[common], description="Describe a compressed checkpoint folder "
+                       "(the model, each layer's format, the bytes on disk and which readers "
+                       "load it) or a GGUF file (architecture, tensor types, tokenizer).")
+    i.add_argument("path", help="checkpoint folder or .gguf file")
     i.add_argument("--verify", action="store_true",
                    help="also check every weight file against the SHA-256 recorded at save time")
 
@@ -447,8 +452,12 @@ def _cmd_compress(args) -> int:
         raise ValueError("--stream writes the checkpoint block by block: give --out DIR")
     if args.layout and not args.out:
         raise ValueError("--layout is the layout of the --out checkpoint: give --out DIR")
-    if args.overwrite and not args.out:
-        raise ValueError("--overwrite replaces the --out folder: give --out DIR")
+    if args.overwrite and not (args.out or args.out_gguf):
+        raise ValueError("--overwrite replaces the --out folder or the --out-gguf file: give "
+                         "--out DIR or --out-gguf FILE")
+    if args.stream and args.out_gguf:
+        raise ValueError("--out-gguf writes the model held in memory; --stream never holds it "
+                         "whole: drop one of them")
     source = resolve_model(args.model)
     if args.stream and source.kind != "folder":
         raise ValueError(f"--stream reads a local model folder of safetensors shards; "
@@ -458,6 +467,15 @@ def _cmd_compress(args) -> int:
         for module in ("safetensors", "compressed_tensors"):
             _require(module, "--out", "pip install -e . (compressed-tensors and safetensors are "
                                       "dependencies of toolkit)")
+    if args.out_gguf:
+        from toolkit.checkpoint.gguf import check_gguf_out
+
+        try:
+            check_gguf_out(args.out_gguf, args.overwrite)
+        except FileExistsError:
+            raise FileExistsError(f"--out-gguf {args.out_gguf} exists; pass --overwrite to "
+                                  "replace it") from None
+        _require("gguf", "--out-gguf", "pip install -e . (gguf is a dependency of toolkit)")
     _check_text(cfg.calibration, "--calibration", "train")
     if not args.stream:
         _check_text(args.eval_text, "--eval", "validation" if args.eval_text == "c4" else "test")
@@ -484,6 +502,13 @@ def _cmd_compress(args) -> int:
         cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     calibration, nsamples, seqlen = calibration_plan(cfg, model, device)
     get_calibration(calibration, tok, nsamples=nsamples, seqlen=seqlen, seed=cfg.seed)
+    gguf_tok = None
+    if args.out_gguf:
+        from toolkit.checkpoint.gguf import check_gguf_model, source_gguf_path
+
+        # the vocabulary: the source GGUF file's when the model came from one, else built
+        gguf_tok = None if source_gguf_path(model) is not None else tok
+        check_gguf_model(model, gguf_tok)
     ids = None
     if distributed.is_main():
         ids, eval_seqlen, windows, text_name = _eval_plan(
@@ -503,8 +528,20 @@ def _cmd_compress(args) -> int:
     if ids is not None:
         print(f"{'perplexity':>22}: {before:.3f} before -> {after:.3f} after ({text_name}, "
               f"{windows} windows x {eval_seqlen} tokens)")
+    if args.out_gguf:
+        from toolkit.checkpoint.gguf import save_gguf
+
+        try:
+            summary = save_gguf(model, args.out_gguf, tokenizer=gguf_tok,
+                                overwrite=args.overwrite)
+        except BaseException:
+            print(f"{'GGUF file':>22}: not written (the writer failed; the error follows)",
+                  flush=True)
+            raise
+        print(f"{'GGUF file':>22}: {summary}; toolkit info {args.out_gguf} describes it")
     if not args.out:
-        print(NOT_SAVED)
+        if not args.out_gguf:
+            print(NOT_SAVED)
         return 0
     from toolkit.checkpoint.saveload import save_compressed
 
@@ -643,7 +680,16 @@ def _cmd_info(args) -> int:
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {args.path}")
     if not path.is_dir():
-        raise NotADirectoryError(f"{args.path} is not a folder (a checkpoint is a folder)")
+        from toolkit.checkpoint.gguf import describe_gguf, is_gguf
+
+        if is_gguf(path):
+            if args.verify:
+                raise ValueError("--verify checks a checkpoint folder's recorded checksums; a "
+                                 "GGUF file records none (save_gguf compares every tensor with "
+                                 "the model before writing it)")
+            print(describe_gguf(path))
+            return 0
+        raise NotADirectoryError(f"{args.path} is neither a checkpoint folder nor a GGUF file")
     from toolkit.checkpoint.saveload import checkpoint_info
 
     info = checkpoint_info(path, verify=args.verify)
