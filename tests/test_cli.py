@@ -204,7 +204,7 @@ def test_debug_raises_instead(offline):
     (["eval", "--model", "{tmp}"], 2, ["without config.json, not a model folder"]),
     (["eval", "--model", "{tmp}/notes.txt"], 2, ["is a file but not a .gguf file"]),
     (["info", "{tmp}/none"], 2, ["no such file or folder"]),
-    (["info", "{tmp}/notes.txt"], 2, ["is not a folder"]),
+    (["info", "{tmp}/notes.txt"], 2, ["neither a checkpoint folder nor a GGUF file"]),
     (["compress", "--model", "{tiny}", "--bits", "4", "--out", "{tmp}/s", "--stream",
       "--overwrite"], 2, ["--overwrite does not apply to --stream"]),
     (["compress", "--model", "{tiny}", "--bits", "4", "--out", "{tmp}", "--overwrite"], 2,

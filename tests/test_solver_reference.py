@@ -35,9 +35,9 @@ Decisions mirror the documented rules:
   weights as given; each column uses its natural group's grid, in any visiting order;
 * stacked layers: each layer equals the reference run on it alone (own sparsity budget).
 
-The solver computes in float32 whatever the input dtype (the weight is cast; a float64 ``H``
-is factorised in float64 and ``U`` rounded to float32), so the cases pass ``H`` in float64 and
-``W`` in float32 (both sides start from the same numbers). A rounding or mask decision that
+The solver computes in float32 unless every weight is float64 (then in float64, with a float64
+``H`` factorised in float64: ``test_float64_weights_are_solved_in_float64``); the cases pass
+``H`` in float64 and ``W`` in float32 (both sides start from the same numbers). A rounding or mask decision that
 sits on a near-tie could then go either way. Instead of loosening tolerances, every case uses
 the first seed whose reference run keeps each decision at least ``MARGIN`` (relative to the
 weight scale) away from its tie; with that, masks, codes and zero points must be identical and
@@ -731,3 +731,27 @@ def test_teeth_a_reference_without_the_snapshot_rule_fails():
     kw = dict(bits=4, group_size=12, block_size=8)
     W, H, _ = clear_case(16, 32, 0, kw)
     assert not matches(solve(W, H, **kw), reference(W, H, snapshot=False, **kw), W, H)
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(bits=4, group_size=8),
+                                dict(sparsity=0.5, bits=3, group_size=16, act_order=True),
+                                dict(pattern=(2, 4), bits=4)], ids=str)
+def test_float64_weights_are_solved_in_float64(kw):
+    """A float64 weight with a float64 Hessian is solved in float64 (the reproducible mode of
+    the real-model quality tests): the same decisions as the float64 reference; pruned weights
+    to float64 round-off, a thousand times tighter than the float32 solve of the same problem;
+    quantized weights to the float32 rounding of their scales (grids are stored in float32)."""
+    W, H, ref = clear_case(16, 32, 0, kw, offset=sym_offset(kw))
+    res = solve(W.to(F64), H, **kw)
+    assert res.weight.dtype == F64
+    if ref.mask is not None:
+        assert torch.equal(res.mask, ref.mask)
+    dw = float((res.weight - ref.weight).abs().max() / ref.weight.abs().max())
+    if ref.codes is not None:
+        assert torch.equal(res.codes, ref.codes) and torch.equal(res.zero.to(F64), ref.zero)
+        assert dw <= 2 ** -22, dw
+        return
+    assert dw <= 1e-11, dw
+    res32 = solve(W, H, **kw)
+    dw32 = float((res32.weight.to(F64) - ref.weight).abs().max() / ref.weight.abs().max())
+    assert dw32 > 1e3 * max(dw, 1e-16), (dw32, dw)

@@ -31,17 +31,24 @@ def _check_exact(model, report, sparsity, bits, group_size):
     assert s["calibration"] == "python-docs"
 
 
-#: Perplexity after the one-line call (default calibration: python-docs, 16 x 256 tokens;
-#: SMOLLM2_EVAL windows; SMOLLM2_THREADS threads), recorded on the CI machine like
-#: tests/test_quality_pinned.py's PINNED (re-record the same way, with a reason: the test prints
-#: the measured value with ``pytest -s``).
-USER_CALL_PINNED = 166.5423  # python-docs calibration: higher than on WikiText-2 (98.12)
+#: Perplexity after the one-line call in float32 (default calibration: python-docs, 16 x 256
+#: tokens; SMOLLM2_EVAL windows; SMOLLM2_THREADS threads), as measured on two machines: 166.54
+#: (AMD EPYC) and 149.78 (the CI machine of another kind). In float32 the order of float sums,
+#: which the CPU sets, decides some mask and rounding choices at this calibration size, and the
+#: value moves by 10% between machines with nothing wrong, so this test checks the call with a
+#: band around their middle; the regression check of the same setting is
+#: tests/test_quality_pinned.py (float64, where float order cannot move a choice, pinned within
+#: 0.5%). The test prints the measured value with ``pytest -s``.
+USER_CALL_MEASURED = (149.78, 166.54)
+USER_CALL_BAND = 0.2  # relative, around the middle of the measured values
 
 
 @pytest.mark.slow
 def test_smollm2_exactly_as_users_write_it(monkeypatch, wikitext_test):
-    """SmolLM2 loaded from its GGUF file as a user would, then the one-line call; the
-    perplexity is pinned within 1%.
+    """SmolLM2 loaded from its GGUF file as a user would, then the one-line call: every layer
+    exactly 50% sparse and on its 4-bit grids, and the perplexity within the band of
+    :data:`USER_CALL_BAND` (a broken sweep lands far outside it: magnitude pruning alone gives
+    521 on WikiText-2, against 77 for SparseGPT).
 
     576-column layers with the default group size 128 have 4 full groups and one of 64
     (issue 12). SmolLM2's weights were stored on a 4-bit grid (Q4_1, blocks of 32).
@@ -60,8 +67,9 @@ def test_smollm2_exactly_as_users_write_it(monkeypatch, wikitext_test):
 
         tok = _find_tokenizer(model)
         ppl = perplexity(model, tok, wikitext_test, verbose=False, **SMOLLM2_EVAL)
-    print(f"\nUSER_CALL_PINNED = {ppl:.4f}")
-    assert abs(ppl / USER_CALL_PINNED - 1) <= 0.01, (ppl, USER_CALL_PINNED)
+    print(f"\nuser call perplexity = {ppl:.4f}")
+    middle = sum(USER_CALL_MEASURED) / 2
+    assert abs(ppl / middle - 1) <= USER_CALL_BAND, (ppl, USER_CALL_MEASURED)
 
 
 def test_tiny_model_from_a_local_folder(tmp_path, monkeypatch, smollm2_shared):

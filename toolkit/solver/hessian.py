@@ -114,7 +114,8 @@ def inverse_cholesky_factor(
     name: str = "layer",
     retries: int = 3,
 ) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp*I)^-1``, so that ``H^-1 = U^T U``, in float32.
+    """Upper Cholesky factor ``U`` of ``(H + damp*I)^-1``, so that ``H^-1 = U^T U``: float64 for a
+    float64 ``H``, float32 otherwise.
 
     Dead inputs (``diag H == 0``) get the mean live diagonal and no off-diagonal terms: their
     weights are then handled with no error propagation (they never influenced the calibration
@@ -144,7 +145,7 @@ def inverse_cholesky_factor(
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0 and torch.isfinite(U).all():
-                return U.to(torch.float32)
+                return U
         damp = damp * 10 if damp > 0 else mean_diag * 1e-3
     raise SolverError(
         f"{name}: the Hessian is not positive definite even with damping "

@@ -79,7 +79,7 @@ class Factor:
     """A factorised Hessian, reusable by every layer that reads the same input."""
 
     H: torch.Tensor  # undamped, original column order (float32 or float64)
-    U: torch.Tensor  # upper Cholesky factor of the damped inverse, permuted order (float32)
+    U: torch.Tensor  # upper Cholesky factor of the damped inverse, permuted order (H's dtype)
     perm: torch.Tensor | None  # column order used (act_order), or None for the natural order
 
 
@@ -135,7 +135,9 @@ def solve(weight: torch.Tensor, H: torch.Tensor | Factor, *, sparsity: float = 0
 
     Args:
         weight: the layer weight, rows = outputs, cols = inputs (for GPT-2's ``Conv1D``, pass
-            ``weight.T``). Any float dtype; the maths runs in float32 on the weight's device.
+            ``weight.T``). Any float dtype; the maths runs in float32 on the weight's device,
+            in float64 when the weight is float64 (then float order cannot move a rounding or
+            mask choice in practice: the reproducible mode of the quality tests).
         H: the ``cols x cols`` Hessian ``2/n sum x x^T`` or a :class:`Factor` of it.
         sparsity: unstructured fraction in [0, 1). The mask of each column block is chosen when
             the sweep reaches the block, from the saliency ``w^2 / U_ii^2`` of the current
@@ -217,7 +219,8 @@ def _carry(W1: torch.Tensor, U1: torch.Tensor, Err1: torch.Tensor, a: int, b: in
 
 def _stack_and_factor(weights, H, names, act_order, percdamp):
     """The checks and set-up :func:`solve_layers` and :func:`solve_grids` share: ``weights``
-    (2-D, float, finite, the same columns) stacked as float32 rows with the inputs that never
+    (2-D, float, finite, the same columns) stacked as float32 rows (float64 when every weight
+    is float64: the solver's compute dtype) with the inputs that never
     fired (``diag H == 0``) zeroed, and the factorisation (``H`` factorised here unless it is a
     :class:`Factor` built with this ``act_order``). Returns ``(W, factor, U, perm)`` with ``U``
     row-major and everything on the weights' device."""
@@ -247,9 +250,10 @@ def _stack_and_factor(weights, H, names, act_order, percdamp):
         factor = factorize(H.to(device), percdamp=percdamp, act_order=act_order, name=names[0])
     # row-major: the sweep reads rows U[i, i+1:]; LAPACK returns the factor column-major, and
     # strided row reads made the in-block updates about 10x slower
-    U = factor.U.to(device).contiguous()
+    compute = torch.float64 if all(w.dtype == torch.float64 for w in weights) else torch.float32
+    U = factor.U.to(device=device, dtype=compute).contiguous()
     perm = None if factor.perm is None else factor.perm.to(device)
-    W = torch.cat([w.float() for w in weights], 0)
+    W = torch.cat([w.to(compute) for w in weights], 0)
     dead = torch.diagonal(factor.H).to(device) == 0
     if bool(dead.any()):
         W[:, dead] = 0
@@ -316,6 +320,8 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     W, factor, U, perm = _stack_and_factor(weights, H, names, act_order, percdamp)
     _check_error_hessian(error_H, factor.H)
     device = W.device
+    if gtype is not None:  # GGUF grids reproduce the reader's float32 arithmetic
+        W, U = W.float(), U.float()
 
     splits = [w.shape[0] for w in weights]
     static = static_groups and bits is not None
@@ -379,16 +385,16 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     if prune:
         keepT = keep.t().contiguous()
         del keep
-    loss = torch.zeros(rows, dtype=torch.float32, device=device)
+    loss = torch.zeros(rows, dtype=WT.dtype, device=device)
     if quantizing:
         codesT = torch.empty(cols, rows, dtype=torch.uint8, device=device)
-        cbuf = torch.empty(rows, dtype=torch.float32, device=device)
+        cbuf = torch.empty(rows, dtype=WT.dtype, device=device)
     scale = zero = minimum = zcode = None  # the current grid; zcode: what pruned weights get
     dyn_starts = starts if quantizing and not static else {}
     dyn_size = gtype.sub if gtype is not None else group_size
     sub, split_groups = _sub_block(block_size, pattern, dyn_size if dyn_starts else None)
     d_all = torch.diagonal(U)
-    d_float = d_all.tolist()  # U_ii as Python numbers (the exact float32 values)
+    d_float = d_all.tolist()  # U_ii as Python numbers (their exact values)
 
     for i1 in range(0, cols if (prune or quantizing) else 0, block_size):
         i2 = min(i1 + block_size, cols)
@@ -410,7 +416,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
                 k = min(max(target - pruned_so_far[s], 0), (r1 - r0) * count)
                 keep1[:, r0:r1] = prune_lowest(score[r0:r1], k).t()
                 pruned_so_far[s] += k
-        pruned1 = (~keep1).float() if prune else None  # 1 where pruned
+        pruned1 = (~keep1).to(W1.dtype) if prune else None  # 1 where pruned
 
         # sub-blocks: the in-block update of a column reaches the end of its sub-block; each
         # finished sub-block updates the rest of the block with one matrix product
@@ -428,7 +434,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
                     score = W1[i:i + m].t().pow(2) / d[i:i + m].pow(2)[None, :]
                     km = nm_mask(score, n, m).t()
                     keep1[i:i + m] = km
-                    pruned1[i:i + m] = (~km).float()
+                    pruned1[i:i + m] = (~km).to(W1.dtype)
                 if quantizing:
                     if static:
                         if static_of[col] != current_group:
@@ -582,9 +588,9 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
     current = [-1] * len(segs)  # static groups: the group each segment's grid is from
     WT = W.t().contiguous()
     del W
-    loss = torch.zeros(rows, dtype=torch.float32, device=device)
+    loss = torch.zeros(rows, dtype=WT.dtype, device=device)
     codesT = torch.empty(cols, rows, dtype=torch.uint8, device=device)
-    cbuf = torch.empty(rows, dtype=torch.float32, device=device)
+    cbuf = torch.empty(rows, dtype=WT.dtype, device=device)
     starts_all = set() if static_groups else {c for s in segs for c in s["starts"]}
     d_all = torch.diagonal(U)
     d_float = d_all.tolist()

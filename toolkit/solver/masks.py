@@ -35,12 +35,14 @@ def prune_lowest(score: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep-mask pruning the ``n`` lowest scores in every group of ``m`` consecutive columns."""
+    """Keep-mask pruning the ``n`` lowest scores in every group of ``m`` consecutive columns;
+    among equal scores the first columns are pruned (a stable sort: the same choice on every
+    machine, where ``topk`` leaves ties to the implementation)."""
     rows, cols = score.shape
     if cols % m:
         raise ValueError(f"pattern {n}:{m} needs a column count divisible by {m}, got {cols}")
     grouped = score.reshape(rows, cols // m, m)
-    idx = torch.topk(grouped, n, dim=2, largest=False).indices
+    idx = torch.sort(grouped, dim=2, stable=True).indices[:, :, :n]
     keep = torch.ones_like(grouped, dtype=torch.bool)
     keep.scatter_(2, idx, False)
     return keep.reshape(rows, cols)
