@@ -444,10 +444,19 @@ def test_quiet_compress_out_overwrite_and_info_verify(tiny_dir, tiny_ckpt, tmp_p
     weights = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     assert f"checkpoint: saved to {out} ({weights / 1e6:,.1f} MB of weights on disk" in r.stdout
     assert (out / "model.safetensors").read_bytes() != old
+    # the readers' verdicts after saving are toolkit info's, line for line
+    from toolkit.checkpoint.saveload import checkpoint_readers, readers_lines
+
+    verdicts = readers_lines(checkpoint_readers(out))
+    assert f"readers of {out}:" in r.stdout
+    for line in verdicts:
+        assert line in r.stdout
 
     status, text, err = run_main(["info", out, "--verify"], capsys)
     assert status == 0 and err == "", err
     assert "LlamaForCausalLM" in text
+    for line in verdicts:
+        assert line.strip() in text
     assert "checksums ok" in text.splitlines()[0]  # the verdict first
     flip_last_byte(out / "model.safetensors")
     assert run_main(["info", out], capsys)[0] == 0  # no hashes read without --verify

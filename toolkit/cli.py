@@ -553,6 +553,9 @@ def _cmd_compress(args) -> int:
               "failed; the error follows)", flush=True)
         raise
     print(_saved_line(Path(out), report))
+    from toolkit.checkpoint.saveload import readers_summary
+
+    print(readers_summary(out))  # the verdicts toolkit info DIR gives
     return 0
 
 
