@@ -198,6 +198,10 @@ def test_flags_come_from_the_options():
             cfg.profile_holdout) == (60_000_000, ("16", "4g128", "3g128"), "compact", 0.5, 0.25)
     assert config_from_args(p.parse_args(["--target-bits", "3"])).profile_holdout == 0.5
     assert config_from_args(p.parse_args(["--target-bits", "3.2"])).target_bits == 3.2
+    assert config_from_args(p.parse_args(["--target-bits", "3"])).budget_guard == 3.0
+    assert config_from_args(p.parse_args(["--target-bits", "3", "--budget-guard", "none"])
+                            ).budget_guard is None
+    assert config_from_args(p.parse_args(["--budget-guard", "5"])).budget_guard == 5.0
     assert CompressConfig(target_bits=3.2).describe() == \
         "budget 3.2 bits/weight standard layout"
 
@@ -575,3 +579,40 @@ def test_target_refused_on_mixture_of_experts_before_any_change():
         compress(model, None, target_bits=4.2, calibration=random_ids(4, 16), nsamples=4,
                  seqlen=16, verbose=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_budget_guard_stops_a_plan_that_breaks_the_model(monkeypatch):
+    """A plan whose compressed model's perplexity on the last calibration windows exceeds
+    ``budget_guard`` times the dense model's stops with an error naming the ratio, the 2-bit
+    layers and a target that keeps 3 bits everywhere; None turns the check off. (The
+    perplexities are set here: a tiny random model does not break reliably; SmolLM2 at 2.6 bits
+    did, 38.8 -> 6,385 on WikiText-2, data/results/budget_smollm2.csv.)"""
+    import toolkit.walk.budget as wb
+
+    seen = []
+
+    def fake_ppl(model, tok, ids, seqlen, verbose=False, **kw):
+        seen.append(ids.clone())
+        return 10.0 if len(seen) == 1 else 100.0
+
+    monkeypatch.setattr(wb, "perplexity", fake_ppl)
+    model = tiny_model("llama")
+    with pytest.raises(wb.BudgetCollapseError) as e:
+        _run(model, target_bits=2.6)
+    msg = str(e.value)
+    assert "target_bits=2.6: the plan broke the model" in msg and "(10x, more than " \
+        "budget_guard=3x)" in msg and "reload it" in msg and "budget_guard=None" in msg
+    hint = float(msg.split("target_bits >= ")[1].split(" ")[0])
+    assert 3.0 <= hint <= 3.6  # every layer's cheapest >= 3-bit option, with its grid params
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    assert seen[0].shape == (wb.GUARD_WINDOWS, L)  # the last calibration windows
+    assert torch.equal(seen[0], random_ids(N, L)[-wb.GUARD_WINDOWS:])
+    seen.clear()
+    report = _run(tiny_model("llama"), target_bits=2.6, budget_guard=None)
+    assert not seen and report.budget is not None
+    seen.clear()
+    _run(tiny_model("llama"), target_bits=2.6, budget_guard=20)  # 10x is within 20x
+    assert len(seen) == 2
+    for bad in (1, 0.5, "3", True):
+        with pytest.raises(ValueError, match="budget_guard must be a number > 1"):
+            CompressConfig(target_bits=3, budget_guard=bad)

@@ -180,6 +180,20 @@ def _holdout(value, name):
     return float(value)
 
 
+def _budget_guard(value, name):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not value > 1:
+        raise ValueError(f"{name} must be a number > 1 (a perplexity ratio) or None (no "
+                         f"check), got {value!r}")
+    return float(value)
+
+
+def _parse_guard(text: str):
+    return None if text.strip().lower() == "none" else _parse_float(text)
+
+
 def _budget_label(fmt):
     return lambda v, s, long: None if v is None else fmt(v)
 
@@ -454,6 +468,12 @@ OPTIONS: tuple[Option, ...] = (
            "all windows. "
            "The sweep itself always uses every window", flag="--profile-holdout",
            parse=_parse_float, annotation="float"),
+    Option("budget_guard", 3.0, _budget_guard,
+           "under a target, the largest perplexity ratio (compressed / dense, on the last "
+           "calibration windows, measured before and after the sweep) a plan may reach: a "
+           "plan that breaks the model beyond it stops with an error instead of returning the "
+           "broken model (None or 'none': no check)", flag="--budget-guard",
+           parse=_parse_guard, metavar="RATIO", annotation="float | None"),
 )
 
 

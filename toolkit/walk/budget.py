@@ -23,6 +23,7 @@ from toolkit.checkpoint.size import model_bytes
 from toolkit.config.menu import parse_size
 from toolkit.config.options import CompressConfig, LayerSettings
 from toolkit.config.records import LayerCompression
+from toolkit.measure.perplexity import perplexity
 from toolkit.model.layers import LinearRef, find_blocks, find_linears
 from toolkit.plan.budget import (
     DENSE_BITS,
@@ -42,6 +43,7 @@ from toolkit.solver.layer import factorize, solve_grids, solve_layers
 from toolkit.walk.sweep import capture_block_inputs, find_groups, run_block, sweep_block
 
 __all__ = ["profile_layers", "output_sensitivity", "Sensitivity", "BudgetResult",
+           "BudgetCollapseError", "GUARD_WINDOWS",
            "budget_sweep"]
 
 log = logging.getLogger("toolkit")
@@ -457,6 +459,11 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     choice = dict(plan.choice)
     planned = {c.name: c.option_bytes(choice[c.name], layout) for c in choices}
 
+    guard_ids = ids[-GUARD_WINDOWS:]
+    before = None
+    if config.budget_guard is not None:  # the dense model on the windows the guard reads
+        before = perplexity(model, None, guard_ids, seqlen=ids.shape[1], verbose=False)
+
     # ---- the sequential sweep, block by block, planning the rest again when bytes moved ----
     t0 = time.perf_counter()
     blocks_name, blocks = find_blocks(model)
@@ -507,6 +514,8 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
         raise RuntimeError(f"the budgeted layers take {spent:,.0f} bytes, more than the budget "
                            f"of {plan.budget:,.0f}: a bug in the size prediction, please "
                            f"report it")
+    if before is not None:
+        _guard(model, guard_ids, before, config, choices, choice, dense_rest, layout)
     values = {c.name: option_values(profile, i, metric) for i, c in enumerate(profile.layers)}
     final = BudgetPlan(choice=choice, budget=first.budget, planned=sum(planned.values()),
                        value=sum(values[n][choice[n]] for n in choice),
@@ -514,6 +523,42 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
                        layout=layout, metric=metric, layers=choices)
     return rows, _result(profile, final, rows, actual, planned, dense_rest, config, seconds,
                          replans)
+
+
+#: calibration windows (the last ones) the budget guard measures the perplexity on
+GUARD_WINDOWS = 4
+
+
+class BudgetCollapseError(ValueError):
+    """A size target whose plan broke the model (``budget_guard``)."""
+
+
+def _guard(model, guard_ids, before, config, choices, choice, dense_rest, layout):
+    """Raise :class:`BudgetCollapseError` when the compressed model's perplexity on
+    ``guard_ids`` exceeds ``config.budget_guard`` times the dense model's (``before``)."""
+    after = perplexity(model, None, guard_ids, seqlen=guard_ids.shape[1], verbose=False)
+    ratio = after / before
+    if math.isfinite(ratio) and ratio <= config.budget_guard:
+        log.info("budget guard: perplexity %.2f -> %.2f on %d calibration windows (%.2fx, "
+                 "limit %gx)", before, after, len(guard_ids), ratio, config.budget_guard)
+        return
+    low = [c for c in choices if (c.settings[choice[c.name]].bits or 16) <= 2]
+    # the smallest budget at which every layer can keep 3 bits or more (a hint, not a promise)
+    floor = sum(min(c.option_bytes(k, layout) for k, st in enumerate(c.settings)
+                    if (st.bits or 16) >= 3) for c in choices)
+    params = sum(c.params for c in choices)
+    target = (f"target_bits={config.target_bits:g}" if config.target_bits is not None
+              else f"target_size={config.target_size!r}")
+    hint = (f"target_bits >= {8 * floor / params:.2f}" if config.target_bits is not None
+            else f"target_size >= {(dense_rest + floor) / 1e6:.1f}MB")
+    raise BudgetCollapseError(
+        f"{target}: the plan broke the model: perplexity on the last {len(guard_ids)} "
+        f"calibration windows {after:.4g} after compression against {before:.4g} before "
+        f"({ratio:.3g}x, more than budget_guard={config.budget_guard:g}x); {len(low)} of "
+        f"{len(choices)} layers were planned at 2 bits, whose error the per-layer profile "
+        f"underrates. The model was compressed in place: reload it before using it. A larger "
+        f"target keeps the model usable ({hint} lets every layer keep 3 bits or more), or "
+        f"pass budget_guard=None (--budget-guard none) to keep such a model anyway")
 
 
 def _result(profile, plan, rows, actual, planned, dense_rest, config, seconds,
