@@ -10,18 +10,27 @@ windows of 256 tokens of the WikiText-2 test split (conftest's ``smollm2_results
 
 **Why float64.** With 2,048 calibration tokens many mask and rounding choices are near a tie.
 In float32 the order of float sums (set by the thread count, the CPU's vector width and the
-torch build) decides some of them, each changed choice changes every later column of its row,
-and the perplexities move by 2-5% (GPTQ 3-bit: up to 25%) between machines with nothing wrong:
-pins recorded on one machine failed on another. The tests therefore compute in float64 (the
-model, the Hessians and the solver: ``conftest.SMOLLM2_DTYPE``), where float order moves the
-numbers by about 1e-15 and decides no choice: the same perplexities on any machine and thread
-count. ``bench/quality_spread.py`` measures it (``data/results/quality_spread.csv``): 1, 2 and
-3 threads and deterministic algorithms in float64, the two deliberate regressions, and the
-float32 spread for comparison; ``test_tolerance_sits_between_noise_and_regression`` checks the
-tolerance against that file.
+torch build) decides some of them, each changed choice changes every later column of its row
+and every later layer's inputs, and the perplexities move by 2-5% (GPTQ 3-bit: up to 25%)
+between machines with nothing wrong: float32 pins recorded on one machine failed on another.
+The tests therefore compute in float64 (the model, the Hessians and the solver:
+``conftest.SMOLLM2_DTYPE``). ``bench/quality_spread.py`` measured it
+(``data/results/quality_spread.csv``): with 1, 2 and 3 threads and with deterministic
+algorithms, every setting that quantizes, and magnitude and Wanda, gives the same perplexity to
+9 digits (a grid snaps the weights back each layer, so round-off cannot grow). The two settings
+that only prune with SparseGPT still move: their kept weights carry float64 round-off from
+layer to layer, which grows through 30 blocks until a mask choice near its threshold flips
+(SparseGPT 50%: 1.2%, 2:4: 3.8% between thread counts); the mean layer ``rel_error`` of the
+same runs moves by at most 0.5%.
 
-Every perplexity must stay within 0.5% of the value recorded below: a change to the solver, the
-masks, the grids, the calibration data or the evaluation that moves one fails here.
+So: every perplexity is pinned within ``TOLERANCE`` (0.5%), except those two, held within
+``PRUNE_ONLY_BAND`` (6%: 1.5x the largest move measured); and every Hessian setting's mean
+layer ``rel_error`` is pinned within ``ERROR_TOLERANCE`` (1%: twice the largest move measured).
+A change to the solver, the masks, the grids, the calibration data or the evaluation that moves
+a value beyond these fails here: the bench's two deliberate changes (dampening 0.01 -> 0.1, which
+*lowers* these perplexities by 3-15% at this calibration size; calibration halved, which raises
+them by 0.6-52%) each fail several checks, and every setting they touch at least one
+(``test_tolerances_sit_between_noise_and_change`` reads the bench's file).
 
 Re-recording: when an intended change moves a value, run
 
@@ -42,8 +51,8 @@ from conftest import SMOLLM2_SETTINGS
 
 SPREAD = Path(__file__).resolve().parents[1] / "data" / "results" / "quality_spread.csv"
 
-#: Recorded in float64 with the command in the module docstring (Intel Xeon, 2 threads; the
-#: same values with 1 and 3 threads and on other CPUs: see the module docstring).
+#: Recorded in float64 with the command in the module docstring (Intel Xeon, 2 threads;
+#: bench/quality_spread.py has 1 and 3 threads too). Perplexities:
 PINNED = {
     "dense": 38.773872,
     "sparsegpt 50%": 77.323126,
@@ -55,8 +64,24 @@ PINNED = {
     "wanda 50%": 83.369521,
     "rtn 4-bit g128": 51.704316,
 }
-TOLERANCE = 0.005  # relative
+#: ... and the mean over the compressed layers of the report's rel_error (the settings that
+#: use a Hessian).
+PINNED_ERROR = {
+    "sparsegpt 50%": 0.01223415,
+    "sparsegpt 2:4": 0.02255939,
+    "gptq 4-bit g128": 0.00249383,
+    "gptq 3-bit g128": 0.0119745,
+    "sparsegpt 50% + gptq 4-bit g128": 0.01379364,
+    "wanda 50%": 0.02980006,
+}
+TOLERANCE = 0.005  # relative, perplexity
+PRUNE_ONLY = ("sparsegpt 50%", "sparsegpt 2:4")
+PRUNE_ONLY_BAND = 0.06  # relative, perplexity of the settings that only prune with SparseGPT
+ERROR_TOLERANCE = 0.01  # relative, mean layer rel_error
 
+
+def ppl_tolerance(name: str) -> float:
+    return PRUNE_ONLY_BAND if name in PRUNE_ONLY else TOLERANCE
 
 def test_pinned_table_names_every_setting():
     assert list(PINNED) == ["dense", *SMOLLM2_SETTINGS]
@@ -65,10 +90,21 @@ def test_pinned_table_names_every_setting():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(PINNED))
 def test_smollm2_perplexity_is_pinned(smollm2_results, name):
-    got, pinned = smollm2_results[name], PINNED[name]
-    assert abs(got / pinned - 1) <= TOLERANCE, (
-        f"{name}: perplexity {got:.4f}, pinned {pinned:.4f} ({got / pinned - 1:+.2%}); if an "
-        f"intended change moved it, re-record (module docstring) and give the reason")
+    got, pinned, tol = smollm2_results[name], PINNED[name], ppl_tolerance(name)
+    assert abs(got / pinned - 1) <= tol, (
+        f"{name}: perplexity {got:.6f}, pinned {pinned:.6f} ({got / pinned - 1:+.2%}, "
+        f"tolerance {tol:.1%}); if an intended change moved it, re-record (module docstring) "
+        f"and give the reason")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PINNED_ERROR))
+def test_smollm2_layer_error_is_pinned(smollm2_quality_results, name):
+    got, pinned = smollm2_quality_results[name][1], PINNED_ERROR[name]
+    assert abs(got / pinned - 1) <= ERROR_TOLERANCE, (
+        f"{name}: mean layer rel_error {got:.8f}, pinned {pinned:.8f} ({got / pinned - 1:+.2%}, "
+        f"tolerance {ERROR_TOLERANCE:.0%}); if an intended change moved it, re-record (module "
+        f"docstring) and give the reason")
 
 
 def _spread_rows() -> list[dict]:
@@ -76,24 +112,39 @@ def _spread_rows() -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_tolerance_sits_between_noise_and_regression():
-    """From bench/quality_spread.py's measurements: in float64 the thread count (1, 2, 3) and
-    deterministic algorithms move no perplexity by more than a tenth of the tolerance, while
-    each deliberate regression (dampening 0.01 -> 0.1; calibration halved) moves at least one
-    Hessian setting by more than twice the tolerance; and the recorded float64 values are the
-    pins. The float32 rows show the spread that made float32 pins fail across machines."""
-    rows = _spread_rows()
-    f64 = [r for r in rows if r["dtype"] == "float64"]
-    noise = [r for r in f64 if "regression" not in r["condition"]]
-    assert {r["condition"] for r in noise} >= {"float64 threads 1", "float64 threads 2",
+def test_tolerances_sit_between_noise_and_change():
+    """From bench/quality_spread.py's measurements (float64): the thread count (1, 2, 3) and
+    deterministic algorithms move no perplexity beyond two thirds of its tolerance
+    (``ppl_tolerance``) and no mean layer rel_error beyond half of ``ERROR_TOLERANCE``; each
+    deliberate change
+    (dampening 0.01 -> 0.1; calibration halved) moves some value of every setting it affects
+    beyond its tolerance, so the slow tests above fail on it; and the recorded values are the
+    pins."""
+    rows = [r for r in _spread_rows() if r["dtype"] == "float64"]
+    noise = [r for r in rows if "regression" not in r["condition"]]
+    assert {r["condition"] for r in noise} == {"float64 threads 1", "float64 threads 2",
                                                "float64 threads 3", "float64 deterministic"}
     for r in noise:
-        assert abs(float(r["ppl_ratio"]) - 1) <= TOLERANCE / 10, r
+        name = r["setting"]
+        assert abs(float(r["ppl_ratio"]) - 1) <= ppl_tolerance(name) / 1.5, r
+        if r["error_ratio"]:
+            assert abs(float(r["error_ratio"]) - 1) <= ERROR_TOLERANCE / 2, r
     for cond in ("float64 regression: percdamp 0.1", "float64 regression: calibration halved"):
-        moves = {r["setting"]: abs(float(r["ppl_ratio"]) - 1) for r in f64
-                 if r["condition"] == cond}
-        assert moves and max(moves.values()) > 2 * TOLERANCE, (cond, moves)
-    reference = {r["setting"]: float(r["perplexity"]) for r in f64
-                 if r["condition"] == "float64 threads 2"}
+        changed = [r for r in rows if r["condition"] == cond]
+        assert len(changed) == len(PINNED), cond
+        for r in changed:
+            name = r["setting"]
+            uses_calibration = name in PINNED_ERROR
+            touched = uses_calibration and (name != "wanda 50%" or "calibration" in cond)
+            ppl_out = abs(float(r["ppl_ratio"]) - 1) > ppl_tolerance(name)
+            err_out = bool(r["error_ratio"]) and \
+                abs(float(r["error_ratio"]) - 1) > ERROR_TOLERANCE
+            if touched:  # a setting the change reaches fails at least one check
+                assert ppl_out or err_out, (cond, r)
+            else:  # magnitude, RTN (no calibration), Wanda under the dampening (no solve)
+                assert not ppl_out and not err_out, (cond, r)
+    reference = {r["setting"]: r for r in rows if r["condition"] == "float64 threads 2"}
     for name, pinned in PINNED.items():
-        assert abs(reference[name] / pinned - 1) <= 1e-6, (name, reference[name], pinned)
+        assert abs(float(reference[name]["perplexity"]) / pinned - 1) <= 1e-6, name
+    for name, pinned in PINNED_ERROR.items():
+        assert abs(float(reference[name]["mean_rel_error"]) / pinned - 1) <= 1e-6, name
