@@ -547,19 +547,26 @@ REAL_LAYERS = ["self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"]
 def smollm2_layer_errors(smollm2_shared, wikitext_valid):
     """Reconstruction errors 2/n ||(W - W_new) X||^2 of three layers of SmolLM2-135M block 3,
     with X captured by forward hooks on 8 windows x 256 tokens of WikiText-2 validation text,
-    with SMOLLM2_THREADS torch threads."""
+    in float64 (the model's copy, the Hessians, the solves: in float32 the order of float sums,
+    which the CPU sets, flips some 2:4 choices near a tie and moved q_proj's SparseGPT 2:4 /
+    magnitude 2:4 ratio from 0.153 on one CPU to 0.141 on another), with SMOLLM2_THREADS
+    torch threads."""
     with torch_threads(SMOLLM2_THREADS):
         return _layer_errors(smollm2_shared, wikitext_valid)
 
 
 def _layer_errors(smollm2_shared, wikitext_valid):
+    import copy
+
     from toolkit.measure.text import get_calibration, tokenize_text
 
-    model, tok = smollm2_shared
+    shared, tok = smollm2_shared
+    model = copy.deepcopy(shared).double()
     ids = get_calibration(tokenize_text(tok, wikitext_valid[:200_000]), nsamples=8, seqlen=256)
     block = model.model.layers[3]
     mods = {name: block.get_submodule(name) for name in REAL_LAYERS}
-    got = capture_hessians(model, [f"model.layers.3.{n}" for n in REAL_LAYERS], ids)
+    got = capture_hessians(model, [f"model.layers.3.{n}" for n in REAL_LAYERS], ids,
+                           dtype=torch.float64)
     accs = {n: got[f"model.layers.3.{n}"] for n in REAL_LAYERS}
 
     table = {}
@@ -581,7 +588,7 @@ def _layer_errors(smollm2_shared, wikitext_valid):
             "magnitude_then_rtn": e(rtn_quantize(W, 4, 128, keep=mask)[0]),
             "joint_50_4bit_g128": solve(W, H, sparsity=0.5, bits=4, group_size=128).error,
         }
-        assert m.weight.equal(W)  # the shared model was not modified
+        assert m.weight.equal(W)  # the model was not modified
     methods = [k for k in next(iter(table.values())) if k != "shape"]
     print("\nSmolLM2-135M block 3, 2/n ||(W - W_new) X||^2 on 8 x 256 WikiText-2 tokens")
     print(f"{'method':22s}" + "".join(f"{n:>18s}" for n in table))
@@ -598,16 +605,16 @@ def ratios(table, a, b):
     return {n: table[n][a] / table[n][b] for n in table}
 
 
-#: error(a) / error(b) per layer (q_proj, gate_proj, down_proj), recorded with 2 threads by
+#: error(a) / error(b) per layer (q_proj, gate_proj, down_proj), in float64, recorded by
 #: ``python -m pytest -q -s -m slow tests/test_solver.py -k smollm2`` (the fixture prints them).
 #: Re-record the same way, with the reason in the commit message, when an intended change
 #: moves them.
 LAYER_RATIOS = {
     ("sparsegpt_50", "magnitude_50"): (0.1415, 0.3649, 0.2670),
-    ("sparsegpt_50", "wanda_50"): (0.3010, 0.4525, 0.3107),
-    ("sparsegpt_2:4", "magnitude_2:4"): (0.1526, 0.3451, 0.2849),
-    ("gptq_4bit_g128", "rtn_4bit_g128"): (0.2171, 0.3579, 0.2520),
-    ("joint_50_4bit_g128", "magnitude_then_rtn"): (0.1646, 0.3720, 0.2772),
+    ("sparsegpt_50", "wanda_50"): (0.3010, 0.4525, 0.3106),
+    ("sparsegpt_2:4", "magnitude_2:4"): (0.1412, 0.3479, 0.2839),
+    ("gptq_4bit_g128", "rtn_4bit_g128"): (0.2171, 0.3580, 0.2520),
+    ("joint_50_4bit_g128", "magnitude_then_rtn"): (0.1646, 0.3720, 0.2771),
 }
 LAYER_RATIO_TOLERANCE = 0.05  # relative, per layer: a layer whose error doubles fails
 
@@ -629,8 +636,8 @@ def test_smollm2_sparsegpt_50_is_0p14_to_0p37x_magnitude_and_0p30_to_0p46x_wanda
 
 
 @pytest.mark.slow
-def test_smollm2_sparsegpt_2_4_is_0p15_to_0p35x_magnitude_2_4(smollm2_layer_errors):
-    check_ratios(smollm2_layer_errors, "sparsegpt_2:4", "magnitude_2:4", 0.15, 0.35)
+def test_smollm2_sparsegpt_2_4_is_0p13_to_0p35x_magnitude_2_4(smollm2_layer_errors):
+    check_ratios(smollm2_layer_errors, "sparsegpt_2:4", "magnitude_2:4", 0.13, 0.35)
 
 
 @pytest.mark.slow
