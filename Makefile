@@ -18,7 +18,7 @@ QUICK_SKIP = --ignore=tests/test_notebooks.py --ignore=tests/test_stream.py \
 	--ignore=tests/test_budget.py --ignore=tests/test_llmcompressor_fixtures.py
 
 test-quick:
-	$(PYTHON) -m pytest -q -m "not slow" $(QUICK_SKIP) -p no:cacheprovider
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not slow" $(QUICK_SKIP) -p no:cacheprovider
 
 test:
-	$(PYTHON) -m pytest -q -ra --durations=15
+	$(PYTHON) -m pytest -q -ra -n 2 --dist loadfile --durations=15

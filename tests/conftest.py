@@ -238,13 +238,36 @@ def smollm2_results(smollm2_quality_results):
     return {k: p for k, (p, _e) in smollm2_quality_results.items()}
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state (torch, numpy, random), whatever ran before
+    it: under ``pytest -n 2`` the files run in another order and another process than in a plain
+    run, and a test that draws unseeded data must see the same data either way."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 def pytest_configure(config):
     """``TOOLKIT_DETERMINISTIC=1`` runs the session under
     ``torch.use_deterministic_algorithms(True)`` (the suite must pass either way).
 
     ``OMP_NUM_THREADS`` is set to the session's torch thread count, so that the command line
     (in-process or in a subprocess) computes with the same count as the tests' in-memory runs it
-    is compared with, whatever the load (its default follows the load)."""
+    is compared with, whatever the load (its default follows the load).
+
+    Under ``pytest -n N`` (pytest-xdist, the README's command) each worker takes an equal share
+    of the usable cores (at least one thread) unless ``OMP_NUM_THREADS`` was set: N processes
+    with a thread per core each would spin on each other's cores."""
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        return  # the controller of `pytest -n N`: the workers choose their own count
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     if os.environ.get("TOOLKIT_DETERMINISTIC") == "1":
         torch.use_deterministic_algorithms(True)

@@ -148,3 +148,30 @@ def test_tolerances_sit_between_noise_and_change():
         assert abs(float(reference[name]["perplexity"]) / pinned - 1) <= 1e-6, name
     for name, pinned in PINNED_ERROR.items():
         assert abs(float(reference[name]["mean_rel_error"]) / pinned - 1) <= 1e-6, name
+
+
+@pytest.mark.slow
+def test_smollm2_sparsegpt_beats_magnitude_6x_and_joint_beats_3bit(smollm2_results):
+    """SmolLM2-135M, the settings of conftest's smollm2_results (in float64; 8 x 256 WikiText-2
+    calibration tokens, perplexity on 8 x 256 test tokens; values recorded in
+    below). The orderings the README states, each at its measured ratio
+    with a 10% margin, so that a setting whose perplexity doubles fails:
+
+    * magnitude 50% / SparseGPT 50% = 6.74 (521.48 / 77.32);
+    * Wanda 50% / SparseGPT 50% = 1.078 (83.37 / 77.32): SparseGPT below Wanda;
+    * GPTQ 3-bit g128 / joint 50% + 4-bit g128 = 1.597 (171.58 / 107.42): at about 3.2 bits per
+      weight the joint sweep beats 3-bit;
+    * GPTQ 4-bit g128 / RTN 4-bit g128 = 1.011 (52.28 / 51.70): here GPTQ does *not* beat RTN
+      on the whole model. SmolLM2's weights were stored on a 4-bit grid (Q4_1, blocks of 32)
+      and dequantized on load, so 4-bit results start from weights that were already 4-bit
+      (with other group boundaries), and 2,048 calibration tokens are few; per layer GPTQ's
+      error is 0.21-0.36x RTN's (tests/test_solver.py). Held within 10% of that ratio.
+    """
+    r = smollm2_results
+    assert r["dense"] < r["sparsegpt 50%"]
+    assert r["magnitude 50%"] / r["sparsegpt 50%"] == pytest.approx(6.744, rel=0.1)
+    assert r["wanda 50%"] / r["sparsegpt 50%"] == pytest.approx(1.078, rel=0.1)
+    assert r["sparsegpt 50%"] < r["wanda 50%"]
+    assert r["gptq 3-bit g128"] / r["sparsegpt 50% + gptq 4-bit g128"] == pytest.approx(
+        1.597, rel=0.1)
+    assert r["gptq 4-bit g128"] / r["rtn 4-bit g128"] == pytest.approx(1.011, rel=0.1)
