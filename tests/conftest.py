@@ -266,7 +266,13 @@ def pytest_configure(config):
     if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
         return  # the controller of `pytest -n N`: the workers choose their own count
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        # the count asked for, in this process too (torch may start with fewer: it capped
+        # OMP_NUM_THREADS=3 at the 2 cores, while the command line, which reads the variable,
+        # used 3)
+        torch.set_num_threads(int(given))
+    elif workers > 1:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     if os.environ.get("TOOLKIT_DETERMINISTIC") == "1":

@@ -392,8 +392,12 @@ def test_cli_out_gguf_then_info(byte_bpe, tmp_path, capsys):
     status, stdout, err = _main([*args, "--out-gguf", out], capsys)
     assert status == 0, err
     assert "GGUF file" in stdout and "toolkit info" in stdout and "not saved" not in stdout
-    model = _tiny_llama(len(tok), True)
-    compress(model, tok, gguf="Q4_0", calibration=[text], nsamples=2, seqlen=32, verbose=False)
+    # the API on the model and text the command line read, loaded the way it loads them
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    compress(model, tok, gguf="Q4_0", calibration=str(calib), nsamples=2, seqlen=32,
+             verbose=False)
     assert set(verify_gguf(out, model).values()) == {0.0}
 
     status, stdout, err = _main(["info", out], capsys)
