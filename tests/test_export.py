@@ -588,7 +588,11 @@ def test_smollm2_fresh_process(smollm2, wikitext_valid, wikitext_test, tmp_path)
                           dtype=torch.float32)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"float32 folder: {size:,} bytes; ppl {ppl!r}")
+    # the fresh process computes as this one does: the same thread count and algorithms
+    # (TOOLKIT_DETERMINISTIC=1 turns deterministic ones on here, which sum in another order)
     code = (
+        f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
+        f"torch.use_deterministic_algorithms({torch.are_deterministic_algorithms_enabled()}); "
         "import sys, toolkit; from pathlib import Path; "
         "from transformers import AutoTokenizer; from toolkit.checkpoint.saveload import load_compressed; "
         f"p = {str(out)!r}; m = load_compressed(p); t = AutoTokenizer.from_pretrained(p); "
