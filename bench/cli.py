@@ -11,11 +11,13 @@ median of ``--repeats`` runs. The test checks that none of them imports torch or
 ``first-command``: the README's first command, ``toolkit compress --sparsity 0.5 --bits 4``
 (with ``--eval none``: the compress time alone, from the report's ``seconds``), on an idle
 machine and beside one busy process per ``--busy`` core (a Python loop, as another job on a
-shared machine would be), once with the default thread count (usable cores minus the load) and
-once with ``--threads`` set to every core (what torch does by default). The load is started 70 s
-before each loaded run so that the one-minute load average, which the default reads, has seen
-it. Writes one row per run: condition, threads given, threads used, compress seconds, the ratio
-to the idle default run, the machine.
+shared machine would be), each once with the default thread count (usable cores minus the load)
+and once with ``--threads`` set to every core (what torch does by default). Before the idle runs
+the bench waits (up to ``--wait-idle`` seconds) until the one-minute load average is below 0.5,
+so that work which ran just before does not lower the default; the load is started 70 s before
+each loaded run so that the load average, which the default reads, has seen it. Writes one row
+per run: condition, threads given, threads used, compress seconds, the ratio to the faster idle
+run (the idle figure), the machine.
 """
 
 from __future__ import annotations
@@ -67,14 +69,23 @@ def _busy() -> None:  # pragma: no cover - runs in a child process
         x += 1
 
 
-def first_command(out: Path, busy: int, settle: float) -> None:
+def _wait_idle(limit: float) -> None:
+    t0 = time.monotonic()
+    while os.getloadavg()[0] >= 0.5 and time.monotonic() - t0 < limit:
+        time.sleep(10)
+    print(f"load average {os.getloadavg()[0]:.2f} after {time.monotonic() - t0:.0f} s of waiting",
+          flush=True)
+
+
+def first_command(out: Path, busy: int, settle: float, wait_idle: float) -> None:
     cores = len(os.sched_getaffinity(0))
     base = ["compress", "--sparsity", "0.5", "--bits", "4", "--eval", "none"]
-    runs = [("idle", None), ("loaded", None), ("loaded", cores)]
+    runs = [("idle", None), ("idle", cores), ("loaded", None), ("loaded", cores)]
     rows = []
-    idle_seconds = None
     for condition, threads in runs:
         procs = []
+        if condition == "idle":
+            _wait_idle(wait_idle)
         if condition == "loaded":
             procs = [mp.Process(target=_busy, daemon=True) for _ in range(busy)]
             for p in procs:
@@ -93,15 +104,14 @@ def first_command(out: Path, busy: int, settle: float) -> None:
         used = re.search(r"with (\d+) threads", r.stderr)
         secs = re.search(r"^\s*seconds\s*:\s*([0-9.]+)", r.stdout, flags=re.M)
         seconds = float(secs.group(1)) if secs else float("nan")
-        if condition == "idle" and threads is None:
-            idle_seconds = seconds
         rows.append(dict(condition=condition, busy_processes=busy if procs else 0,
                          threads_given=threads or "default", threads_used=int(used.group(1)),
-                         compress_seconds=round(seconds, 1),
-                         ratio_to_idle=round(seconds / idle_seconds, 2) if idle_seconds else "",
-                         machine=machine))
+                         compress_seconds=round(seconds, 1), machine=machine))
         print(rows[-1], flush=True)
-        time.sleep(settle if condition == "loaded" else 0)  # let the load average fall again
+    idle = min(r["compress_seconds"] for r in rows if r["condition"] == "idle")
+    rows = [{**{k: v for k, v in r.items() if k != "machine"},
+             "ratio_to_idle": round(r["compress_seconds"] / idle, 2), "machine": r["machine"]}
+            for r in rows]
     _write(out, rows)
 
 
@@ -125,14 +135,16 @@ def main() -> None:
     f = sub.add_parser("first-command")
     f.add_argument("--busy", type=int, default=1, help="busy processes beside loaded runs")
     f.add_argument("--settle", type=float, default=70.0,
-                   help="seconds the load runs before a loaded run, and rests after it")
+                   help="seconds the load runs before a loaded run")
+    f.add_argument("--wait-idle", type=float, default=900.0,
+                   help="longest wait for the load average to fall below 0.5 before idle runs")
     f.add_argument("--out", type=Path,
                    default=REPO / "data" / "results" / "first_command_threads.csv")
     args = p.parse_args()
     if args.what == "answers":
         answers(args.out, args.repeats)
     else:
-        first_command(args.out, args.busy, args.settle)
+        first_command(args.out, args.busy, args.settle, args.wait_idle)
 
 
 if __name__ == "__main__":
