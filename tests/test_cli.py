@@ -536,6 +536,10 @@ QUICK_ANSWERS = [
     (["eval", "--text", "/no/such.txt"], 2, "no such file"),
     (["info", "/no/such/folder"], 2, "no such file or folder"),
     (["tradeoff", "--grid", "colour=red"], 2, "--grid takes KEY"),
+    (["compress", "--sparsity", "0.5", "--effort", "fast"], 2, "effort must be one of"),
+    (["compress", "--effort", "max", "--target-bits", "3"], 2, "effort='max' does not cover"),
+    (["compress", "--sparsity", "0.5", "--reconstruct-steps", "-1"], 2,
+     "reconstruct_steps must be"),
 ]
 
 PROBE = """

@@ -96,6 +96,15 @@ def _worker(rank: int, world: int, port: int, case: str, outdir: str, timeout_s:
             result.update(_snapshot(model, report))
             result["processes"] = report.summary["processes"]
             torch.save(result, out / f"rank{rank}.pt")
+        elif case == "asym":  # asymmetric targets and block reconstruction under 2 processes
+            model, ids = _model_and_ids()
+            report = compress(model, calibration=ids, asymmetric=True, **CONFIG)
+            result = _snapshot(model, report)
+            model, ids = _model_and_ids()
+            report = compress(model, calibration=ids, asymmetric=True, reconstruct_steps=6,
+                              **CONFIG)
+            result["recon"] = _snapshot(model, report)
+            torch.save(result, out / f"rank{rank}.pt")
         elif case == "moe":  # fused experts: slices solved by either rank, records on the module
             model = _moe64()
             report = compress(model, calibration=random_ids(8, 32), **CONFIG)
@@ -247,6 +256,32 @@ def test_every_rank_has_the_single_process_report(runs):
         assert r["layers"]["layer"] == single["layers"]["layer"]
         assert r["layers"]["sparsity"] == single["layers"]["sparsity"]
         assert r["layers"]["block"] == single["layers"]["block"]
+
+
+def test_asymmetric_targets_and_reconstruction_under_two_processes(tmp_path):
+    """Asymmetric targets: the cross term is all-reduced like the Hessian, so 2 processes give
+    the single process's model (float64 round-off). Block reconstruction: every rank takes the
+    same steps (gradients averaged), so the ranks hold bit-identical weights and report the
+    same block errors, each block's error no higher than before; its steps see each rank's own
+    windows, so it is not compared with one process's steps."""
+    from toolkit import compress
+
+    status = _launch("asym", tmp_path, wait_s=240)
+    assert status[0] == "ok" and status[1] == "ok", status
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, ids = _model_and_ids()
+    report = compress(model, calibration=ids, asymmetric=True, **CONFIG)
+    torch.set_num_threads(threads)
+    _assert_same_model(_snapshot(model, report), ranks)
+    a, b = (r["recon"] for r in ranks)
+    for key, w in a["state"].items():
+        assert torch.equal(w, b["state"][key]), key
+    assert a["layers"]["block_error_after"] == b["layers"]["block_error_after"]
+    assert all(x <= y for x, y in zip(a["layers"]["block_error_after"],
+                                      a["layers"]["block_error_before"]))
+    assert sum(a["layers"]["block_error_after"]) < sum(a["layers"]["block_error_before"])
 
 
 def test_moe_experts_match_single_process(tmp_path):

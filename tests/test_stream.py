@@ -339,3 +339,23 @@ def test_smollm2_stream_memory_and_equality(tmp_path, smollm2):
           f"{m['seconds']:.0f} s")
     _assert_same_tensors(tmp_path / "mem", tmp_path / "stream")
     assert need_s < 0.4 * need_m
+
+
+def test_asymmetric_and_reconstruction_stream_and_resume(tmp_path, llama_src, monkeypatch):
+    """The full-precision hidden states travel beside the compressed ones, block by block and
+    through the resume file: streaming equals the in-memory run bit for bit, and a run stopped
+    after block 1 and resumed equals the uninterrupted one."""
+    kw = dict(KW, asymmetric=True, reconstruct_steps=4)
+    mem = _in_memory(llama_src, tmp_path / "mem", **kw)
+    whole = tmp_path / "whole"
+    report = compress_streaming(llama_src, whole, **kw)
+    assert "block_error_after" in report.layers
+    _assert_same_tensors(mem, whole)
+    out = tmp_path / "out"
+    monkeypatch.setenv(stream.FAIL_ENV, "1")
+    with pytest.raises(InjectedFailure):
+        compress_streaming(llama_src, out, **kw)
+    assert _journal(out)["inputs"]["reference"] is True
+    monkeypatch.delenv(stream.FAIL_ENV)
+    compress_streaming(llama_src, out, **kw)
+    _assert_same_tensors(whole, out)

@@ -129,6 +129,13 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
     if config.allocation != "uniform" and any(experts.is_expert(r) for r in layers):
         raise ValueError(f"allocation={config.allocation!r} does not cover mixture-of-experts "
                          "experts yet; use allocation='uniform' (or overrides) on this model")
+    for name in ("asymmetric", "reconstruct_steps"):
+        if getattr(config, name) and (planned or any(experts.has_experts(b) for b in blocks)):
+            raise ValueError(f"{name}={getattr(config, name)!r} does not cover " + (
+                "target_bits/target_size" if planned else "mixture-of-experts models (the "
+                "full-precision model routes tokens to other experts, so inputs do not pair)")
+                + f" yet{'' if config.effort == 'default' else ' (effort=' + repr(config.effort) + ' sets it)'}"
+                + "; leave it off here")
     if planned and any(experts.is_expert(r) for r in layers):
         raise ValueError("target_bits/target_size do not cover mixture-of-experts experts yet; "
                          "give sparsity/bits (and overrides) on this model")
@@ -168,7 +175,9 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
                              hessian_dtype=getattr(torch, config.hessian_dtype),
                              verbose=config.verbose and distributed.is_main(),
                              expert_hessian=config.expert_hessian, routers=config.routers,
-                             schedule=config.schedule, memory_mb=config.sweep_memory_mb)
+                             schedule=config.schedule, memory_mb=config.sweep_memory_mb,
+                             asymmetric=config.asymmetric,
+                             reconstruct_steps=config.reconstruct_steps)
     finally:
         model.train(was_training)
     if config.settings.gguf is not None:  # embeddings and output head on the preset's types

@@ -398,6 +398,28 @@ OPTIONS: tuple[Option, ...] = (
            label=lambda v, s, long: None if v == "sequential" else (
                f"{v} schedule" if long else v), part="schedule", annotation="str",
            choices=("sequential", "parallel")),
+    Option("asymmetric", False, _bool,
+           "asymmetric targets: each layer the sweep solves fits the full-precision model's "
+           "output from its inputs in the compressed model (min ||W' X_c - W X_d||), correcting "
+           "the error earlier layers left; the full-precision hidden states are carried beside "
+           "the compressed ones (one more copy of the calibration activations and of one block)",
+           flag="--asymmetric", parse=_parse_bool,
+           label=lambda v, s, long: "asymmetric targets" if v else None, annotation="bool"),
+    Option("reconstruct_steps", 0, _int(0),
+           "block reconstruction: after each block's layers are solved, this many Adam steps "
+           "(one calibration window each) fit the block's output to the full-precision "
+           "block's, pruned weights kept at 0 and quantized weights on their grids (codes "
+           "kept, scales refit); never kept if it raises the block's error (0 = off)",
+           flag="--reconstruct-steps", metavar="N", parse=_parse_int,
+           label=lambda v, s, long: f"block reconstruction {v} steps" if v else None,
+           annotation="int"),
+    Option("effort", "default", _passthrough,
+           "default: today's sweep; max: the most accurate combination the toolkit has, each "
+           "part that is left at its default turned on (asymmetric targets, block "
+           "reconstruction, the mask-fixed re-solve and OWL allocation for unstructured "
+           "pruning; see EFFORT_MAX); slower", flag="--effort", annotation="str",
+           label=lambda v, s, long: "effort max" if v == "max" else None,
+           choices=("default", "max")),
     Option("sweep_memory_mb", None, _int(0, " (or None for the device default)", allow_none=True),
            "MiB the sweep may use on the compute device besides the block, its Hessians and the "
            "calibration activations: one forward of all windows per block when their "
@@ -610,9 +632,30 @@ def label(settings, long: bool = False, extra=None) -> str:
 
 # ---- the whole configuration ------------------------------------------------------------------
 
+#: What ``effort="max"`` turns on, each only where the setting is left at its default (measured
+#: on SmolLM2: bench/reconstruct.py, docs/reconstruction.md). ``refine_iters`` applies to pruning,
+#: ``allocation`` to unstructured pruning.
+EFFORT_MAX = {"asymmetric": True, "reconstruct_steps": 64, "refine_iters": 20,
+              "allocation": "owl"}
+
+
 class _ConfigBase:
     def __post_init__(self):
         set_ = object.__setattr__
+        effort = _BY_NAME["effort"].validate(self.effort)
+        if effort == "max":
+            if self.target_bits is not None or self.target_size is not None:
+                raise ValueError("effort='max' does not cover target_bits/target_size yet; give "
+                                 "sparsity/bits, or leave effort='default'")
+            prunes = (self.pattern is not None or (
+                isinstance(self.sparsity, (int, float)) and self.sparsity > 0))
+            for name, value in EFFORT_MAX.items():
+                if name == "refine_iters" and not (prunes and self.method == "sparsegpt"):
+                    continue
+                if name == "allocation" and not (self.pattern is None and prunes):
+                    continue
+                if getattr(self, name) == _BY_NAME[name].default:
+                    set_(self, name, value)
         for opt in OPTIONS:
             if opt.name != "overrides":
                 set_(self, opt.name, opt.validate(getattr(self, opt.name)))

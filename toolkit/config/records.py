@@ -56,6 +56,11 @@ class LayerCompression:
 #: token)"`` for an expert the router sent nothing; see :mod:`toolkit.model.experts`), None otherwise.
 REPORT_COLUMNS = ["block", "layer", "shape", "sparsity", "zeros", "bits", "group_size", "method",
                   "error", "rel_error", "seconds", "tokens", "hessian"]
+#: With block reconstruction (``reconstruct_steps``), two more columns: the block's relative output
+#: error ``||out - out_fp||^2 / ||out_fp||^2`` on the calibration windows (``out_fp``: the
+#: full-precision block on the full-precision inputs) after the layer solves and after the fit,
+#: the same on every row of a block. ``error``/``rel_error`` stay the layer solver's.
+BLOCK_COLUMNS = ["block_error_before", "block_error_after"]
 
 
 @dataclass
@@ -92,7 +97,8 @@ def build_report(config: CompressConfig, rows: list[dict], *, calibration, nsamp
                  seqlen: int, device, extra: dict | None = None) -> CompressionReport:
     """A :class:`CompressionReport` from the sweep's per-layer rows; ``extra`` entries are added
     to the summary after the common ones (method, calibration, sizes, sparsity)."""
-    layers = pd.DataFrame(rows, columns=REPORT_COLUMNS)
+    extra_cols = [c for c in BLOCK_COLUMNS if any(c in r for r in rows)]
+    layers = pd.DataFrame(rows, columns=REPORT_COLUMNS + extra_cols)
     n_comp = int(sum(s[0] * s[1] for s in layers["shape"])) if len(layers) else 0
     pruned = float((layers["sparsity"] * layers["shape"].map(lambda s: s[0] * s[1])).sum())
     summary = {
@@ -106,6 +112,12 @@ def build_report(config: CompressConfig, rows: list[dict], *, calibration, nsamp
         "sparsity (compressed)": pruned / n_comp if n_comp else 0.0,
         **(extra or {}),
     }
+    if extra_cols:  # block reconstruction: what it bought, one value per block
+        per_block = layers.groupby("block")[extra_cols].first()
+        summary["block output error (before -> after reconstruction)"] = (
+            f"{per_block[extra_cols[0]].mean():.4g} -> {per_block[extra_cols[1]].mean():.4g} "
+            f"(mean over {len(per_block)} blocks; reconstruction kept in "
+            f"{int((per_block[extra_cols[1]] < per_block[extra_cols[0]]).sum())})")
     return CompressionReport(config=config, layers=layers, summary=summary)
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init_from_env", "active", "rank", "world_size", "is_main", "rank_device",
-           "local_share", "all_reduce_hessian", "assign", "solve_group", "DistributedError",
+           "local_share", "all_reduce_hessian", "all_reduce_cross", "assign", "solve_group", "DistributedError",
            "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 1800.0
@@ -178,6 +178,21 @@ def all_reduce_hessian(acc) -> None:
     count = int(round(float(n.item())))
     acc.H = total.div_(count) if count else total
     acc.nsamples = count
+
+
+@torch.no_grad()
+def all_reduce_cross(acc) -> None:
+    """Sum a :class:`~toolkit.solver.targets.CrossAccumulator` over the ranks, in place, as
+    :func:`all_reduce_hessian` does: ``sum_r n_r D_r / sum_r n_r``."""
+    if not active():
+        return
+    total = acc.D * acc.nsamples
+    n = torch.tensor([float(acc.nsamples)], dtype=torch.float64, device=total.device)
+    with _collective(f"summing the cross term of {acc.name}"):
+        dist.all_reduce(total)
+        dist.all_reduce(n)
+    acc.nsamples = int(round(float(n.item())))
+    acc.D = total.div_(acc.nsamples) if acc.nsamples else total
 
 
 def layer_cost(ref) -> int:

@@ -622,6 +622,12 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     # no weight of the blocks left dense unnoticed (MoE: the routers left dense, for the report)
     notes = experts.check_layers(blocks_name, blocks, config.layer_settings,
                                  routers=config.routers)
+    beside = bool(config.asymmetric or config.reconstruct_steps)  # the full-precision stream
+    if beside and any(experts.has_experts(blk) for blk in blocks):
+        raise ValueError("asymmetric targets and block reconstruction (asymmetric, "
+                         "reconstruct_steps, effort='max') do not cover mixture-of-experts "
+                         "models yet (the full-precision model routes tokens to other experts, so "
+                         "inputs do not pair); leave them off here")
     table, tied = stored_tensors(model)
     config_tied = _config_tied(model)
     aliases: dict[str, list[str]] = {}
@@ -719,7 +725,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
 
     # ---- block 0's inputs (or the saved inputs of the first unfinished block) -----------------
     first = next((b for b in range(n_blocks) if str(b) not in journal["blocks"]), n_blocks)
-    inputs = None
+    inputs = reference = saved_reference = None
     if calibrate and first < n_blocks:
         front = [n for n in rest_keys if source_key[n] is not None
                  and not _is_output_embedding(model, n)]
@@ -732,7 +738,16 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
             _set_tensor(model, n, None)  # the embeddings are not needed until the end
         _return_freed_memory()
         if first > 0:
-            inputs.hidden = _load_inputs(out, journal, first, device)
+            inputs.hidden, saved_reference = _load_inputs(out, journal, first, device)
+        if beside:  # the full-precision hidden states beside the compressed ones
+            reference = sweep.Reference(inputs.hidden)
+            if first > 0:
+                if saved_reference is None:
+                    raise StreamError(f"{out / JOURNAL_NAME}: the saved inputs of block {first} "
+                                      "have no full-precision hidden states; delete the folder "
+                                      "to start again")
+                reference.hidden = saved_reference
+    reference = reference if calibrate and beside and first < n_blocks else None
 
     # ---- the blocks ---------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -757,7 +772,9 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
                            block_size=config.block_size, percdamp=config.percdamp,
                            hessian_dtype=getattr(torch, config.hessian_dtype),
                            schedule=config.schedule, memory_mb=config.sweep_memory_mb,
-                           expert_hessian=config.expert_hessian)
+                           expert_hessian=config.expert_hessian, reference=reference,
+                           asymmetric=config.asymmetric,
+                           reconstruct_steps=config.reconstruct_steps)
         # the block's stored tensors: compressed layers, its experts (as save_compressed stores
         # them), then its dense tensors
         tensors: dict[str, torch.Tensor] = OrderedDict()
@@ -801,7 +818,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         info = {"bytes": (out / shard).stat().st_size}
         info["sha256"] = file_sha256(out / shard)
         if inputs is not None and b + 1 < n_blocks:
-            journal["inputs"] = _save_inputs(out, b + 1, inputs.hidden)
+            journal["inputs"] = _save_inputs(out, b + 1, inputs.hidden,
+                                             reference.hidden if reference is not None else None)
         elif b + 1 >= n_blocks:
             journal["inputs"] = None
         journal["blocks"][str(b)] = dict(
@@ -857,20 +875,26 @@ def _persist(out: Path, name: str, tensors: dict, what: str) -> dict:
                       "the cause) and run the same command again") from e
 
 
-def _save_inputs(out: Path, b: int, hidden: list[torch.Tensor]) -> dict:
+def _save_inputs(out: Path, b: int, hidden: list[torch.Tensor],
+                 reference: list[torch.Tensor] | None = None) -> dict:
+    """Block ``b``'s inputs (and the full-precision model's, ``reference``) for resuming."""
     name = f"{WORK_DIR}/inputs-{b:05d}.safetensors"
     items = [(f"hidden.{i}", h.dtype, list(h.shape), (lambda h=h: h)) for i, h in
              enumerate(hidden)]
+    items += [(f"reference.{i}", h.dtype, list(h.shape), (lambda h=h: h)) for i, h in
+              enumerate(reference or [])]
     try:
         info = _write_safetensors(out / name, items)
     except OSError as e:
         raise OSError(e.errno, f"writing {out / name} (inputs of block {b}) failed: "
                       f"{e.strerror or e}. {out} stays resumable at block {b - 1}; free space "
                       "and run the same command again") from e
-    return dict(block=b, file=name, count=len(hidden), **info)
+    return dict(block=b, file=name, count=len(hidden), reference=reference is not None, **info)
 
 
-def _load_inputs(out: Path, journal: dict, b: int, device) -> list[torch.Tensor]:
+def _load_inputs(out: Path, journal: dict, b: int, device
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The saved inputs of block ``b`` and, when they were saved, the full-precision model's."""
     from safetensors import safe_open
 
     rec = journal.get("inputs")
@@ -882,7 +906,10 @@ def _load_inputs(out: Path, journal: dict, b: int, device) -> list[torch.Tensor]
         raise StreamError(f"{path}: the saved inputs of block {b} are missing or corrupt; delete "
                           f"{out} to start again")
     with safe_open(str(path), framework="pt") as f:
-        return [f.get_tensor(f"hidden.{i}").to(device) for i in range(rec["count"])]
+        hidden = [f.get_tensor(f"hidden.{i}").to(device) for i in range(rec["count"])]
+        reference = ([f.get_tensor(f"reference.{i}").to(device) for i in range(rec["count"])]
+                     if rec.get("reference") else None)
+    return hidden, reference
 
 
 def _remove_old_inputs(out: Path, journal: dict) -> None:

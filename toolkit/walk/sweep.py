@@ -55,11 +55,15 @@ from toolkit.solver.hessian import HessianAccumulator, quadratic_form, reconstru
 from toolkit.solver.layer import factorize, solve_layers
 from toolkit.solver.quant import rtn_quantize
 from toolkit.solver.refine import masked_results, refine_layers
+from toolkit.solver.targets import CrossAccumulator, asymmetric_target
 from toolkit.walk import distributed as dist
 from toolkit.walk import expert_capture
+from toolkit.walk.reconstruct import reconstruct_block
+from toolkit.walk.reference import Reference
 
 __all__ = ["run_sweep", "sweep_block", "capture_block_inputs", "find_groups", "group_hessian",
-           "run_block", "BlockInputs", "sweep_memory", "SCHEDULES", "CPU_SWEEP_MEMORY_MB"]
+           "run_block", "BlockInputs", "sweep_memory", "SCHEDULES", "CPU_SWEEP_MEMORY_MB",
+           "Reference"]
 
 log = logging.getLogger("toolkit")
 
@@ -620,11 +624,15 @@ def _first_member(group: list[LinearRef], probe: _Probe) -> LinearRef:
 # ---- solving --------------------------------------------------------------------------------
 
 def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch.Tensor | None,
-                 block_size: int, percdamp: float, device) -> list[dict]:
+                 block_size: int, percdamp: float, device,
+                 cross: torch.Tensor | None = None) -> list[dict]:
     """Compress the layers of one group (sharing H); returns one report row per layer.
 
     ``H`` is None when no layer of the group needs it (magnitude / round-to-nearest): the
     layers are then compressed without calibration and their error is reported as NaN.
+    ``cross``: the cross term ``D`` of asymmetric targets (:mod:`toolkit.solver.targets`): the
+    layers solved by the sweep aim at ``W* = W + W D H^-1`` instead of ``W``, and their errors are
+    measured from ``W*`` (the distance that the full-precision output adds a constant to).
     """
     rows = []
     factors = {}
@@ -637,16 +645,29 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
         refs = [group[i] for i in idx]
         t0 = time.perf_counter()
         weights = [r.get_weight().to(device=device) for r in refs]
+        use_solver = (s.quantizes and s.quant == "gptq") or (
+            s.prunes and s.method == "sparsegpt")
+        if use_solver and cross is not None:  # aim at the full-precision output
+            factors[s.act_order] = f = factorize(H, percdamp, s.act_order, name=refs[0].name)
+            dense = weights  # magnitude and Wanda masks are chosen on the weights themselves
+            weights = [asymmetric_target(w, cross.to(w.device), f.U.to(w.device),
+                                         None if f.perm is None else f.perm.to(w.device))
+                       for w in weights]
         originals = [w.float().clone() for w in weights]
         masks = None
         if s.prunes and s.method != "sparsegpt":
+            if use_solver and cross is not None:
+                if s.method == "magnitude":
+                    masks = [magnitude_mask(w, s.sparsity, s.pattern) for w in dense]
+                else:
+                    masks = [wanda_mask(w, H, s.sparsity, s.pattern) for w in dense]
+                weights = [apply_mask(w, m) for w, m in zip(weights, masks)]
+        if s.prunes and s.method != "sparsegpt" and masks is None:
             if s.method == "magnitude":
                 masks = [magnitude_mask(w, s.sparsity, s.pattern) for w in weights]
             else:
                 masks = [wanda_mask(w, H, s.sparsity, s.pattern) for w in weights]
             weights = [apply_mask(w, m) for w, m in zip(weights, masks)]
-        use_solver = (s.quantizes and s.quant == "gptq") or (
-            s.prunes and s.method == "sparsegpt")
         results = None
         # the solver's error is the layer's when it starts from the original weights and its
         # output is what is stored
@@ -789,7 +810,9 @@ def _sweep_experts_block(block: nn.Module, b: int, selected: list, chosen: dict,
 def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None, *, device,
                 block_size: int = 128, percdamp: float = 0.01,
                 hessian_dtype: torch.dtype = torch.float32, schedule: str = "sequential",
-                memory_mb: int | None = None, expert_hessian: str = "routed") -> list[dict]:
+                memory_mb: int | None = None, expert_hessian: str = "routed",
+                reference: Reference | None = None, asymmetric: bool = True,
+                reconstruct_steps: int = 0) -> list[dict]:
     """One step of the sweep: compress block ``b`` in place and advance ``inputs`` to the next
     block's inputs. Returns the block's report rows.
 
@@ -800,8 +823,13 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
     group's Hessian from one pass of the unchanged block). ``memory_mb``: the option
     ``sweep_memory_mb`` (see :func:`sweep_memory`). ``expert_hessian``: ``"routed"`` or ``"all"``
     (see :mod:`toolkit.model.experts`); blocks with mixture-of-experts layers are always walked in the
-    sequential schedule, one window at a time. The block is moved to ``device`` for the step and
-    back where it was. :func:`run_sweep` calls this for every block; :mod:`toolkit.walk.stream` calls
+    sequential schedule, one window at a time. ``reference``: the full-precision model's hidden
+    states (:class:`toolkit.walk.reference.Reference`, advanced to the next block here), needed by
+    ``asymmetric`` (each group solved by the sweep aims at the full-precision output,
+    :mod:`toolkit.solver.targets`) and ``reconstruct_steps`` (that many optimiser steps on the
+    block's output error once its layers are solved, :mod:`toolkit.walk.reconstruct`; its rows
+    then carry ``block_error_before``/``block_error_after``). The block is moved to ``device``
+    for the step and back where it was. :func:`run_sweep` calls this for every block; :mod:`toolkit.walk.stream` calls
     it on blocks loaded one at a time from disk.
     """
     if schedule not in SCHEDULES:
@@ -814,6 +842,10 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
     chosen = {id(r): s for r, s in plan}
     selected = [r for r, s in plan if s is not None and s.active]
     if experts.has_experts(block):
+        if reference is not None:
+            raise ValueError("asymmetric targets and block reconstruction do not support "
+                             "mixture-of-experts blocks yet (the full-precision model routes "
+                             "tokens to other experts, so inputs do not pair)")
         rows = _sweep_experts_block(block, b, selected, chosen, inputs, device=device,
                                     block_size=block_size, percdamp=percdamp,
                                     hessian_dtype=hessian_dtype, expert_hessian=expert_hessian)
@@ -839,10 +871,40 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
         passes = [_Pass(s, s) for s, n in zip(starts, needs) if n] + [_Pass(inf, inf)]
     walk = _Walk(block, inputs, probe, passes, memory) if calibrate else None
     hdevice = inputs.hidden[0].device if calibrate else None
+    bref = None
+    recon = bool(reconstruct_steps) and reference is not None and calibrate
+    h_in = list(inputs.hidden) if recon else None  # the block's inputs, kept for the fit
+    if reference is not None and calibrate:  # the full-precision block, before anything changes
+        bref = reference.open(block, inputs, walk.batches,
+                              [groups[g][0].module for g in range(len(groups)) if needs[g]],
+                              memory, tokens=inputs.hidden[0].shape[1])
 
-    def solve(g, H):
+    def pairs(g):
+        """The Hessian (and, with a reference, the cross term) of group ``g``, and the tap that
+        feeds them one batch at a time."""
+        acc = _accumulators([groups[g]], hdevice, hessian_dtype)[0]
+        if bref is None or not asymmetric:
+            return acc, None, _adder(acc)
+        cross = CrossAccumulator(acc.cols, device=hdevice, dtype=hessian_dtype,
+                                 name=groups[g][0].name)
+        module, count = groups[g][0].module, [0]
+
+        def tap(x):
+            acc.add(x, check=False)
+            cross.add(x, bref.group_input(module, count[0]))
+            count[0] += 1
+        return acc, cross, tap
+
+    def finished(acc, cross):
+        H = _finish(acc).H
+        if cross is None:
+            return H, None
+        dist.all_reduce_cross(cross)
+        return H, cross.D
+
+    def solve(g, H, D=None):
         new_rows = dist.solve_group(_solve_group, groups[g], [chosen[id(r)] for r in groups[g]],
-                                    H, block_size, percdamp, device)
+                                    H, block_size, percdamp, device, cross=D)
         _log_rows(new_rows, b)
         rows.extend(new_rows)
 
@@ -851,41 +913,54 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
         # rest of the forward goes on with it solved; the output is the next block's input
         def solve_here(g):
             def fn(x):
-                H = None
+                H = D = None
                 if needs[g]:
-                    acc = _accumulators([groups[g]], hdevice, hessian_dtype)[0]
-                    acc.add(x, check=False)
-                    H = _finish(acc).H
-                solve(g, H)
+                    acc, cross, tap = pairs(g)
+                    tap(x)
+                    H, D = finished(acc, cross)
+                solve(g, H, D)
             return fn
         walk.run({id(groups[g][0].module): solve_here(g) for g in range(len(groups))},
                  collect=True, at_once=True)
     elif schedule == "parallel" and calibrate and any(needs):
         todo = [g for g in range(len(groups)) if needs[g]]
-        accs = dict(zip(todo, _accumulators([groups[g] for g in todo], hdevice, hessian_dtype)))
+        accs = {g: pairs(g) for g in todo}
         last = max(starts[g] for g in todo)
         first = {g: groups[g][0].module for g in todo}
-        walk.run({id(first[g]): _adder(accs[g]) for g in todo},
+        walk.run({id(first[g]): accs[g][2] for g in todo},
                  stop={id(first[g]) for g in todo if starts[g] == last})
-        for g in todo:
-            _finish(accs[g])
+        found = {g: finished(*accs.pop(g)[:2]) for g in todo}
         for g in range(len(groups)):
-            H = accs.pop(g).H if g in accs else None
-            solve(g, H)
-            del H
+            H, D = found.pop(g) if g in found else (None, None)
+            solve(g, H, D)
+            del H, D
     else:
         for g in range(len(groups)):
-            H = None
+            H = D = None
             if needs[g] and calibrate:
-                acc = _accumulators([groups[g]], hdevice, hessian_dtype)[0]
+                acc, cross, tap = pairs(g)
                 first = groups[g][0].module
-                walk.run({id(first): _adder(acc)}, stop={id(first)})
-                H = _finish(acc).H
-                del acc
-            solve(g, H)
-            del H
-    if calibrate and not (walk.single and schedule == "sequential"):
+                walk.run({id(first): tap}, stop={id(first)})
+                H, D = finished(acc, cross)
+                del acc, cross, tap
+            solve(g, H, D)
+            del H, D
+    if calibrate and not recon and not (walk.single and schedule == "sequential"):
         walk.run(collect=True)
+    if recon:  # the block's output fitted to the full-precision block's; its outputs go on
+        t0 = time.perf_counter()
+        stats, inputs.hidden = reconstruct_block(
+            block, [r for g in groups for r in g], h_in, bref.outputs(), inputs, walk.batches,
+            steps=reconstruct_steps,
+            outputs=inputs.hidden if walk.single and schedule == "sequential" else None)
+        log.info("block %d reconstruction: output error %.4g -> %.4g (%s, %.1fs)", b,
+                 stats["before"], stats["after"], "kept" if stats["kept"] else "solver's kept",
+                 time.perf_counter() - t0)
+        for r in rows:
+            r["block_error_before"], r["block_error_after"] = stats["before"], stats["after"]
+        del h_in
+    if bref is not None:
+        bref.close()
     if calibrate:
         log.debug("block %d: %d windows per batch, %s", b, walk.batch,
                   "one pass" if walk.single and schedule == "sequential" else
@@ -900,7 +975,8 @@ def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, bl
               percdamp: float = 0.01, hessian_dtype: torch.dtype = torch.float32,
               verbose: bool = True, blocks_name: str | None = None,
               schedule: str = "sequential", memory_mb: int | None = None,
-              expert_hessian: str = "routed", routers: bool = False) -> list[dict]:
+              expert_hessian: str = "routed", routers: bool = False,
+              asymmetric: bool = False, reconstruct_steps: int = 0) -> list[dict]:
     """Compress every selected layer of every block, in place. Returns report rows.
 
     ``layer_settings(name) -> LayerSettings | None`` chooses what to do to each layer. The
@@ -908,6 +984,10 @@ def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, bl
     the MoE routers only with ``routers``); a weight of the blocks that is none of these and not
     ignored raises :class:`toolkit.model.experts.UnsupportedWeights` before anything changes.
     ``schedule``, ``memory_mb`` and ``expert_hessian`` as in :func:`sweep_block`.
+    ``asymmetric``: every layer the sweep solves aims at the full-precision model's output from
+    its inputs in the compressed model (:mod:`toolkit.solver.targets`); the full-precision hidden
+    states are carried beside the compressed ones (:mod:`toolkit.walk.reference`).
+    ``reconstruct_steps``: block reconstruction after each block's sweep (:func:`sweep_block`).
     """
     name, blocks = find_blocks(model)
     experts.check_layers(name, blocks, layer_settings, routers=routers)
@@ -918,11 +998,21 @@ def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, bl
     # with a process group each rank runs only its share of the windows (toolkit.walk.distributed)
     inputs = capture_block_inputs(model, blocks, dist.local_share(ids), device, memory_mb) \
         if calibrate else None
+    reference = None
+    if (asymmetric or reconstruct_steps) and calibrate:
+        if any(experts.has_experts(blk) for blk in blocks):
+            raise ValueError("asymmetric targets and block reconstruction do not support "
+                             "mixture-of-experts models yet "
+                             "(the full-precision model routes tokens to other experts, so "
+                             "their inputs do not pair token by token)")
+        reference = Reference(inputs.hidden)
     rows: list[dict] = []
     bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block", disable=not verbose)
     for b in bar:
         rows.extend(sweep_block(blocks[b], b, plan[b], inputs, device=device,
                                 block_size=block_size, percdamp=percdamp,
                                 hessian_dtype=hessian_dtype, schedule=schedule,
-                                memory_mb=memory_mb, expert_hessian=expert_hessian))
+                                memory_mb=memory_mb, expert_hessian=expert_hessian,
+                                reference=reference, asymmetric=asymmetric,
+                                reconstruct_steps=reconstruct_steps))
     return rows

@@ -1,0 +1,155 @@
+"""Block reconstruction (toolkit.walk.reconstruct) and effort="max".
+
+What reconstruction promises, checked on tiny float64 models: pruned weights stay exactly 0 (the
+sweep's masks, hence its exact sparsity, are kept to the weight), quantized weights stay on their
+grids (same codes; the stored scales are the refitted ones, so a checkpoint loads the same
+weights), the block's calibration output error never rises (the solver's weights are put back
+otherwise), and it does lower it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+
+from toolkit import compress, load_compressed, save_compressed
+from toolkit.config.options import EFFORT_MAX, CompressConfig
+from toolkit.walk import reconstruct
+
+RUN = dict(nsamples=16, seqlen=64, verbose=False, hessian_dtype="float64")
+
+
+def _model(family="llama"):
+    return tiny_model(family, hidden=64, layers=3).double()
+
+
+def _run(family="llama", **kw):
+    model = _model(family)
+    report = compress(model, calibration=random_ids(16, 64), **RUN, **kw)
+    return model, report
+
+
+def _layers(model):
+    return {n: m for n, m in model.named_modules() if hasattr(m, "compression")}
+
+
+def _record_before(monkeypatch) -> dict:
+    """Wrap the sweep's call of :func:`reconstruct_block` to keep each layer's solved weight and
+    grid just before its block is fitted: ``{layer: (weight (out, in), scale or None)}``."""
+    import toolkit.walk.sweep as sweep
+
+    seen = {}
+    inner = sweep.reconstruct_block
+
+    def spy(block, refs, *a, **k):
+        for r in refs:
+            comp = r.get_record()
+            seen[r.name] = (r.get_weight().clone(),
+                            None if comp is None or comp.scale is None else comp.scale.clone())
+        return inner(block, refs, *a, **k)
+    monkeypatch.setattr(sweep, "reconstruct_block", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_masks_kept_to_the_weight_and_weights_on_their_grids(family, monkeypatch):
+    before = _record_before(monkeypatch)
+    fit, rf = _run(family, sparsity=0.5, bits=4, group_size=32, asymmetric=True,
+                   reconstruct_steps=24)
+    changed = 0
+    for name, m in _layers(fit).items():
+        w = m.weight.data.T if family == "gpt2" else m.weight.data  # GPT-2 Conv1D: (in, out)
+        w0, scale0 = before[name]
+        assert torch.equal(w == 0, w0 == 0), name  # the same zeros: masks frozen
+        comp = m.compression
+        g = torch.arange(w.shape[1]) // 32
+        scale, zero = comp.scale.double()[:, g], comp.zero.double()[:, g]
+        codes = torch.round(w / scale + zero)
+        assert codes.min() >= 0 and codes.max() <= 15, name
+        torch.testing.assert_close(w, scale * (codes - zero), rtol=0, atol=1e-6)
+        codes0 = torch.round(w0 / scale0.double()[:, g] + zero)
+        assert torch.equal(codes, codes0), name  # codes frozen, scales refit
+        changed += not torch.equal(comp.scale, scale0)
+    assert changed > 0
+    n = rf.layers["shape"].map(lambda s: s[0] * s[1])
+    assert abs(float((rf.layers["sparsity"] * n).sum()) - round(0.5 * int(n.sum()))) < 1e-6
+    blocks = rf.layers.groupby("block")[["block_error_before", "block_error_after"]].first()
+    assert (blocks["block_error_after"] <= blocks["block_error_before"]).all()
+    assert blocks["block_error_after"].sum() <= 0.97 * blocks["block_error_before"].sum()
+    assert "block output error (before -> after reconstruction)" in rf.summary
+
+
+def test_pruned_layers_move_their_kept_weights_only(monkeypatch):
+    before = _record_before(monkeypatch)
+    fit, rf = _run(sparsity=0.6, asymmetric=True, reconstruct_steps=24)
+    moved = 0
+    for name, m in _layers(fit).items():
+        w, (w0, _) = m.weight.data, before[name]
+        assert torch.equal(w == 0, w0 == 0), name
+        moved += int(((w - w0).abs() > 0).sum())
+    assert moved > 0
+    blocks = rf.layers.groupby("block")[["block_error_before", "block_error_after"]].first()
+    assert blocks["block_error_after"].sum() <= 0.9 * blocks["block_error_before"].sum()
+
+
+def test_a_fit_that_makes_things_worse_is_put_back(monkeypatch):
+    base, _ = _run(sparsity=0.5, bits=4, asymmetric=True)
+    monkeypatch.setattr(reconstruct, "RECONSTRUCT_LR", {"weight": 50.0, "scale": 5.0})
+    fit, rf = _run(sparsity=0.5, bits=4, asymmetric=True, reconstruct_steps=8)
+    blocks = rf.layers.groupby("block")[["block_error_before", "block_error_after"]].first()
+    assert (blocks["block_error_after"] == blocks["block_error_before"]).all()
+    for k, v in base.state_dict().items():
+        assert torch.equal(fit.state_dict()[k], v), k
+    assert "reconstruction kept in 0" in rf.summary[
+        "block output error (before -> after reconstruction)"]
+
+
+def test_reconstructed_checkpoint_loads_the_same_weights(tmp_path):
+    model, report = _run(sparsity=0.5, bits=4, group_size=32, asymmetric=True,
+                         reconstruct_steps=16)
+    model = model.float()  # checkpoints are written in the model's float dtype
+    out = save_compressed(model, tmp_path / "ckpt", report=report)
+    loaded = load_compressed(out)
+    for name, m in _layers(model).items():
+        got = loaded.get_submodule(name).weight.data
+        torch.testing.assert_close(got, m.weight.data.to(got.dtype), rtol=0, atol=1e-6)
+
+
+def test_effort_max_turns_on_what_the_user_left_at_its_default():
+    c = CompressConfig(sparsity=0.6, effort="max")
+    assert (c.asymmetric, c.reconstruct_steps, c.refine_iters, c.allocation) == (
+        True, EFFORT_MAX["reconstruct_steps"], EFFORT_MAX["refine_iters"], "owl")
+    c = CompressConfig(pattern="2:4", effort="max")  # n:m: nothing to allocate
+    assert (c.refine_iters, c.allocation) == (EFFORT_MAX["refine_iters"], "uniform")
+    c = CompressConfig(bits=3, effort="max")  # quantization only: no re-solve, no allocation
+    assert (c.asymmetric, c.refine_iters, c.allocation) == (True, 0, "uniform")
+    c = CompressConfig(sparsity=0.6, effort="max", refine_iters=5, reconstruct_steps=3)
+    assert (c.refine_iters, c.reconstruct_steps) == (5, 3)
+    assert CompressConfig(sparsity=0.6).reconstruct_steps == 0  # default effort: today's sweep
+    with pytest.raises(ValueError, match="effort must be one of 'default', 'max'"):
+        CompressConfig(sparsity=0.5, effort="fast")
+    with pytest.raises(ValueError, match="effort='max' does not cover target_bits"):
+        CompressConfig(target_bits=4.2, effort="max")
+    with pytest.raises(ValueError, match="reconstruct_steps must be an integer >= 0"):
+        CompressConfig(sparsity=0.5, reconstruct_steps=-1)
+
+
+def test_effort_max_runs_and_says_what_each_stage_bought():
+    _, report = _run(sparsity=0.6, effort="max")
+    s = report.summary
+    assert "effort max" in s["method"] and "asymmetric targets" in s["method"]
+    assert "block output error (before -> after reconstruction)" in s
+    L = report.layers
+    n = L["shape"].map(lambda s: s[0] * s[1])
+    pruned = float((L["sparsity"] * n).sum())  # OWL moves sparsity between layers, not in total
+    assert abs(pruned - round(0.6 * int(n.sum()))) < 1e-6
+    assert L["sparsity"].max() > 0.6 > L["sparsity"].min()
+
+
+def test_reconstruction_refuses_moe():
+    from conftest import tiny_moe
+
+    with pytest.raises(ValueError, match="reconstruct_steps=4 does not cover mixture-of-experts"):
+        compress(tiny_moe("mixtral"), calibration=random_ids(8, 32), nsamples=8, seqlen=32,
+                 sparsity=0.5, reconstruct_steps=4, verbose=False)

@@ -1,0 +1,254 @@
+"""Block reconstruction: after a block's layers are solved, fit the block's output as a whole.
+
+The layer solver fits each matrix alone; a decoder block is a nonlinear function of its layers
+(attention's softmax, the MLP's gate), so the best layers one at a time are not the best block.
+After the sweep has solved a block, a few optimiser steps (Adam) lower the block's output error
+
+    || block_c(h_c) - block_d(h_d) ||^2 / || block_d(h_d) ||^2
+
+where ``h_c`` are the block's inputs in the compressed model and ``block_d(h_d)`` the
+full-precision block's output on the full-precision inputs (:mod:`toolkit.walk.reference`), so
+the block also makes up for what earlier blocks lost. What is trained keeps every promise the
+solver made:
+
+* a pruned layer's **kept weights** move freely; pruned weights stay exactly 0 (the mask is
+  frozen, so the exact sparsity the sweep chose is kept to the weight);
+* a quantized layer keeps its **codes**; each grid's scale is refitted (``scale * exp(a)``, one
+  ``a`` per row and group), so every weight stays on its grid, pruned weights on the zero
+  point, and the checkpoint stores the new scales;
+* GGUF-typed layers and everything else in the block (norms, biases, layers not compressed)
+  stay as they are.
+
+If the steps end with a larger error on the calibration windows than they started from, the
+solver's weights are put back: reconstruction never makes a block worse on what it measures.
+Under a process group the gradients are averaged over the ranks before every step, so every
+rank takes the same steps on the same weights (:mod:`toolkit.walk.distributed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from toolkit.walk import distributed as dist
+
+__all__ = ["reconstruct_block", "check_reconstruct_steps", "RECONSTRUCT_LR"]
+
+log = logging.getLogger("toolkit")
+
+#: Adam's step size: for the kept weights of pruned layers, relative to each layer's RMS weight;
+#: for the log-scales of quantized layers, absolute (measured on SmolLM2, bench/reconstruct.py)
+RECONSTRUCT_LR = {"weight": 1e-3, "scale": 1e-3}
+
+
+def check_reconstruct_steps(v, name="reconstruct_steps"):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0 = no block reconstruction), "
+                         f"got {v!r}")
+    return v
+
+
+@dataclass
+class _Trained:
+    ref: object  # LinearRef
+    key: str  # the weight's name inside the block, for functional_call
+    kind: str  # "weight" (kept weights move) or "scale" (codes fixed, scales refit)
+    param: torch.Tensor
+    w0: torch.Tensor  # (out, in) float, the solver's weight
+    mask: torch.Tensor | None = None
+    codes: torch.Tensor | None = None  # (out, in) float holding integers
+    scale: torch.Tensor | None = None  # (out, in) the solver's scale of each weight's group
+    zero: torch.Tensor | None = None  # (out, in)
+    group: torch.Tensor | None = None  # column -> group
+
+    def weight(self) -> torch.Tensor:
+        """The (out, in) weight as a function of the trained parameter."""
+        if self.kind == "weight":
+            return torch.where(self.mask, self.param, torch.zeros((), dtype=self.param.dtype))
+        return self.scale * torch.exp(self.param[:, self.group]) * (self.codes - self.zero)
+
+    def tensor(self) -> torch.Tensor:
+        """What functional_call puts in place of the module's weight (Conv1D: transposed)."""
+        w = self.weight().to(self.ref.module.weight.dtype)
+        return w.T if self.ref.transposed else w
+
+
+def _trainable(block: nn.Module, refs: list, dtype: torch.dtype) -> list[_Trained]:
+    names = {id(m): n for n, m in block.named_modules()}
+    out = []
+    for ref in refs:
+        comp = ref.get_record()
+        if comp is None or getattr(ref, "transposed", None) is None or id(ref.module) not in names:
+            continue  # expert slices and untouched layers stay as they are
+        s = comp.settings
+        w0 = ref.get_weight().detach().to(dtype)
+        key = f"{names[id(ref.module)]}.weight" if names[id(ref.module)] else "weight"
+        if s.gguf is not None:
+            continue
+        if s.bits is None:
+            if not s.prunes:
+                continue
+            mask = w0 != 0
+            out.append(_Trained(ref, key, "weight", w0.clone().requires_grad_(True), w0, mask))
+            continue
+        if comp.scale is None:
+            continue
+        cols = w0.shape[1]
+        if comp.g_idx is not None:
+            group = comp.g_idx.to(w0.device).long()
+        elif s.group_size is not None:
+            group = torch.arange(cols, device=w0.device) // s.group_size
+        else:
+            group = torch.zeros(cols, dtype=torch.long, device=w0.device)
+        scale = comp.scale.to(device=w0.device, dtype=dtype)[:, group]
+        zero = comp.zero.to(device=w0.device, dtype=dtype)[:, group]
+        codes = torch.round(w0 / scale + zero)
+        if not torch.allclose(scale * (codes - zero), w0, rtol=1e-3, atol=1e-6):
+            log.warning("%s: its weights are not on its stored grid; left out of the block "
+                        "reconstruction", ref.name)
+            continue
+        a = torch.zeros(comp.scale.shape, dtype=dtype, device=w0.device, requires_grad=True)
+        out.append(_Trained(ref, key, "scale", a, w0, codes=codes, scale=scale, zero=zero,
+                            group=group))
+    return out
+
+
+def _error(block, inputs, x, y, params=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum ||out - y||^2, out)`` for one batch; ``params`` replace the block's weights."""
+    args, kwargs = inputs.shared(x.shape[0])
+    if params is None:
+        out = block(x, *args, **kwargs)
+    else:
+        out = functional_call(block, params, (x, *args), kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return ((out.to(y.dtype) - y) ** 2).sum(), out
+
+
+def _sum_over_ranks(*values: float) -> list[float]:
+    if not dist.active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    with dist._collective("summing the block reconstruction error"):
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _average_grads(params: list[torch.Tensor]) -> None:
+    if not dist.active():
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    with dist._collective("averaging the block reconstruction gradients"):
+        torch.distributed.all_reduce(flat)
+    flat /= dist.world_size()
+    i = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[i:i + n].view_as(p.grad))
+        i += n
+
+
+def reconstruct_block(block: nn.Module, refs: list, h_in: list[torch.Tensor],
+                      targets: list[torch.Tensor], inputs, batches: list[tuple[int, int]], *,
+                      steps: int, batch_windows: int = 1, lr: dict | None = None,
+                      outputs: list[torch.Tensor] | None = None
+                      ) -> tuple[dict, list[torch.Tensor]]:
+    """Fit the solved block's output to the full-precision block's, in place (module docstring).
+
+    ``refs``: the block's compressed layers (their records say what was done); ``h_in``: the
+    block's inputs in the compressed model, one tensor per window; ``targets``: the full-precision
+    block's outputs, paired with them; ``inputs``: the :class:`~toolkit.walk.sweep.BlockInputs`
+    with the shared block arguments; ``batches``: windows per forward for the error passes;
+    ``steps``: Adam steps, each on ``batch_windows`` windows (taken in order, cycling);
+    ``lr``: :data:`RECONSTRUCT_LR` by default. ``outputs``: the solved block's outputs on
+    ``h_in`` when the sweep already has them (its one-forward walk), saving a pass.
+
+    Returns ``(stats, outputs)``: ``stats`` holds ``before``/``after`` (the relative output
+    error on every calibration window, summed over ranks), ``kept`` (False when the solver's
+    weights were put back) and ``trained`` (layers trained); ``outputs`` the block's outputs
+    on ``h_in`` after the fit (the next block's inputs).
+    """
+    steps = check_reconstruct_steps(steps, "steps")
+    lr = {**RECONSTRUCT_LR, **(lr or {})}
+    dtype = torch.float64 if targets[0].dtype == torch.float64 else torch.float32
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    trained = _trainable(block, refs, dtype)
+
+    def full_pass(known=None):
+        err = energy = 0.0
+        outs = []
+        with torch.no_grad():
+            for i0, i1 in batches:
+                y = targets[i0] if i1 - i0 == 1 else torch.cat(targets[i0:i1])
+                if known is None:
+                    x = h_in[i0] if i1 - i0 == 1 else torch.cat(h_in[i0:i1])
+                    e, out = _error(block, inputs, x, y)
+                    outs.extend(out.split(1) if i1 - i0 > 1 else [out])
+                else:
+                    out = known[i0] if i1 - i0 == 1 else torch.cat(known[i0:i1])
+                    e = ((out.to(y.dtype) - y) ** 2).sum()
+                err += float(e)
+                energy += float((y ** 2).sum())
+        err, energy = _sum_over_ranks(err, energy)
+        return err / max(energy, 1e-30), (outs if known is None else list(known))
+
+    try:
+        before, outs = full_pass(outputs)
+        stats = {"before": before, "after": before, "kept": False, "trained": len(trained)}
+        if not trained or steps == 0:
+            return stats, outs
+        groups = []
+        for t in trained:
+            if t.kind == "weight":
+                rms = float(t.w0[t.mask].pow(2).mean().sqrt()) if bool(t.mask.any()) else 0.0
+                groups.append({"params": [t.param], "lr": lr["weight"] * max(rms, 1e-12)})
+            else:
+                groups.append({"params": [t.param], "lr": lr["scale"]})
+        opt = torch.optim.Adam(groups)
+        n = len(h_in)
+        k = max(1, min(batch_windows, n))
+        if k not in (1, n) and k not in inputs.batched:
+            k = 1
+        energy = sum(float((y.to(dtype) ** 2).sum()) for y in targets) / n
+        for step in range(steps):
+            i0 = (step * k) % n
+            idx = [(i0 + j) % n for j in range(k)]
+            x = torch.cat([h_in[i] for i in idx]) if k > 1 else h_in[idx[0]]
+            y = torch.cat([targets[i] for i in idx]) if k > 1 else targets[idx[0]]
+            with torch.enable_grad():  # callers may run under no_grad (compress_streaming)
+                params = {t.key: t.tensor() for t in trained}
+                e, _ = _error(block, inputs, x, y, params)
+                loss = e / (energy * k)
+                opt.zero_grad(set_to_none=False)
+                loss.backward()
+            _average_grads([t.param for t in trained])
+            opt.step()
+            if not math.isfinite(float(loss.detach())):
+                break
+        saved = [t.ref.get_weight().detach().clone() for t in trained]
+        with torch.no_grad():
+            for t in trained:
+                t.ref.set_weight(t.weight().detach())
+        after, new_outs = full_pass()
+        if not after < before:  # never worse than the solver's weights on the calibration
+            with torch.no_grad():
+                for t, w in zip(trained, saved):
+                    t.ref.set_weight(w)
+            stats["after"] = before
+            return stats, outs
+        for t in trained:  # the records follow: refit scales
+            if t.kind == "scale":
+                comp = t.ref.get_record()
+                comp.scale = (comp.scale.to(t.param.device, dtype)
+                              * torch.exp(t.param.detach())).float().cpu()
+        stats.update(after=after, kept=True)
+        return stats, new_outs
+    finally:
+        for p, g in frozen:
+            p.requires_grad_(g)
