@@ -153,3 +153,19 @@ def test_reconstruction_refuses_moe():
     with pytest.raises(ValueError, match="reconstruct_steps=4 does not cover mixture-of-experts"):
         compress(tiny_moe("mixtral"), calibration=random_ids(8, 32), nsamples=8, seqlen=32,
                  sparsity=0.5, reconstruct_steps=4, verbose=False)
+
+
+def test_streaming_refuses_moe_before_writing(tmp_path):
+    from conftest import tiny_moe
+
+    from toolkit.walk.stream import compress_streaming
+    src = tmp_path / "moe"
+    tiny_moe("mixtral").save_pretrained(src)
+    run = dict(calibration=random_ids(8, 32), nsamples=8, seqlen=32, sparsity=0.5,
+               verbose=False)
+    with pytest.raises(ValueError, match="do not cover mixture-of-experts"):
+        compress_streaming(src, tmp_path / "out", asymmetric=True, **run)
+    with pytest.raises(ValueError, match="effort='max' turns on allocation='owl'.*"
+                                         "asymmetric=True, reconstruct_steps=32, refine_iters=20"):
+        compress_streaming(src, tmp_path / "out", effort="max", **run)
+    assert not (tmp_path / "out").exists()

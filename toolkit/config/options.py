@@ -635,7 +635,7 @@ def label(settings, long: bool = False, extra=None) -> str:
 #: What ``effort="max"`` turns on, each only where the setting is left at its default (measured
 #: on SmolLM2: bench/reconstruct.py, docs/reconstruction.md). ``refine_iters`` applies to pruning,
 #: ``allocation`` to unstructured pruning.
-EFFORT_MAX = {"asymmetric": True, "reconstruct_steps": 64, "refine_iters": 20,
+EFFORT_MAX = {"asymmetric": True, "reconstruct_steps": 32, "refine_iters": 20,
               "allocation": "owl"}
 
 
@@ -643,6 +643,7 @@ class _ConfigBase:
     def __post_init__(self):
         set_ = object.__setattr__
         effort = _BY_NAME["effort"].validate(self.effort)
+        set_(self, "effort_set", ())  # the settings effort="max" turned on
         if effort == "max":
             if self.target_bits is not None or self.target_size is not None:
                 raise ValueError("effort='max' does not cover target_bits/target_size yet; give "
@@ -656,6 +657,7 @@ class _ConfigBase:
                     continue
                 if getattr(self, name) == _BY_NAME[name].default:
                     set_(self, name, value)
+                    set_(self, "effort_set", (*self.effort_set, name))
         for opt in OPTIONS:
             if opt.name != "overrides":
                 set_(self, opt.name, opt.validate(getattr(self, opt.name)))

@@ -43,7 +43,7 @@ log = logging.getLogger("toolkit")
 
 #: Adam's step size: for the kept weights of pruned layers, relative to each layer's RMS weight;
 #: for the log-scales of quantized layers, absolute (measured on SmolLM2, bench/reconstruct.py)
-RECONSTRUCT_LR = {"weight": 1e-3, "scale": 1e-3}
+RECONSTRUCT_LR = {"weight": 1e-2, "scale": 1e-2}
 
 
 def check_reconstruct_steps(v, name="reconstruct_steps"):

@@ -599,6 +599,11 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         raise ValueError("streaming (--stream) does not run under torchrun/several processes yet: "
                          "run it in one process (it still onloads one block at a time to the "
                          "GPU); several processes need the whole model in memory on each rank")
+    if config.allocation != "uniform" and "allocation" in config.effort_set:
+        raise ValueError("effort='max' turns on allocation='owl', which needs a dense pass over "
+                         "the whole model before compressing: not available with streaming. Give "
+                         "the other parts yourself: asymmetric=True, reconstruct_steps="
+                         f"{config.reconstruct_steps}, refine_iters={config.refine_iters}")
     if config.allocation != "uniform":
         raise ValueError(f"allocation={config.allocation!r} needs a dense pass over the whole "
                          "model before compressing: not available with streaming")
@@ -726,6 +731,7 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
     # ---- block 0's inputs (or the saved inputs of the first unfinished block) -----------------
     first = next((b for b in range(n_blocks) if str(b) not in journal["blocks"]), n_blocks)
     inputs = reference = saved_reference = None
+    last = -1
     if calibrate and first < n_blocks:
         front = [n for n in rest_keys if source_key[n] is not None
                  and not _is_output_embedding(model, n)]
@@ -739,7 +745,12 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         _return_freed_memory()
         if first > 0:
             inputs.hidden, saved_reference = _load_inputs(out, journal, first, device)
-        if beside:  # the full-precision hidden states beside the compressed ones
+        # the full-precision hidden states beside the compressed ones, up to the last block
+        # that has a layer to solve
+        last = max((b for b, p in enumerate(plans)
+                    if any(s is not None and s.active and s.needs_hessian for _, s in p)),
+                   default=-1)
+        if beside and first <= last:
             reference = sweep.Reference(inputs.hidden)
             if first > 0:
                 if saved_reference is None:
@@ -747,7 +758,6 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
                                       "have no full-precision hidden states; delete the folder "
                                       "to start again")
                 reference.hidden = saved_reference
-    reference = reference if calibrate and beside and first < n_blocks else None
 
     # ---- the blocks ---------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -772,7 +782,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
                            block_size=config.block_size, percdamp=config.percdamp,
                            hessian_dtype=getattr(torch, config.hessian_dtype),
                            schedule=config.schedule, memory_mb=config.sweep_memory_mb,
-                           expert_hessian=config.expert_hessian, reference=reference,
+                           expert_hessian=config.expert_hessian,
+                           reference=reference if b <= last else None,
                            asymmetric=config.asymmetric,
                            reconstruct_steps=config.reconstruct_steps)
         # the block's stored tensors: compressed layers, its experts (as save_compressed stores
@@ -819,7 +830,8 @@ def compress_streaming(model_dir, out, tokenizer=None, *, config=None,
         info["sha256"] = file_sha256(out / shard)
         if inputs is not None and b + 1 < n_blocks:
             journal["inputs"] = _save_inputs(out, b + 1, inputs.hidden,
-                                             reference.hidden if reference is not None else None)
+                                             reference.hidden if reference is not None
+                                             and b + 1 <= last else None)
         elif b + 1 >= n_blocks:
             journal["inputs"] = None
         journal["blocks"][str(b)] = dict(

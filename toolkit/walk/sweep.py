@@ -1006,6 +1006,9 @@ def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, bl
                              "(the full-precision model routes tokens to other experts, so "
                              "their inputs do not pair token by token)")
         reference = Reference(inputs.hidden)
+    # the full-precision stream is needed up to the last block that has a layer to solve
+    last = max((b for b, p in enumerate(plan)
+                if any(s is not None and s.active and s.needs_hessian for _, s in p)), default=-1)
     rows: list[dict] = []
     bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block", disable=not verbose)
     for b in bar:
@@ -1013,6 +1016,8 @@ def run_sweep(model: nn.Module, ids: torch.Tensor, layer_settings, *, device, bl
                                 block_size=block_size, percdamp=percdamp,
                                 hessian_dtype=hessian_dtype, schedule=schedule,
                                 memory_mb=memory_mb, expert_hessian=expert_hessian,
-                                reference=reference, asymmetric=asymmetric,
-                                reconstruct_steps=reconstruct_steps))
+                                reference=reference if b <= last else None,
+                                asymmetric=asymmetric, reconstruct_steps=reconstruct_steps))
+        if b == last:
+            reference = None  # its hidden states are freed
     return rows
