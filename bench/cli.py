@@ -12,12 +12,14 @@ median of ``--repeats`` runs. The test checks that none of them imports torch or
 (with ``--eval none``: the compress time alone, from the report's ``seconds``), on an idle
 machine and beside one busy process per ``--busy`` core (a Python loop, as another job on a
 shared machine would be), each once with the default thread count (usable cores minus the load)
-and once with ``--threads`` set to every core (what torch does by default). Before the idle runs
+and once with ``--threads`` set to every core (what torch does by default); idle also with
+``--threads 1`` (what one free core does: the best a run beside one busy process on two cores
+can hope for). Before the idle runs
 the bench waits (up to ``--wait-idle`` seconds) until the one-minute load average is below 0.5,
 so that work which ran just before does not lower the default; the load is started 70 s before
 each loaded run so that the load average, which the default reads, has seen it. Writes one row
 per run: condition, threads given, threads used, compress seconds, the ratio to the faster idle
-run (the idle figure), the machine.
+run on every core (the idle figure), the machine.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def _wait_idle(limit: float) -> None:
 def first_command(out: Path, busy: int, settle: float, wait_idle: float) -> None:
     cores = len(os.sched_getaffinity(0))
     base = ["compress", "--sparsity", "0.5", "--bits", "4", "--eval", "none"]
-    runs = [("idle", None), ("idle", cores), ("loaded", None), ("loaded", cores)]
+    # idle with one thread: what one free core can do, the floor of a run beside one busy process
+    runs = [("idle", None), ("idle", cores), ("idle", 1), ("loaded", None), ("loaded", cores)]
     rows = []
     for condition, threads in runs:
         procs = []
@@ -108,7 +111,8 @@ def first_command(out: Path, busy: int, settle: float, wait_idle: float) -> None
                          threads_given=threads or "default", threads_used=int(used.group(1)),
                          compress_seconds=round(seconds, 1), machine=machine))
         print(rows[-1], flush=True)
-    idle = min(r["compress_seconds"] for r in rows if r["condition"] == "idle")
+    idle = min(r["compress_seconds"] for r in rows if r["condition"] == "idle"
+               and r["threads_used"] == cores)
     rows = [{**{k: v for k, v in r.items() if k != "machine"},
              "ratio_to_idle": round(r["compress_seconds"] / idle, 2), "machine": r["machine"]}
             for r in rows]

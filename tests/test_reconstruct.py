@@ -169,3 +169,17 @@ def test_streaming_refuses_moe_before_writing(tmp_path):
                                          "asymmetric=True, reconstruct_steps=32, refine_iters=20"):
         compress_streaming(src, tmp_path / "out", effort="max", **run)
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_flags_reach_the_config():
+    from toolkit.cli import build_parser
+    from toolkit.config.options import config_from_args
+
+    args = build_parser().parse_args(["compress", "--sparsity", "0.6", "--effort", "max"])
+    c = config_from_args(args)
+    assert (c.effort, c.asymmetric, c.reconstruct_steps, c.allocation) == (
+        "max", True, EFFORT_MAX["reconstruct_steps"], "owl")
+    args = build_parser().parse_args(["compress", "--bits", "3", "--asymmetric",
+                                      "--reconstruct-steps", "8"])
+    c = config_from_args(args)
+    assert (c.effort, c.asymmetric, c.reconstruct_steps) == ("default", True, 8)

@@ -811,7 +811,7 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
                 block_size: int = 128, percdamp: float = 0.01,
                 hessian_dtype: torch.dtype = torch.float32, schedule: str = "sequential",
                 memory_mb: int | None = None, expert_hessian: str = "routed",
-                reference: Reference | None = None, asymmetric: bool = True,
+                reference: Reference | None = None, asymmetric: bool = False,
                 reconstruct_steps: int = 0) -> list[dict]:
     """One step of the sweep: compress block ``b`` in place and advance ``inputs`` to the next
     block's inputs. Returns the block's report rows.
