@@ -30,8 +30,8 @@ WHOLE_MODEL = {"05_accuracy_vs_size.ipynb"}   # compresses the whole model sever
 CELL_TIMEOUT = int(os.environ.get("TOOLKIT_NOTEBOOK_CELL_TIMEOUT", "1800"))
 
 
-def test_five_numbered_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"], NOTEBOOKS
+def test_six_numbered_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"], NOTEBOOKS
 
 
 @pytest.mark.parametrize("path", [

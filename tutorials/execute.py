@@ -1,7 +1,7 @@
 """Re-execute the tutorial notebooks in place, so that they are committed with the outputs of one
 run, figures included.
 
-    python tutorials/execute.py          # all five, one after the other
+    python tutorials/execute.py          # all six, one after the other
     python tutorials/execute.py 02 04    # the notebooks whose names start with 02 and 04
 
 Each notebook is cleared and run top to bottom in a fresh kernel with the working directory set
