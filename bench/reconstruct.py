@@ -20,7 +20,7 @@ block output error before/after reconstruction. SmolLM2's weights come from a 4-
 GGUF file. Writes ``data/results/reconstruct_smollm2.csv`` once, at the end.
 
     python bench/reconstruct.py                      # --threads 2: the CPU figures in the docs
-    python bench/reconstruct.py --only 60%,2:4 --out /tmp/r.csv
+    python bench/reconstruct.py --only 60%,2:4 --out subset.csv
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def main(argv=None):
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", default=None,
-                   help="comma-separated subset of " + ",".join(s[0] for s in SETTINGS))
+                   help="comma-separated subset of "
+                   + ",".join(s[0] for s in SETTINGS).replace("%", "%%"))
     p.add_argument("--out", default=str(REPO / "data" / "results" / "reconstruct_smollm2.csv"))
     add_threads_flag(p, default=2)
     args = p.parse_args(argv)

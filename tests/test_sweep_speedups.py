@@ -205,9 +205,9 @@ def test_parallel_schedule_takes_every_hessian_from_the_unchanged_block(monkeypa
     seen = {}
     real = sweep._solve_group
 
-    def spy(group, settings, H, *args):
+    def spy(group, settings, H, *args, **kwargs):
         seen[group[0].name] = None if H is None else H.clone()
-        return real(group, settings, H, *args)
+        return real(group, settings, H, *args, **kwargs)
     monkeypatch.setattr(sweep, "_solve_group", spy)
     for schedule in ("parallel", "sequential"):
         seen.clear()
