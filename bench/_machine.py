@@ -78,3 +78,20 @@ def add_text_flags(parser) -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--eval-seqlen", type=int, default=512)
+
+
+def smollm2_wikitext(nsamples: int, seqlen: int):
+    """SmolLM2-135M in float32 and the bundled WikiText-2: ``(model, tokenizer, dense state,
+    calibration ids, test ids)``. Calibration: ``nsamples`` x ``seqlen`` tokens of
+    ``wiki.valid.tokens`` (seed 0); test: ``wiki.test.raw`` with ``\\r\\n`` normalised."""
+    import copy
+
+    from toolkit import load_model
+    from toolkit.measure.text import get_calibration, tokenize_text
+
+    model, tok = load_model("smollm2", dtype=torch.float32)
+    dense = copy.deepcopy(model.state_dict())
+    calib = get_calibration(str(WIKITEXT / "wiki.valid.tokens"), tok, nsamples=nsamples,
+                            seqlen=seqlen, seed=0)
+    text = (WIKITEXT / "wiki.test.raw").read_text(encoding="utf-8").replace("\r\n", "\n")
+    return model, tok, dense, calib, tokenize_text(tok, text)

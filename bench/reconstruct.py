@@ -26,20 +26,16 @@ GGUF file. Writes ``data/results/reconstruct_smollm2.csv`` once, at the end.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
-from _machine import add_threads_flag, apply_threads, describe
+from _machine import add_threads_flag, apply_threads, describe, smollm2_wikitext
 
-from toolkit import compress, load_model, perplexity
+from toolkit import compress, perplexity
 from toolkit.config.options import EFFORT_MAX
-from toolkit.measure.text import get_calibration, tokenize_text
 
 REPO = Path(__file__).resolve().parents[1]
-WIKI = REPO / "data" / "wikitext2"  # bundled (data/README.md)
 # (label, settings, anchor perplexity, what the anchor is): issue 35's table, measured on this
 # setting (calibration 32 x 512, evaluation 40 x 512) with the papers' code / llm-compressor
 SETTINGS = [
@@ -81,12 +77,7 @@ def main(argv=None):
 
     machine = describe(args.device)
     print(machine, flush=True)
-    model, tok = load_model("smollm2", dtype=torch.float32)
-    dense = copy.deepcopy(model.state_dict())
-    calib = get_calibration(str(WIKI / "wiki.valid.tokens"), tok, nsamples=args.nsamples,
-                            seqlen=args.seqlen, seed=0)
-    test_ids = tokenize_text(tok, (WIKI / "wiki.test.raw").read_text(encoding="utf-8")
-                             .replace("\r\n", "\n"))
+    model, tok, dense, calib, test_ids = smollm2_wikitext(args.nsamples, args.seqlen)
     ppl_kw = dict(seqlen=512, max_windows=args.eval_windows, verbose=False, device=args.device)
     model.to(args.device)
     only = set(args.only.split(",")) if args.only else None

@@ -22,20 +22,16 @@ re-solve keeps the better of the two per row). Writes ``data/results/refine_smol
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
-from _machine import add_threads_flag, apply_threads, describe
+from _machine import add_threads_flag, apply_threads, describe, smollm2_wikitext
 
 import toolkit.walk.sweep as sweep
-from toolkit import compress, load_model, perplexity
-from toolkit.measure.text import get_calibration, tokenize_text
+from toolkit import compress, perplexity
 
 REPO = Path(__file__).resolve().parents[1]
-WIKI = REPO / "data" / "wikitext2"  # bundled (data/README.md)
 # the targets (60%, 70%) first, so that a cut-short run still answers them
 SETTINGS = [("60%", dict(sparsity=0.6)), ("70%", dict(sparsity=0.7)),
             ("50%", dict(sparsity=0.5)), ("2:4", dict(pattern="2:4"))]
@@ -80,12 +76,7 @@ def main(argv=None):
 
     machine = describe(args.device)
     print(machine, flush=True)
-    model, tok = load_model("smollm2", dtype=torch.float32)
-    dense = copy.deepcopy(model.state_dict())
-    calib = get_calibration(str(WIKI / "wiki.valid.tokens"), tok, nsamples=args.nsamples,
-                            seqlen=args.seqlen, seed=0)
-    test_text = (WIKI / "wiki.test.raw").read_text(encoding="utf-8").replace("\r\n", "\n")
-    test_ids = tokenize_text(tok, test_text)
+    model, tok, dense, calib, test_ids = smollm2_wikitext(args.nsamples, args.seqlen)
     ppl_kw = dict(seqlen=args.eval_seqlen, max_windows=args.eval_windows or None, verbose=False,
                   device=args.device)
     model.to(args.device)

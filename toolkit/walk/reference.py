@@ -35,7 +35,7 @@ class Reference:
         self.hidden = [h.clone() for h in hidden]
 
     def open(self, block: nn.Module, inputs, batches: list[tuple[int, int]],
-             watch: list[nn.Module], memory: int, tokens: int) -> BlockReference:
+             watch: list, memory: int, tokens: int) -> BlockReference:
         """A :class:`BlockReference` for ``block`` (call before any of its layers changes)."""
         return BlockReference(self, block, inputs, batches, watch, memory, tokens)
 
@@ -47,7 +47,9 @@ class BlockReference:
 
     ``inputs``: the :class:`~toolkit.walk.sweep.BlockInputs` whose shared arguments (masks, rotary
     embeddings) both streams use; ``batches``: ``[(start, stop), ...]`` windows per batch, those of
-    the compressed stream's walk; ``tokens``: tokens per window (sizes the stored inputs).
+    the compressed stream's walk; ``watch``: the first layer of each group
+    (:class:`toolkit.model.layers.LinearRef`); ``tokens``: tokens per window (sizes the stored
+    inputs).
     """
 
     def __init__(self, ref: Reference, block: nn.Module, inputs, batches, watch, memory: int,
@@ -58,9 +60,9 @@ class BlockReference:
             p.requires_grad_(False)
         names = {id(m): n for n, m in block.named_modules()}
         mine = dict(self.block.named_modules())
-        self.watch = {id(m): mine[names[id(m)]] for m in watch}
+        self.watch = {id(r.module): mine[names[id(r.module)]] for r in watch}
         item = ref.hidden[0].element_size()
-        per_window = sum(getattr(m, "in_features", 0) or _width(m) for m in watch) * tokens * item
+        per_window = sum(r.in_features for r in watch) * tokens * item
         self.stored = per_window * len(ref.hidden) <= memory // 2
         self._inputs: dict[tuple[int, int], torch.Tensor] = {}
         self._outputs: list[torch.Tensor] | None = None
@@ -124,10 +126,3 @@ class BlockReference:
         self._outputs = None
         self.block = None
 
-
-def _width(m: nn.Module) -> int:
-    w = getattr(m, "weight", None)
-    if w is None or w.ndim != 2:
-        return 0
-    # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out) and has nf
-    return w.shape[0] if hasattr(m, "nf") else w.shape[1]

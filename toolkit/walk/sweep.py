@@ -647,26 +647,19 @@ def _solve_group(group: list[LinearRef], settings: list[LayerSettings], H: torch
         weights = [r.get_weight().to(device=device) for r in refs]
         use_solver = (s.quantizes and s.quant == "gptq") or (
             s.prunes and s.method == "sparsegpt")
+        dense = weights  # magnitude and Wanda masks are chosen on the weights themselves
         if use_solver and cross is not None:  # aim at the full-precision output
             factors[s.act_order] = f = factorize(H, percdamp, s.act_order, name=refs[0].name)
-            dense = weights  # magnitude and Wanda masks are chosen on the weights themselves
             weights = [asymmetric_target(w, cross.to(w.device), f.U.to(w.device),
                                          None if f.perm is None else f.perm.to(w.device))
                        for w in weights]
         originals = [w.float().clone() for w in weights]
         masks = None
         if s.prunes and s.method != "sparsegpt":
-            if use_solver and cross is not None:
-                if s.method == "magnitude":
-                    masks = [magnitude_mask(w, s.sparsity, s.pattern) for w in dense]
-                else:
-                    masks = [wanda_mask(w, H, s.sparsity, s.pattern) for w in dense]
-                weights = [apply_mask(w, m) for w, m in zip(weights, masks)]
-        if s.prunes and s.method != "sparsegpt" and masks is None:
             if s.method == "magnitude":
-                masks = [magnitude_mask(w, s.sparsity, s.pattern) for w in weights]
+                masks = [magnitude_mask(w, s.sparsity, s.pattern) for w in dense]
             else:
-                masks = [wanda_mask(w, H, s.sparsity, s.pattern) for w in weights]
+                masks = [wanda_mask(w, H, s.sparsity, s.pattern) for w in dense]
             weights = [apply_mask(w, m) for w, m in zip(weights, masks)]
         results = None
         # the solver's error is the layer's when it starts from the original weights and its
@@ -876,7 +869,7 @@ def sweep_block(block: nn.Module, b: int, plan: list, inputs: BlockInputs | None
     h_in = list(inputs.hidden) if recon else None  # the block's inputs, kept for the fit
     if reference is not None and calibrate:  # the full-precision block, before anything changes
         bref = reference.open(block, inputs, walk.batches,
-                              [groups[g][0].module for g in range(len(groups)) if needs[g]],
+                              [groups[g][0] for g in range(len(groups)) if needs[g]],
                               memory, tokens=inputs.hidden[0].shape[1])
 
     def pairs(g):
