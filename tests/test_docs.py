@@ -76,3 +76,19 @@ def test_results_index_lists_every_file():
     except (OSError, subprocess.CalledProcessError):  # not a git checkout: the files suffice
         pass
     assert set(rows) == files, (sorted(files - set(rows)), sorted(set(rows) - files))
+
+
+def test_results_index_names_the_commit_that_last_wrote_each_file():
+    """The commit column is `git log -1 -- FILE` (a clone without history cannot check it)."""
+    res = REPO / "data" / "results"
+    text = (res / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([^`]+)` \|.*\| `([0-9a-f]{7,40})` \|", text, flags=re.M)
+    assert len(rows) >= 40
+    wrong = []
+    for name, commit in rows:
+        last = subprocess.run(["git", "log", "-1", "--format=%H", "--", name], cwd=res,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert last, f"{name}: no commit wrote it (shallow clone?)"
+        if not last.startswith(commit):
+            wrong.append((name, commit, last[:7]))
+    assert not wrong, f"index commit differs from git log -1 (file, index, git): {wrong}"
