@@ -34,6 +34,7 @@ from _machine import add_threads_flag, apply_threads, describe, smollm2_wikitext
 
 from toolkit import compress, perplexity
 from toolkit.config.options import EFFORT_MAX
+from toolkit.walk import reconstruct
 
 REPO = Path(__file__).resolve().parents[1]
 # (label, settings, anchor perplexity, what the anchor is): issue 35's table, measured on this
@@ -70,10 +71,22 @@ def main(argv=None):
     p.add_argument("--only", default=None,
                    help="comma-separated subset of "
                    + ",".join(s[0] for s in SETTINGS).replace("%", "%%"))
+    p.add_argument("--stages", default=None,
+                   help="comma-separated subset of plain,+resolve,+asymmetric,effort max "
+                   "(the plain row is always run: the ratios need it)")
+    p.add_argument("--autocast", choices=["auto", "off"], default="auto",
+                   help="toolkit.walk.reconstruct.RECONSTRUCT_AUTOCAST: the reconstruction steps "
+                   "in bfloat16 where the device has bfloat16 units (auto), or in float32 (off)")
+    p.add_argument("--quantized", choices=["scale", "round"], default="scale",
+                   help="toolkit.walk.reconstruct.RECONSTRUCT_QUANTIZED: how quantized layers "
+                   "train (scales refit with codes kept, or rounding learned)")
     p.add_argument("--out", default=str(REPO / "data" / "results" / "reconstruct_smollm2.csv"))
     add_threads_flag(p, default=2)
     args = p.parse_args(argv)
     threads = apply_threads(args)
+    reconstruct.RECONSTRUCT_AUTOCAST = args.autocast
+    reconstruct.RECONSTRUCT_QUANTIZED = args.quantized
+    stages = {"plain"} | set(args.stages.split(",")) if args.stages else None
 
     machine = describe(args.device)
     print(machine, flush=True)
@@ -87,6 +100,8 @@ def main(argv=None):
             continue
         plain = None
         for stage, extra in _stages(kw):
+            if stages and stage not in stages:
+                continue
             model.load_state_dict(dense)
             report = compress(model, tok, calibration=calib, nsamples=args.nsamples,
                               seqlen=args.seqlen, device=args.device, verbose=False,
@@ -121,6 +136,8 @@ def main(argv=None):
     df = pd.DataFrame(rows)
     df["machine"] = machine
     df["threads"] = threads
+    df["steps_bf16"] = bool(args.autocast == "auto" and reconstruct.fast_bfloat16(args.device))
+    df["quantized"] = args.quantized
     df["setup"] = (f"calibration {args.nsamples} x {args.seqlen} tokens of wiki.valid.tokens "
                    f"(seed 0); evaluation {args.eval_windows} x 512 tokens of wiki.test.raw; "
                    f"SmolLM2-135M from a Q4_1 GGUF, float32")

@@ -183,3 +183,96 @@ def test_command_line_flags_reach_the_config():
                                       "--reconstruct-steps", "8"])
     c = config_from_args(args)
     assert (c.effort, c.asymmetric, c.reconstruct_steps) == ("default", True, 8)
+
+
+def test_learned_rounding_keeps_the_fixed_grid_and_the_masks(monkeypatch):
+    """RECONSTRUCT_QUANTIZED="round" (the alternative bench/reconstruct.py measures): codes move
+    to other levels of the solver's grid, whose scales stay; pruned weights stay 0."""
+    before = _record_before(monkeypatch)
+    monkeypatch.setattr(reconstruct, "RECONSTRUCT_QUANTIZED", "round")
+    fit, rf = _run(sparsity=0.5, bits=4, group_size=32, asymmetric=True, reconstruct_steps=24)
+    moved = 0
+    for name, m in _layers(fit).items():
+        w, (w0, scale0) = m.weight.data, before[name]
+        comp = m.compression
+        assert torch.equal(comp.scale, scale0), name  # the grid is the solver's
+        g = torch.arange(w.shape[1]) // 32
+        scale, zero = comp.scale.double()[:, g], comp.zero.double()[:, g]
+        codes = torch.round(w / scale + zero)
+        assert codes.min() >= 0 and codes.max() <= 15, name
+        torch.testing.assert_close(w, scale * (codes - zero), rtol=0, atol=1e-9)
+        assert bool((w[w0 == 0] == 0).all()), name  # pruned (and zero-code) weights stay 0
+        moved += int((codes != torch.round(w0 / scale + zero)).sum())
+    assert moved > 0
+    n = rf.layers["shape"].map(lambda s: s[0] * s[1])
+    assert abs(float((rf.layers["sparsity"] * n).sum()) - round(0.5 * int(n.sum()))) < 1e-6
+    blocks = rf.layers.groupby("block")[["block_error_before", "block_error_after"]].first()
+    assert (blocks["block_error_after"] <= blocks["block_error_before"]).all()
+    assert blocks["block_error_after"].sum() < blocks["block_error_before"].sum()
+    monkeypatch.setattr(reconstruct, "RECONSTRUCT_QUANTIZED", "codes")
+    with pytest.raises(ValueError, match="RECONSTRUCT_QUANTIZED must be 'scale' or 'round'"):
+        _run(sparsity=0.5, bits=4, asymmetric=True, reconstruct_steps=2)
+
+
+def test_bfloat16_steps_keep_every_promise(monkeypatch):
+    """Where the device has bfloat16 units the steps of a float32 block run under bfloat16
+    autocast (forced here on any CPU); masks, grids and never-worse hold, measured in float32."""
+    used = []
+    real = torch.autocast
+
+    def spy(device_type, *a, enabled=True, **k):
+        used.append(enabled)
+        return real(device_type, *a, enabled=enabled, **k)
+    monkeypatch.setattr(torch, "autocast", spy)
+    monkeypatch.setattr(reconstruct, "fast_bfloat16", lambda device: True)
+    before = _record_before(monkeypatch)
+    model = tiny_model("llama", hidden=64, layers=3)  # float32
+    rf = compress(model, calibration=random_ids(16, 64), nsamples=16, seqlen=64, verbose=False,
+                  sparsity=0.5, bits=4, group_size=32, asymmetric=True, reconstruct_steps=16)
+    assert used and all(used)
+    for name, m in _layers(model).items():
+        w, (w0, scale0) = m.weight.data, before[name]
+        assert torch.equal(w == 0, w0 == 0), name
+        g = torch.arange(w.shape[1]) // 32
+        scale, zero = m.compression.scale[:, g], m.compression.zero[:, g]
+        codes = torch.round(w / scale + zero)
+        assert torch.equal(codes, torch.round(w0 / scale0[:, g] + zero)), name
+    blocks = rf.layers.groupby("block")[["block_error_before", "block_error_after"]].first()
+    assert (blocks["block_error_after"] <= blocks["block_error_before"]).all()
+    assert blocks["block_error_after"].sum() < blocks["block_error_before"].sum()
+    used.clear()
+    monkeypatch.setattr(reconstruct, "RECONSTRUCT_AUTOCAST", "off")
+    compress(tiny_model("llama", hidden=64, layers=3), calibration=random_ids(16, 64),
+             nsamples=16, seqlen=64, verbose=False, sparsity=0.5, reconstruct_steps=2,
+             asymmetric=True)
+    assert used and not any(used)
+    used.clear()
+    monkeypatch.setattr(reconstruct, "RECONSTRUCT_AUTOCAST", "auto")
+    compress(_model(), calibration=random_ids(16, 64), **RUN, sparsity=0.5, reconstruct_steps=2)
+    assert used and not any(used)  # float64 blocks: never
+
+
+def test_fast_bfloat16_answers_for_any_device():
+    assert reconstruct.fast_bfloat16("meta") is False
+    assert isinstance(reconstruct.fast_bfloat16("cpu"), bool)
+
+
+@pytest.mark.parametrize("kw", [dict(bits=4, group_size=32), dict(bits=3),
+                                 dict(bits=4, group_size=32, act_order=True)])
+def test_refit_scales_by_broadcast_equal_the_gathered_ones(kw):
+    """Runs of equal groups multiply by broadcast (no gather); the same weights as the general
+    column -> group map, and the act-order layers (g_idx) keep the map."""
+    from toolkit.model.experts import find_layers
+
+    model, _ = _run(**kw)
+    block = model.model.layers[1]
+    trained = reconstruct._trainable(block, find_layers(block, prefix="model.layers.1"),
+                                     torch.float64)
+    assert trained
+    for t in trained:
+        assert t.width == (0 if kw.get("act_order") else kw.get("group_size", t.w0.shape[1]))
+        with torch.no_grad():
+            t.param.normal_(0, 0.1)
+        general = t.base * torch.exp(t.param[:, t.group])
+        torch.testing.assert_close(t.weight(), general, rtol=1e-14, atol=0)
+        torch.testing.assert_close(t.base, t.w0, rtol=1e-6, atol=1e-9)

@@ -37,13 +37,40 @@ from torch.func import functional_call
 
 from toolkit.walk import distributed as dist
 
-__all__ = ["reconstruct_block", "check_reconstruct_steps", "RECONSTRUCT_LR"]
+__all__ = ["reconstruct_block", "check_reconstruct_steps", "RECONSTRUCT_LR", "RECONSTRUCT_AUTOCAST",
+           "fast_bfloat16"]
 
 log = logging.getLogger("toolkit")
 
 #: Adam's step size: for the kept weights of pruned layers, relative to each layer's RMS weight;
-#: for the log-scales of quantized layers, absolute (measured on SmolLM2, bench/reconstruct.py)
-RECONSTRUCT_LR = {"weight": 1e-2, "scale": 1e-2}
+#: for the log-scales of quantized layers, absolute; for learned rounding
+#: (:data:`RECONSTRUCT_QUANTIZED` ``"round"``), relative to the layer's mean grid step
+#: (measured on SmolLM2, bench/reconstruct.py)
+RECONSTRUCT_LR = {"weight": 1e-2, "scale": 1e-2, "round": 5e-2}
+
+#: ``"auto"``: the optimiser steps of a float32 block run under bfloat16 autocast where the device
+#: multiplies bfloat16 fast (:func:`fast_bfloat16`); ``"off"``: always in the block's dtype. The
+#: errors before and after, and the decision to keep or put back, are always computed in the
+#: block's dtype; only the gradients' arithmetic changes.
+RECONSTRUCT_AUTOCAST = "auto"
+
+#: How a quantized layer trains: ``"scale"`` keeps its codes and refits each grid's scale (the
+#: default, measured against the other by ``bench/reconstruct.py --quantized round``); ``"round"``
+#: learns the rounding: a latent weight per entry, re-projected on the solver's fixed grid at every
+#: step (straight-through gradient), so codes may move to neighbouring levels and scales stay.
+RECONSTRUCT_QUANTIZED = "scale"
+
+
+def fast_bfloat16(device) -> bool:
+    """Whether ``device`` has bfloat16 matrix units: a CUDA GPU that supports bfloat16, or a CPU
+    with AMX tiles or AVX512-BF16 (elsewhere bfloat16 is emulated and slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(bool(getattr(torch.cpu, probe, lambda: False)())
+                   for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return False
 
 
 def check_reconstruct_steps(v, name="reconstruct_steps"):
@@ -57,7 +84,8 @@ def check_reconstruct_steps(v, name="reconstruct_steps"):
 class _Trained:
     ref: object  # LinearRef
     key: str  # the weight's name inside the block, for functional_call
-    kind: str  # "weight" (kept weights move) or "scale" (codes fixed, scales refit)
+    kind: str  # "weight" (kept weights move), "scale" (codes fixed, scales refit) or "round"
+    # (rounding learned: latent weights re-projected on the fixed grid at every step)
     param: torch.Tensor
     w0: torch.Tensor  # (out, in) float, the solver's weight
     mask: torch.Tensor | None = None
@@ -65,12 +93,24 @@ class _Trained:
     scale: torch.Tensor | None = None  # (out, in) the solver's scale of each weight's group
     zero: torch.Tensor | None = None  # (out, in)
     group: torch.Tensor | None = None  # column -> group
+    maxq: int = 0
+    base: torch.Tensor | None = None  # (out, in) scale * (codes - zero), the solver's weight
+    width: int = 0  # columns per group when groups are runs of equal width (0: use ``group``)
 
     def weight(self) -> torch.Tensor:
         """The (out, in) weight as a function of the trained parameter."""
         if self.kind == "weight":
             return torch.where(self.mask, self.param, torch.zeros((), dtype=self.param.dtype))
-        return self.scale * torch.exp(self.param[:, self.group]) * (self.codes - self.zero)
+        if self.kind == "round":  # nearest code of the latent weight; straight-through gradient
+            x = self.param / self.scale + self.zero
+            q = x + (torch.clamp(torch.round(x), 0, self.maxq) - x).detach()
+            w = self.scale * (q - self.zero)
+            return w if self.mask is None else torch.where(self.mask, w, torch.zeros((), dtype=w.dtype))
+        if self.width:  # one factor per run of columns: a broadcast, no gather
+            o, i = self.base.shape
+            return (self.base.view(o, i // self.width, self.width)
+                    * torch.exp(self.param).unsqueeze(-1)).view(o, i)
+        return self.base * torch.exp(self.param[:, self.group])
 
     def tensor(self) -> torch.Tensor:
         """What functional_call puts in place of the module's weight (Conv1D: transposed)."""
@@ -112,9 +152,19 @@ def _trainable(block: nn.Module, refs: list, dtype: torch.dtype) -> list[_Traine
             log.warning("%s: its weights are not on its stored grid; left out of the block "
                         "reconstruction", ref.name)
             continue
+        if RECONSTRUCT_QUANTIZED == "round":
+            out.append(_Trained(ref, key, "round", w0.clone().requires_grad_(True), w0,
+                                mask=(codes != zero) if s.prunes else None, scale=scale,
+                                zero=zero, maxq=2 ** s.bits - 1))
+            continue
         a = torch.zeros(comp.scale.shape, dtype=dtype, device=w0.device, requires_grad=True)
+        width = 0
+        if comp.g_idx is None and cols % a.shape[1] == 0:
+            width = cols // a.shape[1]
+            if not torch.equal(group, torch.arange(cols, device=group.device) // width):
+                width = 0
         out.append(_Trained(ref, key, "scale", a, w0, codes=codes, scale=scale, zero=zero,
-                            group=group))
+                            group=group, base=scale * (codes - zero), width=width))
     return out
 
 
@@ -178,6 +228,9 @@ def reconstruct_block(block: nn.Module, refs: list, h_in: list[torch.Tensor],
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
+    if RECONSTRUCT_QUANTIZED not in ("scale", "round"):
+        raise ValueError(f"RECONSTRUCT_QUANTIZED must be 'scale' or 'round', got "
+                         f"{RECONSTRUCT_QUANTIZED!r}")
     trained = _trainable(block, refs, dtype)
 
     def full_pass(known=None):
@@ -208,9 +261,22 @@ def reconstruct_block(block: nn.Module, refs: list, h_in: list[torch.Tensor],
             if t.kind == "weight":
                 rms = float(t.w0[t.mask].pow(2).mean().sqrt()) if bool(t.mask.any()) else 0.0
                 groups.append({"params": [t.param], "lr": lr["weight"] * max(rms, 1e-12)})
+            elif t.kind == "round":  # relative to the mean grid step
+                step = float(t.scale.abs().mean())
+                groups.append({"params": [t.param], "lr": lr["round"] * max(step, 1e-12)})
             else:
                 groups.append({"params": [t.param], "lr": lr["scale"]})
-        opt = torch.optim.Adam(groups)
+        try:  # one kernel per tensor (every group holds one large matrix): 8x the default
+            opt = torch.optim.Adam(groups, fused=True)
+        except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+            opt = torch.optim.Adam(groups)
+        dev = trained[0].param.device
+        if RECONSTRUCT_AUTOCAST not in ("auto", "off"):
+            raise ValueError(f"RECONSTRUCT_AUTOCAST must be 'auto' or 'off', got "
+                             f"{RECONSTRUCT_AUTOCAST!r}")
+        bf16 = (RECONSTRUCT_AUTOCAST == "auto" and dtype == torch.float32
+                and all(p.dtype == torch.float32 for p in block.parameters())
+                and fast_bfloat16(dev))
         n = len(h_in)
         k = max(1, min(batch_windows, n))
         if k not in (1, n) and k not in inputs.batched:
@@ -221,7 +287,9 @@ def reconstruct_block(block: nn.Module, refs: list, h_in: list[torch.Tensor],
             idx = [(i0 + j) % n for j in range(k)]
             x = torch.cat([h_in[i] for i in idx]) if k > 1 else h_in[idx[0]]
             y = torch.cat([targets[i] for i in idx]) if k > 1 else targets[idx[0]]
-            with torch.enable_grad():  # callers may run under no_grad (compress_streaming)
+            # callers may run under no_grad (compress_streaming)
+            with torch.enable_grad(), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                     enabled=bf16):
                 params = {t.key: t.tensor() for t in trained}
                 e, _ = _error(block, inputs, x, y, params)
                 loss = e / (energy * k)
