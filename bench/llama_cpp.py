@@ -69,7 +69,12 @@ def build(jobs: int) -> Path:
         shutil.rmtree(BUILD, ignore_errors=True)
         subprocess.run(["cmake", "-S", str(src), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release",
                         "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                        "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON"], check=True)
+                        "-DLLAMA_BUILD_SERVER=OFF",
+                        # a portable x86 build: the native one (AMX, AVX-512) died with SIGILL in
+                        # llama-imatrix on machine B
+                        "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+                        "-DGGML_F16C=ON", "-DGGML_AVX512=OFF", "-DGGML_AMX_TILE=OFF",
+                        "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"], check=True)
         subprocess.run(["cmake", "--build", str(BUILD), "-j", str(jobs), "--target", *TOOLS],
                        check=True)
     return BUILD / "bin"
@@ -147,6 +152,16 @@ def main(argv=None) -> int:
                   evaluation=f"{args.eval_windows}x{args.eval_seqlen}",
                   llama_cpp=f"vendored by llama-cpp-python {LLAMA_CPP_PYTHON}")
     rows = []
+
+    def write():  # after every row: a run cut short leaves the rows it finished
+        df = pd.DataFrame(rows)
+        for col, ratio in (("llama_cpp_perplexity", "llama_cpp_vs_rtn"),
+                           ("toolkit_perplexity", "toolkit_vs_rtn")):
+            rtn = df[df.method == "llama.cpp rtn"].set_index("target")[col]
+            df[ratio] = (df[col] / df.target.map(rtn)).round(4)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(args.out, index=False)
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         calib_txt, test_txt = tmp / "calibration.txt", tmp / "test.txt"
@@ -173,6 +188,7 @@ def main(argv=None) -> int:
                              toolkit_perplexity=ppl, file_bytes=path.stat().st_size,
                              layer_bits=bits, layer_types=types, seconds=round(seconds, 1),
                              completion=completion, **common))
+            write()
             print(f"{target:7} {method:18} llama.cpp ppl {llama_ppl:9.3f}  toolkit ppl "
                   f"{ppl:9.3f}  {path.stat().st_size / 1e6:6.2f} MB  {types}", flush=True)
 
@@ -197,18 +213,19 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t0
             completion = None
             if target == "Q4_K_M":
-                gen = run([tool("llama-completion"), "-m", str(out), "-p", PROMPT, "-n", "24",
-                           "--temp", "0", "-t", str(threads), "-no-cnv", "--no-warmup"])
-                completion = gen.split(PROMPT, 1)[-1].split("\n\n")[0].strip()[:200]
+                try:
+                    gen = subprocess.run(
+                        [tool("llama-completion"), "-m", str(out), "-p", PROMPT, "-n", "24",
+                         "--temp", "0", "-t", str(threads), "-no-cnv", "--no-warmup"],
+                        capture_output=True, text=True, timeout=600)
+                    completion = (gen.stdout.split(PROMPT, 1)[-1].strip()[:200]
+                                  if gen.returncode == 0 else
+                                  f"llama-completion failed ({gen.returncode}): "
+                                  f"{gen.stderr.strip()[-200:]}")
+                except subprocess.TimeoutExpired:
+                    completion = "llama-completion timed out"
             score(target, "toolkit gptq", out, seconds, model=model, completion=completion)
             out.unlink()
-    df = pd.DataFrame(rows)
-    for col, ratio in (("llama_cpp_perplexity", "llama_cpp_vs_rtn"),
-                       ("toolkit_perplexity", "toolkit_vs_rtn")):
-        rtn = df[df.method == "llama.cpp rtn"].set_index("target")[col]
-        df[ratio] = (df[col] / df.target.map(rtn)).round(4)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out, index=False)
     print(f"wrote {args.out}")
     return 0
 
