@@ -30,8 +30,8 @@ SmolLM2's hidden size is 576, not a multiple of 256: under a K-quant target ever
 embedding matrix is Q8_0 under the preset (as in its own file, where it is already on that grid
 and stays unchanged) or the plain type's fallback. Its weights were stored as Q4_1 blocks of 32
 in the GGUF file it is loaded from, so the Q4_1 target is nearly lossless for any method: it is
-reported, and not a test of the solver. llama.cpp itself is not run here (no llama-cpp-python
-build in this environment). Writes ``data/results/gguf_smollm2.csv`` (rewritten whole after
+reported, and not a test of the solver. llama.cpp itself reads such files in
+``bench/llama_cpp.py``. Writes ``data/results/gguf_smollm2.csv`` (rewritten whole after
 each row, so that a run cut short leaves the rows it finished; a complete file has 19 rows).
 """
 
