@@ -89,7 +89,6 @@ class _Trained:
     param: torch.Tensor
     w0: torch.Tensor  # (out, in) float, the solver's weight
     mask: torch.Tensor | None = None
-    codes: torch.Tensor | None = None  # (out, in) float holding integers
     scale: torch.Tensor | None = None  # (out, in) the solver's scale of each weight's group
     zero: torch.Tensor | None = None  # (out, in)
     group: torch.Tensor | None = None  # column -> group
@@ -163,7 +162,7 @@ def _trainable(block: nn.Module, refs: list, dtype: torch.dtype) -> list[_Traine
             width = cols // a.shape[1]
             if not torch.equal(group, torch.arange(cols, device=group.device) // width):
                 width = 0
-        out.append(_Trained(ref, key, "scale", a, w0, codes=codes, scale=scale, zero=zero,
+        out.append(_Trained(ref, key, "scale", a, w0, scale=scale, zero=zero,
                             group=group, base=scale * (codes - zero), width=width))
     return out
 
