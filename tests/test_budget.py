@@ -581,6 +581,128 @@ def test_target_refused_on_mixture_of_experts_before_any_change():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_plan_preview_is_the_model_with_the_profiled_errors_in_place(monkeypatch):
+    """The preview adds to each layer's output its stand-in error scaled to the profiled one:
+    the same logits as a copy whose weights are ``W + c dW`` (``dW`` the stand-in's error,
+    ``c`` making ``||c dW X||^2 / ||W X||^2`` on the guard windows the profile's relative
+    error), the dense logits in the measuring pass, and the model left as it was."""
+    import toolkit.walk.budget as wb
+    from toolkit.measure.perplexity import perplexity
+
+    seen = []
+
+    def logits_ppl(model, tok, ids, seqlen, verbose=False, **kw):  # keeps what the model said
+        with torch.no_grad():
+            seen.append(model(ids, use_cache=False).logits.double())
+        return perplexity(model, tok, ids, seqlen=seqlen, verbose=False)
+
+    monkeypatch.setattr(wb, "perplexity", logits_ppl)
+    from toolkit.model.layers import find_blocks, find_linears
+
+    model = tiny_model("llama")
+    ids = random_ids(N, L)
+    cfg = CompressConfig(target_bits=3.0)
+    prof = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    plan = plan_budget(prof, target_bits=3.0)
+    name, blocks = find_blocks(model)
+    refs = {r.name: r for b, blk in enumerate(blocks) for r in find_linears(blk, f"{name}.{b}")}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    guard = ids[-wb.GUARD_WINDOWS:]
+    preview = wb.PlanPreview(model, guard, prof, refs)
+    got = preview.perplexity(plan.choice)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not r.module._forward_hooks for r in refs.values())
+    assert preview.dense == pytest.approx(perplexity(model, None, guard, seqlen=L,
+                                                     verbose=False), rel=1e-6)
+    # the inputs each layer sees in the dense model, to compute the scales independently
+    xs = {n: [] for n in refs}
+    hooks = [r.module.register_forward_hook(lambda m, a, o, n=n: xs[n].append(a[0].detach()))
+             for n, r in refs.items()]
+    perplexity(model, None, guard, seqlen=L, verbose=False)
+    for h in hooks:
+        h.remove()
+    ref_model = copy.deepcopy(model)
+    _n, ref_blocks = find_blocks(ref_model)
+    ref_refs = {r.name: r for b, blk in enumerate(ref_blocks)
+                for r in find_linears(blk, f"{_n}.{b}")}
+    index = {c.name: i for i, c in enumerate(prof.layers)}
+    active = 0
+    for n, k in plan.choice.items():
+        i = index[n]
+        s = prof.layers[i].settings[k]
+        if not s.active:
+            continue
+        active += 1
+        w = refs[n].get_weight().float()
+        d = wb._stand_in_delta(w, s)
+        x = torch.cat(xs[n]).reshape(-1, w.shape[1]).float()
+        rel = float((x @ d.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+        assert preview.rel[(n, k)] == pytest.approx(rel, rel=1e-4)
+        c = math.sqrt(prof.errors[i][k] / prof.energy[i] / rel)
+        ref_refs[n].set_weight(w + c * d)
+    assert active >= len(plan.choice) // 2
+    want = perplexity(ref_model, None, guard, seqlen=L, verbose=False)
+    assert got == pytest.approx(want, rel=1e-6)
+    dense, previewed = seen
+    with torch.no_grad():
+        expect = ref_model(guard, use_cache=False).logits.double()
+        plain = model(guard, use_cache=False).logits.double()
+    assert torch.allclose(dense, plain, rtol=0, atol=1e-9)
+    moved = float((previewed - dense).abs().max())
+    assert float((previewed - expect).abs().max()) <= 1e-4 * moved  # exact but float order
+
+
+def _bits_preview(threshold, good=1.5, bad=10.0):
+    """A stand-in for PlanPreview.perplexity: ``good`` x dense when the plan takes at least
+    ``threshold`` bits per weight (standard layout), else ``bad`` x."""
+    def fake(self, choice):
+        self.dense = 10.0
+        layers = self.profile.layers
+        bits = 8 * sum(c.option_bytes(choice[c.name], "standard") for c in layers) / \
+            sum(c.params for c in layers)
+        return 10.0 * (good if bits >= threshold else bad)
+    return fake
+
+
+def test_budget_guard_refuses_a_plan_predicted_to_break_the_model(monkeypatch):
+    """A plan whose preview exceeds ``budget_guard`` stops before any weight changes, naming
+    the smallest target whose plan's preview stays within the guard (found by bisection);
+    when no size of the menu is predicted sane, the message says so."""
+    import toolkit.walk.budget as wb
+
+    monkeypatch.setattr(wb.PlanPreview, "perplexity", _bits_preview(3.1))
+    monkeypatch.setattr(wb, "perplexity", lambda *a, **k: 12.0)  # the measured guard passes
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(wb.BudgetCollapseError) as e:
+        _run(model, target_bits=2.6)
+    msg = str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "target_bits=2.6: the plan is predicted to break the model" in msg
+    assert "(10x, more than budget_guard=3x" in msg and "No weight was changed" in msg
+    assert "budget_guard=None" in msg and "(predicted 1.5x)" in msg
+    hint = float(msg.split("target_bits >= ")[1].split(" ")[0])
+    assert hint >= 3.1
+    report = _run(copy.deepcopy(model), target_bits=hint)  # the hint itself passes the check
+    assert report.budget.summary["guard perplexity predicted"] == 15.0
+    # the bisection got close: 8 halvings of 2.6 .. 16 bits, plus the knapsack's granularity
+    prof = report.budget.profile
+    layers = prof.layers
+    params = sum(c.params for c in layers)
+    below = plan_budget(prof, target_bits=hint - 0.07)
+    assert 8 * sum(c.option_bytes(below.choice[c.name], "standard") for c in layers) / \
+        params < 3.1
+    with pytest.raises(wb.BudgetCollapseError, match=r"target_size >= \d+\.\dMB"):
+        _run(copy.deepcopy(model), target_size=int(prof.dense_rest + 2.6 * params / 8))
+    monkeypatch.setattr(wb.PlanPreview, "perplexity", _bits_preview(99.0))
+    with pytest.raises(wb.BudgetCollapseError, match="even the largest size this menu reaches "
+                       "is predicted at 10x: add larger options to budget_menu"):
+        _run(copy.deepcopy(model), target_bits=4.0)
+    # forced; the profile measured with the guard on serves a call with it off
+    report = _run(copy.deepcopy(model), target_bits=2.6, budget_guard=None, profile=prof)
+    assert report.budget.summary["guard perplexity predicted"] is None
+
+
 def test_budget_guard_stops_a_plan_that_breaks_the_model(monkeypatch):
     """A plan whose compressed model's perplexity on the last calibration windows exceeds
     ``budget_guard`` times the dense model's stops with an error naming the ratio, the 2-bit
@@ -592,8 +714,8 @@ def test_budget_guard_stops_a_plan_that_breaks_the_model(monkeypatch):
     seen = []
 
     def fake_ppl(model, tok, ids, seqlen, verbose=False, **kw):
-        seen.append(ids.clone())
-        return 10.0 if len(seen) == 1 else 100.0
+        seen.append(ids.clone())  # the preview's two passes (dense, predicted), then after
+        return 10.0 if len(seen) <= 2 else 100.0
 
     monkeypatch.setattr(wb, "perplexity", fake_ppl)
     model = tiny_model("llama")
@@ -604,7 +726,7 @@ def test_budget_guard_stops_a_plan_that_breaks_the_model(monkeypatch):
         "budget_guard=3x)" in msg and "reload it" in msg and "budget_guard=None" in msg
     hint = float(msg.split("target_bits >= ")[1].split(" ")[0])
     assert 3.0 <= hint <= 3.6  # every layer's cheapest >= 3-bit option, with its grid params
-    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    assert len(seen) == 3 and all(torch.equal(seen[0], x) for x in seen)
     assert seen[0].shape == (wb.GUARD_WINDOWS, L)  # the last calibration windows
     assert torch.equal(seen[0], random_ids(N, L)[-wb.GUARD_WINDOWS:])
     seen.clear()
@@ -612,7 +734,7 @@ def test_budget_guard_stops_a_plan_that_breaks_the_model(monkeypatch):
     assert not seen and report.budget is not None
     seen.clear()
     _run(tiny_model("llama"), target_bits=2.6, budget_guard=20)  # 10x is within 20x
-    assert len(seen) == 2
+    assert len(seen) == 3
     for bad in (1, 0.5, "3", True):
         with pytest.raises(ValueError, match="budget_guard must be a number > 1"):
             CompressConfig(target_bits=3, budget_guard=bad)

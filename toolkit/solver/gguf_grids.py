@@ -314,6 +314,10 @@ def _fit_min(w: torch.Tensor, t: GGUFType, nonneg: bool, steps: int = 10,
     return s, -b
 
 
+#: The power of the sweep's per-column cost used as the weights of a block's fit (1: the cost
+#: itself; see the module notes for the value measured).
+IMPORTANCE_POWER = 1.0
+
 _FIT_ROWS = 1024  # rows per fitting pass: the candidate search holds ~20 copies of them
 
 
@@ -394,7 +398,7 @@ class BlockFitter:
         blk = col // t.block
         wt = None
         if importance is not None:
-            imp = importance.float().clamp_min(0)
+            imp = importance.float().clamp_min(0).pow(IMPORTANCE_POWER)
             wt = (imp / imp.mean().clamp_min(1e-30))[None, :].to(w.device)
         if not t.kquant:
             s, mn = _fit_float(w, t, wt=wt)

@@ -30,6 +30,7 @@ from toolkit.plan.budget import (
     BudgetPlan,
     BudgetProfile,
     LayerChoices,
+    budget_range,
     budgeted_layers,
     check_budget_config,
     check_target,
@@ -38,12 +39,13 @@ from toolkit.plan.budget import (
     option_values,
     plan_budget,
 )
+from toolkit.solver.baselines import apply_mask, magnitude_mask, rtn_quantize
 from toolkit.solver.hessian import HessianAccumulator, reconstruction_error, row_errors
 from toolkit.solver.layer import factorize, solve_grids, solve_layers
 from toolkit.walk.sweep import capture_block_inputs, find_groups, run_block, sweep_block
 
 __all__ = ["profile_layers", "output_sensitivity", "Sensitivity", "BudgetResult",
-           "BudgetCollapseError", "GUARD_WINDOWS",
+           "BudgetCollapseError", "GUARD_WINDOWS", "PlanPreview",
            "budget_sweep"]
 
 log = logging.getLogger("toolkit")
@@ -64,7 +66,7 @@ def _fingerprint(model: nn.Module, refs: list[LinearRef], ids: torch.Tensor,
                  .encode())
     keep = {k: v for k, v in config.to_dict().items()
             if k not in ("target_bits", "target_size", "budget_layout", "budget_metric",
-                         "verbose", "device", "calibration", "nsamples", "seqlen")}
+                         "budget_guard", "verbose", "device", "calibration", "nsamples", "seqlen")}
     h.update(repr(sorted(keep.items(), key=lambda kv: kv[0])).encode())
     return h.hexdigest()[:16]
 
@@ -413,7 +415,8 @@ class BudgetResult:
     final ``plan``, ``layers`` (one row per budgeted layer: ``layer``, ``block``, ``option``,
     ``bits``, ``sparsity``, ``group_size``, ``planned_bytes``, ``bytes`` (as stored),
     ``profile_error``, ``profile_rel_error``, ``error`` (after the sweep), ``rel_error``),
-    ``summary`` (targets, bytes, timings), ``replans`` (how often the remaining layers were
+    ``summary`` (targets, bytes, timings; with ``budget_guard`` the perplexity on the guard
+    windows dense, predicted by the plan's preview and measured after the sweep), ``replans`` (how often the remaining layers were
     planned again)."""
 
     profile: BudgetProfile
@@ -434,7 +437,9 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
                  verbose: bool = True) -> tuple[list[dict], BudgetResult]:
     """Profile (unless ``profile`` is given), plan and compress ``model`` in place to the
     target of ``config``; returns the report rows and a :class:`BudgetResult`. Every check
-    (settings, target range, a reused profile) happens before any weight changes."""
+    (settings, target range, a reused profile, and with ``budget_guard`` the plan's
+    :class:`PlanPreview`) happens before any weight changes; with ``budget_guard`` the
+    compressed model's perplexity on the guard windows is checked again after the sweep."""
     check_budget_config(config)
     layout, metric = config.budget_layout, config.budget_metric
     target_size = parse_size(config.target_size) if config.target_size is not None else None
@@ -460,9 +465,14 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     planned = {c.name: c.option_bytes(choice[c.name], layout) for c in choices}
 
     guard_ids = ids[-GUARD_WINDOWS:]
-    before = None
-    if config.budget_guard is not None:  # the dense model on the windows the guard reads
-        before = perplexity(model, None, guard_ids, seqlen=ids.shape[1], verbose=False)
+    before = predicted = after = None
+    if config.budget_guard is not None:  # before any weight changes: the plan's preview
+        refs = {r.name: r for _b, r in budgeted_layers(model, config)}
+        preview = PlanPreview(model, guard_ids, profile, refs)
+        predicted = preview.perplexity(plan.choice)
+        before = preview.dense
+        _check_preview(preview, predicted, config, profile, plan, layout, metric, choices,
+                       dense_rest)
 
     # ---- the sequential sweep, block by block, planning the rest again when bytes moved ----
     t0 = time.perf_counter()
@@ -515,40 +525,198 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
                            f"of {plan.budget:,.0f}: a bug in the size prediction, please "
                            f"report it")
     if before is not None:
-        _guard(model, guard_ids, before, config, choices, choice, dense_rest, layout)
+        after = _guard(model, guard_ids, before, config, choices, choice, dense_rest, layout)
     values = {c.name: option_values(profile, i, metric) for i, c in enumerate(profile.layers)}
     final = BudgetPlan(choice=choice, budget=first.budget, planned=sum(planned.values()),
                        value=sum(values[n][choice[n]] for n in choice),
                        resolution=first.resolution, rounding_bytes=first.rounding_bytes,
                        layout=layout, metric=metric, layers=choices)
-    return rows, _result(profile, final, rows, actual, planned, dense_rest, config, seconds,
-                         replans)
+    result = _result(profile, final, rows, actual, planned, dense_rest, config, seconds,
+                     replans)
+    result.summary.update({"guard perplexity dense": before,
+                           "guard perplexity predicted": predicted,
+                           "guard perplexity": after})
+    return rows, result
 
 
 #: calibration windows (the last ones) the budget guard measures the perplexity on
 GUARD_WINDOWS = 4
 
 
+def _stand_in_delta(w: torch.Tensor, s: LayerSettings) -> torch.Tensor:
+    """``dW`` (float32, (out, in)) of option ``s``'s quick stand-in: magnitude pruning to its
+    sparsity or pattern, then round to nearest on its grid."""
+    wf = w.float()
+    keep = None
+    if s.prunes:
+        keep = magnitude_mask(wf, 0.0 if s.pattern is not None else s.sparsity, s.pattern)
+    new = (rtn_quantize(wf, s.bits, s.group_size, sym=s.sym, keep=keep)[0]
+           if s.bits is not None else apply_mask(wf, keep))
+    return new - wf
+
+
+class PlanPreview:
+    """The model as a plan would leave it, predicted before any weight changes.
+
+    Each budgeted layer's output gets ``c * dW x`` added (forward hooks; the weights are never
+    touched), where ``dW`` is the error of the option's quick stand-in (:func:`_stand_in_delta`:
+    magnitude pruning and round to nearest) and ``c`` scales it so that the layer's relative
+    output error on the guard windows, ``||c dW x||^2 / ||W x||^2``, equals the one the profile
+    measured for the shared solver with that option (``errors / energy``, on the held-out
+    windows, dense inputs). The per-layer errors are thus the solver's; what the stand-in
+    adds is how they compound through the model (attention, normalisation, the layers after),
+    which the planner's sum of per-layer errors leaves out and which is what makes large
+    perturbations (2-bit layers) break a model. :meth:`perplexity` is that model's perplexity
+    on ``ids``; :attr:`dense` the unchanged model's (measured in the first pass).
+    """
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, profile: BudgetProfile,
+                 refs: dict[str, LinearRef]):
+        self.model, self.ids, self.profile, self.refs = model, ids, profile, refs
+        self.index = {c.name: i for i, c in enumerate(profile.layers)}
+        self.rel: dict[tuple[str, int], float] = {}  # (layer, option) -> stand-in rel. error
+        self.dense: float | None = None
+        self.passes = 0
+
+    def _ppl(self, hooks: list) -> float:
+        try:
+            self.passes += 1
+            return perplexity(self.model, None, self.ids, seqlen=self.ids.shape[1],
+                              verbose=False)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _measure(self, choice: dict[str, int]) -> None:
+        """The stand-in's relative error of every (layer, option) of ``choice`` not yet known,
+        on the unchanged model (one forward pass, which also gives :attr:`dense`)."""
+        need = {n: k for n, k in choice.items() if (n, k) not in self.rel
+                and self.profile.layers[self.index[n]].settings[k].active}
+        if not need and self.dense is not None:
+            return
+        sums = {n: [0.0, 0.0] for n in need}
+        hooks = []
+        for n, k in need.items():
+            ref, s = self.refs[n], self.profile.layers[self.index[n]].settings[k]
+
+            def hook(_m, args, _out, ref=ref, s=s, acc=sums[n]):
+                x = args[0]
+                w = ref.get_weight()
+                d = _stand_in_delta(w, s).to(x.dtype)
+                acc[0] += float(nn.functional.linear(x, d).float().pow(2).sum())
+                acc[1] += float(nn.functional.linear(x, w.to(x.dtype)).float().pow(2).sum())
+
+            hooks.append(ref.module.register_forward_hook(hook))
+        dense = self._ppl(hooks)
+        if self.dense is None:
+            self.dense = dense
+        for n, k in need.items():
+            d, e = sums[n]
+            self.rel[(n, k)] = d / e if e > 0 else 0.0
+
+    def perplexity(self, choice: dict[str, int]) -> float:
+        """Perplexity on ``ids`` of the model as ``choice`` (layer -> option) would leave it."""
+        self._measure(choice)
+        hooks = []
+        for n, k in choice.items():
+            i = self.index[n]
+            if not self.profile.layers[i].settings[k].active or self.rel[(n, k)] <= 0:
+                continue
+            en = self.profile.energy[i]
+            want = self.profile.errors[i][k] / en if en > 0 else 0.0
+            c = math.sqrt(max(want, 0.0) / self.rel[(n, k)])
+            ref, s = self.refs[n], self.profile.layers[i].settings[k]
+
+            def hook(_m, args, out, ref=ref, s=s, c=c):
+                x = args[0]
+                d = _stand_in_delta(ref.get_weight(), s).mul_(c).to(x.dtype)
+                return out + nn.functional.linear(x, d).to(out.dtype)
+
+            hooks.append(ref.module.register_forward_hook(hook))
+        return self._ppl(hooks)
+
+
+def _sane_target(preview: PlanPreview, profile: BudgetProfile, layout: str, metric: str,
+                 budget: float, limit: float, steps: int = 8) -> tuple[float, float]:
+    """The smallest budget (bytes) above ``budget`` whose plan's preview stays within ``limit``
+    times the dense perplexity, by bisection (``steps`` halvings of the range up to the largest
+    size the menu reaches, whose plan is the dense model); returns ``(bytes, preview ratio)``."""
+    _lo, hi = budget_range(profile.layers, layout)
+    plan = plan_budget(profile, budget=hi, layout=layout, metric=metric)
+    best_ratio = preview.perplexity(plan.choice) / preview.dense
+    if not (math.isfinite(best_ratio) and best_ratio <= limit):
+        return math.inf, best_ratio
+    lo, best = budget, hi
+    for _ in range(steps):
+        mid = (lo + best) / 2
+        plan = plan_budget(profile, budget=mid, layout=layout, metric=metric)
+        ratio = preview.perplexity(plan.choice) / preview.dense
+        if math.isfinite(ratio) and ratio <= limit:
+            best, best_ratio = mid, ratio
+        else:
+            lo = mid
+    return best, best_ratio
+
+
 class BudgetCollapseError(ValueError):
     """A size target whose plan broke the model (``budget_guard``)."""
 
 
+def _target_text(config) -> str:
+    return (f"target_bits={config.target_bits:g}" if config.target_bits is not None
+            else f"target_size={config.target_size!r}")
+
+
+def _check_preview(preview, predicted, config, profile, plan, layout, metric, choices,
+                   dense_rest) -> None:
+    """Raise :class:`BudgetCollapseError` before the sweep when the plan's preview exceeds
+    ``budget_guard`` times the dense perplexity, naming the smallest target whose plan's
+    preview stays within it."""
+    ratio = predicted / preview.dense
+    if math.isfinite(ratio) and ratio <= config.budget_guard:
+        log.info("budget guard: plan predicted to take the perplexity %.2f -> %.2f on %d "
+                 "calibration windows (%.2fx, limit %gx)", preview.dense, predicted,
+                 len(preview.ids), ratio, config.budget_guard)
+        return
+    sane, sane_ratio = _sane_target(preview, profile, layout, metric, plan.budget,
+                                    config.budget_guard)
+    params = sum(c.params for c in choices)
+    low = sum((c.settings[plan.choice[c.name]].bits or 16) <= 2 for c in choices)
+    if not math.isfinite(sane):
+        hint = (f"even the largest size this menu reaches is predicted at {sane_ratio:.3g}x: "
+                f"add larger options to budget_menu")
+    elif config.target_bits is not None:
+        hint = (f"the smallest target predicted to stay within it is target_bits >= "
+                f"{math.ceil(800 * sane / params) / 100:.2f} (predicted {sane_ratio:.3g}x)")
+    else:
+        hint = (f"the smallest target predicted to stay within it is target_size >= "
+                f"{math.ceil((dense_rest + sane) / 1e5) / 10:.1f}MB (predicted "
+                f"{sane_ratio:.3g}x)")
+    raise BudgetCollapseError(
+        f"{_target_text(config)}: the plan is predicted to break the model: with each layer's "
+        f"profiled error in place its perplexity on the last {len(preview.ids)} calibration "
+        f"windows is {predicted:.4g} against {preview.dense:.4g} dense ({ratio:.3g}x, more "
+        f"than budget_guard={config.budget_guard:g}x; {low} of {len(choices)} layers planned "
+        f"at 2 bits). No weight was changed; {hint}. Pass budget_guard=None (--budget-guard "
+        f"none) to compress to this target anyway")
+
+
 def _guard(model, guard_ids, before, config, choices, choice, dense_rest, layout):
     """Raise :class:`BudgetCollapseError` when the compressed model's perplexity on
-    ``guard_ids`` exceeds ``config.budget_guard`` times the dense model's (``before``)."""
+    ``guard_ids`` exceeds ``config.budget_guard`` times the dense model's (``before``);
+    return that perplexity otherwise."""
     after = perplexity(model, None, guard_ids, seqlen=guard_ids.shape[1], verbose=False)
     ratio = after / before
     if math.isfinite(ratio) and ratio <= config.budget_guard:
         log.info("budget guard: perplexity %.2f -> %.2f on %d calibration windows (%.2fx, "
                  "limit %gx)", before, after, len(guard_ids), ratio, config.budget_guard)
-        return
+        return after
     low = [c for c in choices if (c.settings[choice[c.name]].bits or 16) <= 2]
     # the smallest budget at which every layer can keep 3 bits or more (a hint, not a promise)
     floor = sum(min(c.option_bytes(k, layout) for k, st in enumerate(c.settings)
                     if (st.bits or 16) >= 3) for c in choices)
     params = sum(c.params for c in choices)
-    target = (f"target_bits={config.target_bits:g}" if config.target_bits is not None
-              else f"target_size={config.target_size!r}")
+    target = _target_text(config)
     hint = (f"target_bits >= {8 * floor / params:.2f}" if config.target_bits is not None
             else f"target_size >= {(dense_rest + floor) / 1e6:.1f}MB")
     raise BudgetCollapseError(
