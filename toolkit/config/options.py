@@ -492,9 +492,10 @@ OPTIONS: tuple[Option, ...] = (
            parse=_parse_float, annotation="float"),
     Option("budget_guard", 3.0, _budget_guard,
            "under a target, the largest perplexity ratio (compressed / dense, on the last "
-           "calibration windows, measured before and after the sweep) a plan may reach: a "
-           "plan that breaks the model beyond it stops with an error instead of returning the "
-           "broken model (None or 'none': no check)", flag="--budget-guard",
+           "calibration windows) a plan may reach: predicted before the sweep (the plan's "
+           "preview, no weight changed; the error names the smallest target that stays "
+           "within it) and measured after it; a plan beyond it stops with an error instead of "
+           "returning a broken model (None or 'none': no check)", flag="--budget-guard",
            parse=_parse_guard, metavar="RATIO", annotation="float | None"),
 )
 
