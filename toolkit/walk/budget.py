@@ -563,7 +563,8 @@ class PlanPreview:
     magnitude pruning and round to nearest) and ``c`` scales it so that the layer's relative
     output error on the guard windows, ``||c dW x||^2 / ||W x||^2``, equals the one the profile
     measured for the shared solver with that option (``errors / energy``, on the held-out
-    windows, dense inputs). The per-layer errors are thus the solver's; what the stand-in
+    windows, dense inputs; an option it did not measure, the only one of its layer, keeps the
+    stand-in's own error). The per-layer errors are thus the solver's; what the stand-in
     adds is how they compound through the model (attention, normalisation, the layers after),
     which the planner's sum of per-layer errors leaves out and which is what makes large
     perturbations (2-bit layers) break a model. :meth:`perplexity` is that model's perplexity
@@ -624,7 +625,9 @@ class PlanPreview:
                 continue
             en = self.profile.energy[i]
             want = self.profile.errors[i][k] / en if en > 0 else 0.0
-            c = math.sqrt(max(want, 0.0) / self.rel[(n, k)])
+            # an option the profile did not measure (a layer with one option): the stand-in's
+            # own error, round to nearest, which the solver's does not exceed in practice
+            c = math.sqrt(max(want, 0.0) / self.rel[(n, k)]) if math.isfinite(want) else 1.0
             ref, s = self.refs[n], self.profile.layers[i].settings[k]
 
             def hook(_m, args, out, ref=ref, s=s, c=c):
