@@ -588,6 +588,7 @@ def test_plan_preview_is_the_model_with_the_profiled_errors_in_place(monkeypatch
     error), the dense logits in the measuring pass, and the model left as it was."""
     import toolkit.walk.budget as wb
     from toolkit.measure.perplexity import perplexity
+    from toolkit.model.layers import find_blocks, find_linears
 
     seen = []
 
@@ -597,8 +598,6 @@ def test_plan_preview_is_the_model_with_the_profiled_errors_in_place(monkeypatch
         return perplexity(model, tok, ids, seqlen=seqlen, verbose=False)
 
     monkeypatch.setattr(wb, "perplexity", logits_ppl)
-    from toolkit.model.layers import find_blocks, find_linears
-
     model = tiny_model("llama")
     ids = random_ids(N, L)
     cfg = CompressConfig(target_bits=3.0)

@@ -416,8 +416,8 @@ class BudgetResult:
     ``bits``, ``sparsity``, ``group_size``, ``planned_bytes``, ``bytes`` (as stored),
     ``profile_error``, ``profile_rel_error``, ``error`` (after the sweep), ``rel_error``),
     ``summary`` (targets, bytes, timings; with ``budget_guard`` the perplexity on the guard
-    windows dense, predicted by the plan's preview and measured after the sweep), ``replans`` (how often the remaining layers were
-    planned again)."""
+    windows dense, predicted by the plan's preview and measured after the sweep),
+    ``replans`` (how often the remaining layers were planned again)."""
 
     profile: BudgetProfile
     plan: BudgetPlan
@@ -577,11 +577,9 @@ class PlanPreview:
         self.index = {c.name: i for i, c in enumerate(profile.layers)}
         self.rel: dict[tuple[str, int], float] = {}  # (layer, option) -> stand-in rel. error
         self.dense: float | None = None
-        self.passes = 0
 
     def _ppl(self, hooks: list) -> float:
         try:
-            self.passes += 1
             return perplexity(self.model, None, self.ids, seqlen=self.ids.shape[1],
                               verbose=False)
         finally:
