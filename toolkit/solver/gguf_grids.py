@@ -315,9 +315,9 @@ def _fit_min(w: torch.Tensor, t: GGUFType, nonneg: bool, steps: int = 10,
 
 
 #: The power of the sweep's per-column cost used as the weights of a block's fit (1: the cost
-#: itself). Measured on SmolLM2 (32 x 512 calibration, 40 x 512 WikiText-2 test windows):
-#: 0.5 gave Q4_0 34.89 against 36.07 but Q3_K 38.13 against 36.22 (about 5% each way, opposite
-#: directions), so the exact cost stays.
+#: itself). Measured on SmolLM2 by ``bench/gguf_importance.py`` (32 x 512 calibration, 40 x 512
+#: WikiText-2 test windows): 0.5 gave Q4_0 35.56 against 36.07 but Q3_K 38.13 against 36.22
+#: (opposite directions), so the exact cost stays.
 IMPORTANCE_POWER = 1.0
 
 _FIT_ROWS = 1024  # rows per fitting pass: the candidate search holds ~20 copies of them
