@@ -382,8 +382,11 @@ def test_bad_targets_name_the_range_and_change_nothing():
         _run(model, target_bits=3, target_size="1MB")
     with pytest.raises(ValueError, match="do not give bits=4"):
         _run(model, target_bits=3, bits=4)
-    with pytest.raises(ValueError, match="owl"):
-        _run(model, target_bits=3, sparsity=0.0, allocation="owl")
+    with pytest.raises(ValueError, match="allocation='owl'.*use budget_layout='compact'"):
+        _run(model, target_bits=3, allocation="owl")
+    with pytest.raises(ValueError, match="allocation='owl'.*this menu has none"):
+        _run(model, target_bits=3, allocation="owl", budget_layout="compact",
+             budget_menu="4g128,2:4+4g128,3g128")
     with pytest.raises(ValueError, match="method='sparsegpt'"):
         _run(model, target_bits=3, quant="rtn")
     with pytest.raises(ValueError, match="pattern.*act_order|act_order"):
@@ -569,16 +572,6 @@ def test_holdout_windows():
     for bad in (1.0, -0.1, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match=r"profile_holdout must be a fraction in \[0, 1\)"):
             CompressConfig(target_bits=3.0, profile_holdout=bad)
-
-
-def test_target_refused_on_mixture_of_experts_before_any_change():
-    from conftest import tiny_moe
-    model = tiny_moe("mixtral")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="target_bits/target_size do not cover mixture-of-experts"):
-        compress(model, None, target_bits=4.2, calibration=random_ids(4, 16), nsamples=4,
-                 seqlen=16, verbose=False)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_plan_preview_is_the_model_with_the_profiled_errors_in_place(monkeypatch):

@@ -136,10 +136,12 @@ def compress(model: nn.Module, tokenizer=None, *, config: CompressConfig | None 
                 "full-precision model routes tokens to other experts, so inputs do not pair)")
                 + f" yet{'' if config.effort == 'default' else ' (effort=' + repr(config.effort) + ' sets it)'}"
                 + "; leave it off here")
-    if planned and any(experts.is_expert(r) for r in layers):
-        raise ValueError("target_bits/target_size do not cover mixture-of-experts experts yet; "
-                         "give sparsity/bits (and overrides) on this model")
-    if config.allocation != "uniform":  # per-layer sparsity from a dense pre-pass (allocation.py)
+    if planned and config.expert_hessian != "routed" and \
+            any(experts.is_expert(r) for r in layers):
+        raise ValueError(f"target_bits/target_size profile each expert on the tokens routed to "
+                         f"it: expert_hessian must be 'routed' (the default) with them, got "
+                         f"{config.expert_hessian!r}")
+    if config.allocation != "uniform" and not planned:  # per-layer sparsity, dense pre-pass
         allocated = allocate(model, ids, settings, allocation=config.allocation, device=device,
                              owl_m=config.owl_m, owl_lambda=config.owl_lambda)
         settings = apply_allocation(settings, allocated)

@@ -67,7 +67,8 @@ from toolkit.checkpoint.formats import block_key, partial_group_keys
 from toolkit.model.experts import RECORDS, fused_layers
 from toolkit.model.layers import is_conv1d
 
-__all__ = ["linear_bits", "linear_bytes", "model_bytes", "SizeBreakdown", "LAYOUTS"]
+__all__ = ["linear_bits", "linear_bytes", "model_bytes", "compressed_weight_bytes", "SizeBreakdown",
+           "LAYOUTS"]
 
 LAYOUTS = ("standard", "compact", "packed")
 _INT64, _INT32 = 8, 4
@@ -243,10 +244,10 @@ def model_bytes(model: nn.Module, dense_bits: int = 16,
                 layer = _bnb_weight_bytes(module)
                 if layer is None and info is not None:
                     w = p.detach()
-                    layer = _compressed_weight_bytes(w.T if is_conv1d(module) else w, info,
+                    layer = compressed_weight_bytes(w.T if is_conv1d(module) else w, info,
                                                      dense_bits, layout,
                                                      block_key(info.settings) in blocks)
-            parts = [_compressed_weight_bytes(ref.get_weight(), rec, dense_bits, layout,
+            parts = [compressed_weight_bytes(ref.get_weight(), rec, dense_bits, layout,
                                               block_key(rec.settings) in blocks)
                      for ref, rec in slices.get(pname, ())]  # each compressed slice: a layer
             if layer is None:  # dense, but for its compressed expert slices
@@ -287,7 +288,7 @@ def _expert_slices(module) -> dict:
     return out
 
 
-def _compressed_weight_bytes(w, info, dense_bits, layout, block=False):
+def compressed_weight_bytes(w, info, dense_bits, layout, block=False):
     """Stored terms and numel of a compressed weight ``w`` seen as (out, in) (``block``: stored
     with the format's block strategy, see :func:`toolkit.checkpoint.formats.partial_group_keys`)."""
     s = info.settings

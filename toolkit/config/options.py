@@ -666,7 +666,8 @@ class _ConfigBase:
         _check_combination(base, self.block_size, layer=not self.overrides)
         if self.allocation != "uniform":
             check_allocation(self.allocation, self.owl_m, self.owl_lambda)
-            if not base.sparsity:
+            planned = self.target_bits is not None or self.target_size is not None
+            if not base.sparsity and not planned:  # with a target: the menu's pruned options
                 raise ValueError(
                     f"allocation={self.allocation!r} distributes unstructured sparsity over the "
                     f"layers: it needs sparsity > 0 (an n:m pattern fixes every layer's sparsity "

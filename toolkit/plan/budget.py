@@ -83,7 +83,9 @@ from toolkit.checkpoint.formats import block_key, partial_group_keys
 from toolkit.checkpoint.size import linear_bytes
 from toolkit.config.menu import DEFAULT_MENU, METRICS, menu_spec, parse_menu, parse_size
 from toolkit.config.options import CompressConfig, LayerSettings, resolve_settings
-from toolkit.model.layers import LinearRef, find_blocks, find_linears
+from toolkit.model import experts
+from toolkit.model.layers import LinearRef, find_blocks
+from toolkit.plan.allocation import MAX_SPARSITY
 
 __all__ = ["DEFAULT_MENU", "METRICS", "parse_menu", "parse_size", "check_budget_config",
            "wants_budget", "budgeted_layers", "LayerChoices", "layer_choices", "budget_range",
@@ -118,8 +120,17 @@ def check_budget_config(config: CompressConfig) -> None:
                          f"{', '.join(given)} (put the settings you want in budget_menu, or fix "
                          f"some layers with overrides)")
     if config.allocation != "uniform":
-        raise ValueError("allocation='owl' cannot be combined with target_bits/target_size "
-                         "(the planner chooses each layer's sparsity itself)")
+        menu = parse_menu(config.budget_menu)
+        if not any(o.changes().get("sparsity") and not o.changes().get("pattern") for o in menu):
+            raise ValueError(f"allocation={config.allocation!r} with target_bits/target_size "
+                             f"shifts the unstructured pruned options of budget_menu block by "
+                             f"block; this menu has none ({config.budget_menu!r}): add one such "
+                             f"as '50%+4g128'")
+        if config.budget_layout != "compact":
+            raise ValueError(f"allocation={config.allocation!r} with target_bits/target_size "
+                             f"shifts the pruned options, which save no bytes in the "
+                             f"{config.budget_layout!r} layout (the planner drops them there): "
+                             f"use budget_layout='compact'")
     if config.refine_iters:
         raise ValueError("refine_iters cannot be combined with target_bits/target_size yet "
                          "(the profile would not measure the re-solved errors)")
@@ -139,10 +150,12 @@ def check_budget_config(config: CompressConfig) -> None:
 # ---- the layers and their choices -------------------------------------------------------------
 
 def budgeted_layers(model: nn.Module, config: CompressConfig) -> list[tuple[int, LinearRef]]:
-    """``[(block index, LinearRef)]``: every linear layer inside the blocks that ``ignore``
-    does not exclude, in block order."""
+    """``[(block index, layer)]``: every layer the sweep compresses inside the blocks
+    (:func:`toolkit.model.experts.find_layers`: linear layers, each expert's matrices, the
+    routers with ``routers=True``) that ``ignore`` does not exclude, in block order."""
     name, blocks = find_blocks(model)
-    return [(b, r) for b, blk in enumerate(blocks) for r in find_linears(blk, f"{name}.{b}")
+    return [(b, r) for b, blk in enumerate(blocks)
+            for r in experts.find_layers(blk, f"{name}.{b}", routers=config.routers)
             if config.layer_settings(r.name) is not None]
 
 
@@ -205,11 +218,15 @@ def _pruning_saves_nothing(s: LayerSettings, rows: int, cols: int, layout: str) 
     return _settings_bytes(plain, rows, cols, layout) <= _settings_bytes(s, rows, cols, layout)
 
 
-def layer_choices(model: nn.Module, config: CompressConfig,
-                  layout: str | None = None) -> list[LayerChoices]:
+def layer_choices(model: nn.Module, config: CompressConfig, layout: str | None = None,
+                  shifts: dict[int, float] | None = None) -> list[LayerChoices]:
     """The :class:`LayerChoices` of every budgeted layer. With ``layout``, options that cost at
     least as many bytes as the same option without pruning are left out (pruning only adds
-    error there, e.g. every pruned option in the ``"standard"`` layout)."""
+    error there, e.g. every pruned option in the ``"standard"`` layout). ``shifts``
+    (``allocation="owl"``, :func:`toolkit.walk.capture.owl_block_shifts`): block -> a sparsity
+    shift added to every unstructured pruned option of that block's layers (kept within
+    ``[0, MAX_SPARSITY]``), so that blocks with more outliers are offered lighter pruning and
+    the others heavier, as OWL allocates them."""
     menu = parse_menu(config.budget_menu)
     base = config.settings
     out = []
@@ -219,6 +236,9 @@ def layer_choices(model: nn.Module, config: CompressConfig,
         for opt in menu:
             s = resolve_settings(ref.name, replace(base, **opt.changes()), config.ignore,
                                  config.overrides)
+            if shifts and s.sparsity > 0 and s.pattern is None:
+                s = replace(s, sparsity=round(min(max(s.sparsity + shifts.get(b, 0.0), 0.0),
+                                                  MAX_SPARSITY), 4))
             if s.pattern is not None and cols % s.pattern[1]:
                 skipped[opt.spec] = f"{cols} columns are not a multiple of {s.pattern[1]}"
                 continue
@@ -292,7 +312,10 @@ class BudgetProfile:
     ``weighted[i][k]``: the same error with each output row weighted by the layer's
     ``sensitivity`` (None when not measured, see :func:`output_sensitivity`); ``holdout``: how
     many calibration windows were held out of the solves to measure the errors on (``H`` in
-    the errors and the energy is theirs; 0: all windows, the solves' own); ``dense_rest``:
+    the errors and the energy is theirs; 0: all windows, the solves' own); ``share[i]``: the
+    fraction of the measuring windows' tokens that layer ``i`` sees (1 for every layer but the
+    experts of a mixture-of-experts model, whose Hessians are means over the tokens the router
+    sends them; None: all 1); ``dense_rest``:
     bytes of everything else in the checkpoint (dense, 16 bits); ``seconds``: wall time (of
     which ``sensitivity_seconds`` for the gradient pass); ``rows_fraction``; ``key``: a
     fingerprint of the model's weights, the calibration and the settings (checked when a
@@ -310,6 +333,7 @@ class BudgetProfile:
     weighted: list[list[float]] | None = None
     sensitivity_seconds: float = 0.0
     holdout: int = 0
+    share: list[float] | None = None
 
     def table(self) -> pd.DataFrame:
         """One row per layer and option: ``layer``, ``block``, ``option``, ``error``,
@@ -433,18 +457,23 @@ class BudgetPlan:
 
 
 def option_values(profile: BudgetProfile, i: int, metric: str) -> list[float]:
+    """The values the planner sums for layer ``i``'s options under ``metric``, each times the
+    layer's token share (:attr:`BudgetProfile.share`): an expert's error is a mean over the
+    tokens routed to it, and what it does to the model is in proportion to how many there are,
+    so an expert that few calibration tokens reach gets the cheaper options first."""
     errs = profile.errors[i]
     if len(errs) == 1:
         return [0.0]  # one option: nothing to choose, nothing was measured
+    share = profile.share[i] if profile.share is not None else 1.0
     if metric == "fisher":
         if profile.weighted is None:
             raise ValueError("budget_metric='fisher' needs a profile measured with the loss "
                              "gradients (profile_layers(..., sensitivity=True))")
-        return list(profile.weighted[i])
+        return [v * share for v in profile.weighted[i]]
     if metric == "raw":
-        return list(errs)
+        return [e * share for e in errs]
     en = profile.energy[i]
-    return [e / en if en > 0 else 0.0 for e in errs]
+    return [e / en * share if en > 0 else 0.0 for e in errs]
 
 
 def plan_budget(profile: BudgetProfile, *, target_bits: float | None = None,

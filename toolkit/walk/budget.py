@@ -18,13 +18,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from toolkit.checkpoint.formats import partial_group_keys
-from toolkit.checkpoint.size import model_bytes
+from toolkit.checkpoint.formats import block_key, partial_group_keys
+from toolkit.checkpoint.size import compressed_weight_bytes, model_bytes
 from toolkit.config.menu import parse_size
 from toolkit.config.options import CompressConfig, LayerSettings
 from toolkit.config.records import LayerCompression
 from toolkit.measure.perplexity import perplexity
-from toolkit.model.layers import LinearRef, find_blocks, find_linears
+from toolkit.model import experts
+from toolkit.model.experts import is_expert
+from toolkit.model.layers import LinearRef, find_blocks
 from toolkit.plan.budget import (
     DENSE_BITS,
     BudgetPlan,
@@ -42,6 +44,8 @@ from toolkit.plan.budget import (
 from toolkit.solver.baselines import apply_mask, magnitude_mask, rtn_quantize
 from toolkit.solver.hessian import HessianAccumulator, reconstruction_error, row_errors
 from toolkit.solver.layer import factorize, solve_grids, solve_layers
+from toolkit.walk import expert_capture
+from toolkit.walk.capture import owl_block_shifts
 from toolkit.walk.sweep import capture_block_inputs, find_groups, run_block, sweep_block
 
 __all__ = ["profile_layers", "output_sensitivity", "Sensitivity", "BudgetResult",
@@ -101,6 +105,11 @@ def output_sensitivity(model: nn.Module, ids: torch.Tensor, refs: list[LinearRef
     empirical Fisher); ``"model"``: of next tokens drawn from the model's own predictions
     (``seed``), whose squared gradients estimate the Fisher information itself.
 
+    Experts of a mixture-of-experts model (:mod:`toolkit.model.experts`) are followed through
+    their eager per-expert loop (:func:`toolkit.walk.expert_capture.watch_output`): ``token``
+    then holds the routed tokens only, in the order the expert saw them, and ``channel`` is still
+    divided by every calibration token (an expert few tokens reach has small sensitivities).
+
     Used by the ``"fisher"`` metric: with ``g_ti^2 ~ token[t] * channel[i] / mean(channel)``
     (a rank-one fit of the squared gradients), the diagonal empirical-Fisher estimate of the
     loss increase of a change ``dW``, ``1/2 sum_t sum_i g_ti^2 ((dW x_t)_i)^2``, is proportional
@@ -114,12 +123,16 @@ def output_sensitivity(model: nn.Module, ids: torch.Tensor, refs: list[LinearRef
     handles = []
 
     def keep(name):
-        def on_grad(g):
-            g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1]).cpu()
-            chan[name] += g2.sum(0)
-            tok[name].append(g2.mean(1))
+        def hook(out, part):  # returns None: the output is left as it is
+            if isinstance(out, tuple):  # a router module: its scores come first
+                out = out[0]
 
-        def hook(_m, _inp, out):  # returns None: the output is left as it is
+            def on_grad(g):
+                g = part(g)
+                g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1]).cpu()
+                chan[name] += g2.sum(0)
+                tok[name].append(g2.mean(1))
+
             if out.requires_grad:
                 out.register_hook(on_grad)
         return hook
@@ -127,23 +140,26 @@ def output_sensitivity(model: nn.Module, ids: torch.Tensor, refs: list[LinearRef
     emb = model.get_input_embeddings()
     handles.append(emb.register_forward_hook(
         lambda _m, _inp, out: out.detach().requires_grad_(True)))
-    handles += [r.module.register_forward_hook(keep(r.name)) for r in refs]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        for p in grads_on:
-            p.requires_grad_(False)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        for row in tqdm(ids, desc="profile: loss gradients", unit="window", disable=not verbose):
-            x = row[None].to(device)
-            with torch.enable_grad():
-                if labels == "model":
-                    logits = model(x, use_cache=False).logits[0].float()
-                    y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)[:, 0]
-                    nn.functional.cross_entropy(logits, y).backward()
-                else:
-                    model(x, labels=x, use_cache=False).loss.backward()
+        with expert_capture.calibrating(model, [r for r in refs if is_expert(r)]):
+            handles += [expert_capture.watch_output(r, keep(r.name)) for r in refs]
+            for p in grads_on:
+                p.requires_grad_(False)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            for row in tqdm(ids, desc="profile: loss gradients", unit="window",
+                            disable=not verbose):
+                x = row[None].to(device)
+                with torch.enable_grad():
+                    if labels == "model":
+                        logits = model(x, use_cache=False).logits[0].float()
+                        y = torch.multinomial(logits.detach().softmax(-1), 1,
+                                              generator=gen)[:, 0]
+                        nn.functional.cross_entropy(logits, y).backward()
+                    else:
+                        model(x, labels=x, use_cache=False).loss.backward()
     finally:
         for h in handles:
             h.remove()
@@ -152,11 +168,13 @@ def output_sensitivity(model: nn.Module, ids: torch.Tensor, refs: list[LinearRef
         model.train(was_training)
     n = ids.numel()
     out = {}
-    for name in chan:
-        if len(tok[name]) != len(ids):
+    for r in refs:
+        name = r.name
+        if not is_expert(r) and len(tok[name]) != len(ids):
             raise RuntimeError(f"{name}: got {len(tok[name])} output gradients for "
                                f"{len(ids)} calibration windows")
-        out[name] = Sensitivity(channel=chan[name] / n, token=torch.cat(tok[name]))
+        out[name] = Sensitivity(channel=chan[name] / n,
+                                token=torch.cat(tok[name]) if tok[name] else torch.zeros(0))
     return out
 
 
@@ -164,11 +182,16 @@ def output_sensitivity(model: nn.Module, ids: torch.Tensor, refs: list[LinearRef
 @torch.no_grad()
 def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dtype,
                     sens: dict[str, Sensitivity] | None, held: list[int] | None = None):
-    """From one forward pass per window: one Hessian per group to solve with (the windows not
-    in ``held``), one per group to measure errors with (the ``held`` windows; the same as the
-    first without them), and with ``sens`` one token-weighted Hessian per layer (``H_s`` of
-    :func:`output_sensitivity`, over the measuring windows); also returns the block's outputs
-    (the next block's inputs), as the dense model computes them."""
+    """From one forward pass per window: one Hessian accumulator per group to solve with (the
+    windows not in ``held``), one per group to measure errors with (the ``held`` windows; the
+    same as the first without them), and with ``sens`` one token-weighted Hessian per layer
+    (``H_s`` of :func:`output_sensitivity`, over the measuring windows); also returns the block's
+    outputs (the next block's inputs), as the dense model computes them.
+
+    Expert layers (inside :func:`toolkit.walk.expert_capture.calibrating`) see the tokens routed
+    to them; their token-weighted Hessian is the measuring Hessian times the mean weight of
+    their routed tokens (which tokens an expert gets can flip between the gradient pass and
+    this one where two router scores tie, so the weights are not matched token by token)."""
     device = inputs.hidden[0].device
     held = set(held or ())
     now = {"window": 0}
@@ -180,16 +203,17 @@ def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dty
     measure = [new(g[0]) for g in groups] if held else fit
 
     def pre(a_fit, a_measure):
-        def hook(_m, args):
-            (a_measure if now["window"] in held else a_fit).add(args[0])
-        return hook
+        def fn(x):
+            (a_measure if now["window"] in held else a_fit).add(x)
+        return fn
 
-    handles = [g[0].module.register_forward_pre_hook(pre(a, b))
-               for g, a, b in zip(groups, fit, measure)]
+    handles = [expert_capture.watch(g[0], pre(a, b)) for g, a, b in zip(groups, fit, measure)]
     weighted: dict[str, HessianAccumulator] = {}
     if sens is not None:
         for g in groups:
             for r in g:
+                if is_expert(r):
+                    continue
                 acc = weighted[r.name] = new(r)
                 handles.append(r.module.register_forward_pre_hook(_weighted_hook(
                     acc, sens[r.name].token.to(device),
@@ -202,8 +226,14 @@ def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dty
     finally:
         for hd in handles:
             hd.remove()
-    return ([a.H for a in fit], [a.H for a in measure], {n: a.H for n, a in weighted.items()},
-            outputs)
+    Hw = {n: a.H for n, a in weighted.items()}
+    if sens is not None:
+        for g, m in zip(groups, measure):
+            for r in g:
+                if is_expert(r):
+                    t = sens[r.name].token
+                    Hw[r.name] = m.H * (float(t.double().mean()) if t.numel() else 0.0)
+    return fit, measure, Hw, outputs
 
 
 def _weighted_hook(acc: HessianAccumulator, token: torch.Tensor, wanted=lambda: True):
@@ -296,6 +326,10 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
     inputs = capture_block_inputs(model, blocks, ids, device)
     held = holdout_windows(len(inputs.hidden), config.profile_holdout)
     prof.holdout = len(held)
+    prof.share = [1.0] * len(choices)
+    # tokens of the windows the errors are measured on (an expert's share is its part of them)
+    tokens = sum(inputs.hidden[w].shape[:-1].numel()
+                 for w in (held or range(len(inputs.hidden))))
     if config.profile_holdout > 0 and not held:
         log.warning("profile_holdout=%g: the calibration has a single window, none to hold "
                     "out; the profile's errors are measured on the windows it solved with",
@@ -310,14 +344,29 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
             block = blocks[b]
             home = next(block.parameters()).device
             block.to(device)
-            mine = [r for r in find_linears(block, f"{blocks_name}.{b}") if r.name in by_name]
-            groups = find_groups(block, mine, inputs) if mine else []
-            Hs, Hm, Hw, outputs = _block_hessians(block, groups, inputs, dtype, fisher, held)
-            for group, H, H_measure in zip(groups, Hs, Hm):
-                _profile_group(prof, group, H, H_measure, Hw, by_name, fisher, config, device)
+            mine = [r for r in experts.find_layers(block, f"{blocks_name}.{b}",
+                                                   routers=config.routers)
+                    if r.name in by_name]
+            with expert_capture.calibrating(block, mine):  # a no-op without experts
+                groups = find_groups(block, mine, inputs) if mine else []
+                # MoE: the groups of every expert playing one part form a phase, as many
+                # Hessians at a time as fit (twice: solving and measuring); one pass each
+                itemsize = torch.finfo(dtype).bits // 8
+                phases = (expert_capture.phases(groups, expert_capture.hessian_budget(device)
+                                                // 2, itemsize)
+                          if experts.has_experts(block) else [groups])
+                outputs = None
+                for phase in phases:
+                    fit, meas, Hw, outputs = _block_hessians(block, phase, inputs, dtype,
+                                                             fisher, held)
+                    for group, a_fit, a_meas in zip(phase, fit, meas):
+                        _profile_group(prof, group, a_fit, a_meas, Hw, by_name, fisher,
+                                       config, device, tokens)
+                    del fit, meas, Hw
+                if outputs is None:
+                    outputs = [run_block(block, inputs, h) for h in inputs.hidden]
             inputs.hidden = outputs
             block.to(home)
-            del Hs, Hm, Hw
     finally:
         model.train(was_training)
     if device is not None and torch.device(device).type == "cuda":
@@ -329,12 +378,29 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
     return prof
 
 
-def _profile_group(prof, group, H, H_measure, Hw, by_name, fisher, config, device):
-    """Every option of every layer of one group: one solve per distinct setting with ``H``, the
-    group's layers that may take it stacked (each on its row subset), each error measured with
-    ``H_measure`` (the held-out windows' Hessian; ``H`` itself without a holdout)."""
+def _profile_group(prof, group, a_fit, a_measure, Hw, by_name, fisher, config, device,
+                   tokens):
+    """Every option of every layer of one group: one solve per distinct setting with the
+    Hessian of ``a_fit``, the group's layers that may take it stacked (each on its row subset),
+    each error measured with that of ``a_measure`` (the held-out windows'; ``a_fit`` itself
+    without a holdout). Experts: their token share is ``a_measure``'s tokens over ``tokens``;
+    one that no measuring token reaches has error 0 for every option (share 0), one that no
+    solving token reaches is solved on the measuring Hessian."""
     choices = prof.layers
     idx = [by_name[r.name] for r in group]
+    if is_expert(group[0]):
+        for i in idx:
+            prof.share[i] = a_measure.nsamples / tokens if tokens else 0.0
+        if a_measure.nsamples == 0:
+            for i in idx:
+                for k, s in enumerate(choices[i].settings):
+                    if s.active:
+                        prof.errors[i][k] = 0.0
+                        if prof.weighted is not None:
+                            prof.weighted[i][k] = 0.0
+            return
+    H_measure = a_measure.H
+    H = a_fit.H if a_fit is not a_measure and a_fit.nsamples else H_measure
     weights, subsets, weights_f = [], [], []
     for r, i in zip(group, idx):
         w = r.get_weight().to(device=device, dtype=torch.float32)
@@ -426,10 +492,16 @@ class BudgetResult:
     replans: int = 0
 
 
-def _stored_bytes(module: nn.Module, layout: str, keys) -> float:
+def _stored_bytes(ref, layout: str, keys) -> float:
     """Bytes of one layer's weight as stored (its record and its weight, zeros counted), the
-    settings in ``keys`` with the block strategy (see :attr:`LayerChoices.block_keys`)."""
-    return model_bytes(module, DENSE_BITS, layout, block_keys=keys)["compressed_bytes"]
+    settings in ``keys`` with the block strategy (see :attr:`LayerChoices.block_keys`); a slice
+    of a fused expert parameter counted on its own."""
+    if isinstance(ref, experts.ExpertRef):
+        rec = ref.get_record()
+        terms, _numel = compressed_weight_bytes(ref.get_weight(), rec, DENSE_BITS, layout,
+                                                block_key(rec.settings) in set(keys))
+        return float(sum(terms.values()))
+    return model_bytes(ref.module, DENSE_BITS, layout, block_keys=keys)["compressed_bytes"]
 
 
 def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
@@ -443,7 +515,12 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     check_budget_config(config)
     layout, metric = config.budget_layout, config.budget_metric
     target_size = parse_size(config.target_size) if config.target_size is not None else None
-    choices = layer_choices(model, config, layout)
+    shifts = None
+    if config.allocation == "owl" and profile is None:  # OWL's shifts of the pruned options
+        shifts = owl_block_shifts(model, ids, [r.name for _b, r in budgeted_layers(model, config)],
+                                  device=device, owl_m=config.owl_m,
+                                  owl_lambda=config.owl_lambda)
+    choices = layer_choices(model, config, layout, shifts=shifts)
     dense_rest = model_bytes(model, DENSE_BITS, layout)["bytes"] - \
         sum(c.params for c in choices) * DENSE_BITS / 8
     check_target(choices, layout, dense_rest, config.target_bits, target_size)
@@ -485,24 +562,28 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block",
                disable=not verbose)
     for b in bar:
-        refs = find_linears(blocks[b], f"{blocks_name}.{b}")
+        refs = experts.find_layers(blocks[b], f"{blocks_name}.{b}", routers=config.routers)
         step = [(r, by_name[r.name].settings[choice[r.name]] if r.name in by_name else None)
                 for r in refs]
         block_rows = sweep_block(blocks[b], b, step, inputs, device=device,
                                  block_size=config.block_size, percdamp=config.percdamp,
-                                 hessian_dtype=getattr(torch, config.hessian_dtype))
+                                 hessian_dtype=getattr(torch, config.hessian_dtype),
+                                 expert_hessian=config.expert_hessian)
         for r, s in step:
             if s is None:
                 continue
             if not s.active:  # left at 16 bits: still one of the budgeted layers
-                r.module.compression = LayerCompression(settings=s)
+                if isinstance(r, experts.ExpertRef):
+                    r.set_record(LayerCompression(settings=s))
+                else:
+                    r.module.compression = LayerCompression(settings=s)
                 w = r.get_weight()
                 block_rows.append(dict(layer=r.name, shape=tuple(w.shape), sparsity=0.0,
                                        zeros=float((w == 0).float().mean()), bits=16,
                                        group_size=None, method="-+-", error=0.0,
                                        rel_error=0.0, seconds=0.0, block=b))
-            actual[r.name] = _stored_bytes(r.module, layout, by_name[r.name].block_keys)
-            modules[r.name] = r.module
+            actual[r.name] = _stored_bytes(r, layout, by_name[r.name].block_keys)
+            modules[r.name] = r
         rows.extend(block_rows)
         moved = any(abs(actual[r.name] - planned[r.name]) > 1e-6 for r, s in step
                     if s is not None)
@@ -533,6 +614,9 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
                        layout=layout, metric=metric, layers=choices)
     result = _result(profile, final, rows, actual, planned, dense_rest, config, seconds,
                      replans)
+    if shifts:
+        result.summary["owl sparsity shifts"] = (f"{min(shifts.values()):+.3f} .. "
+                                                 f"{max(shifts.values()):+.3f} by block")
     result.summary.update({"guard perplexity dense": before,
                            "guard perplexity predicted": predicted,
                            "guard perplexity": after})
@@ -558,8 +642,10 @@ def _stand_in_delta(w: torch.Tensor, s: LayerSettings) -> torch.Tensor:
 class PlanPreview:
     """The model as a plan would leave it, predicted before any weight changes.
 
-    Each budgeted layer's output gets ``c * dW x`` added (forward hooks; the weights are never
-    touched), where ``dW`` is the error of the option's quick stand-in (:func:`_stand_in_delta`:
+    Each budgeted layer's output gets ``c * dW x`` added (forward hooks; the weights are not
+    touched, but for the slices of fused expert parameters, which have no module of their own:
+    ``W + c dW`` is written into them for the pass and the weights restored bit for bit after
+    it), where ``dW`` is the error of the option's quick stand-in (:func:`_stand_in_delta`:
     magnitude pruning and round to nearest) and ``c`` scales it so that the layer's relative
     output error on the guard windows, ``||c dW x||^2 / ||W x||^2``, equals the one the profile
     measured for the shared solver with that option (``errors / energy``, on the held-out
@@ -577,14 +663,27 @@ class PlanPreview:
         self.index = {c.name: i for i, c in enumerate(profile.layers)}
         self.rel: dict[tuple[str, int], float] = {}  # (layer, option) -> stand-in rel. error
         self.dense: float | None = None
+        self._experts = [r for r in refs.values() if is_expert(r)]
 
-    def _ppl(self, hooks: list) -> float:
+    def _ppl(self, install, writes: list | None = None) -> float:
+        """Perplexity with the hooks ``install()`` returns in place (removed after) and each
+        ``(ExpertRef, new weight)`` of ``writes`` written into its fused parameter (restored
+        after, bit for bit); fused experts run their eager loop so that the hooks see each
+        expert's inputs."""
+        saved, hooks = [], []
         try:
-            return perplexity(self.model, None, self.ids, seqlen=self.ids.shape[1],
-                              verbose=False)
+            with expert_capture.calibrating(self.model, self._experts):
+                hooks = install()
+                for ref, new in writes or ():
+                    saved.append((ref, ref.get_weight().clone()))
+                    ref.set_weight(new)
+                return perplexity(self.model, None, self.ids, seqlen=self.ids.shape[1],
+                                  verbose=False)
         finally:
             for h in hooks:
                 h.remove()
+            for ref, old in reversed(saved):
+                ref.set_weight(old)
 
     def _measure(self, choice: dict[str, int]) -> None:
         """The stand-in's relative error of every (layer, option) of ``choice`` not yet known,
@@ -594,19 +693,22 @@ class PlanPreview:
         if not need and self.dense is not None:
             return
         sums = {n: [0.0, 0.0] for n in need}
-        hooks = []
-        for n, k in need.items():
-            ref, s = self.refs[n], self.profile.layers[self.index[n]].settings[k]
 
-            def hook(_m, args, _out, ref=ref, s=s, acc=sums[n]):
-                x = args[0]
-                w = ref.get_weight()
-                d = _stand_in_delta(w, s).to(x.dtype)
-                acc[0] += float(nn.functional.linear(x, d).float().pow(2).sum())
-                acc[1] += float(nn.functional.linear(x, w.to(x.dtype)).float().pow(2).sum())
+        def install():
+            hooks = []
+            for n, k in need.items():
+                ref, s = self.refs[n], self.profile.layers[self.index[n]].settings[k]
 
-            hooks.append(ref.module.register_forward_hook(hook))
-        dense = self._ppl(hooks)
+                def hook(x, ref=ref, s=s, acc=sums[n]):
+                    w = ref.get_weight()
+                    d = _stand_in_delta(w, s).to(x.dtype)
+                    acc[0] += float(nn.functional.linear(x, d).float().pow(2).sum())
+                    acc[1] += float(nn.functional.linear(x, w.to(x.dtype)).float().pow(2).sum())
+
+                hooks.append(expert_capture.watch(ref, hook))
+            return hooks
+
+        dense = self._ppl(install)
         if self.dense is None:
             self.dense = dense
         for n, k in need.items():
@@ -616,7 +718,7 @@ class PlanPreview:
     def perplexity(self, choice: dict[str, int]) -> float:
         """Perplexity on ``ids`` of the model as ``choice`` (layer -> option) would leave it."""
         self._measure(choice)
-        hooks = []
+        hooks, writes = [], []
         for n, k in choice.items():
             i = self.index[n]
             if not self.profile.layers[i].settings[k].active or self.rel[(n, k)] <= 0:
@@ -627,6 +729,10 @@ class PlanPreview:
             # own error, round to nearest, which the solver's does not exceed in practice
             c = math.sqrt(max(want, 0.0) / self.rel[(n, k)]) if math.isfinite(want) else 1.0
             ref, s = self.refs[n], self.profile.layers[i].settings[k]
+            if isinstance(ref, experts.ExpertRef):  # no module of its own: W + c dW in place
+                w = ref.get_weight()
+                writes.append((ref, (w.float() + c * _stand_in_delta(w, s)).to(w.dtype)))
+                continue
 
             def hook(_m, args, out, ref=ref, s=s, c=c):
                 x = args[0]
@@ -634,7 +740,7 @@ class PlanPreview:
                 return out + nn.functional.linear(x, d).to(out.dtype)
 
             hooks.append(ref.module.register_forward_hook(hook))
-        return self._ppl(hooks)
+        return self._ppl(lambda: hooks, writes)
 
 
 def _sane_target(preview: PlanPreview, profile: BudgetProfile, layout: str, metric: str,

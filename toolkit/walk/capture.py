@@ -16,7 +16,7 @@ from toolkit.plan.allocation import MAX_SPARSITY, exact_counts, owl_block_sparsi
 from toolkit.solver.hessian import HessianAccumulator
 from toolkit.walk.sweep import capture_block_inputs, run_block
 
-__all__ = ["capture_hessians", "capture_hessian", "block_outlier_ratios", "allocate"]
+__all__ = ["owl_block_shifts", "capture_hessians", "capture_hessian", "block_outlier_ratios", "allocate"]
 
 
 @torch.no_grad()
@@ -97,6 +97,22 @@ def block_outlier_ratios(model: nn.Module, ids: torch.Tensor, pool: dict[str, ob
             out[b] = (outliers / total, total)
         block.to(home)
     return out
+
+
+def owl_block_shifts(model: nn.Module, ids: torch.Tensor, names, *, device=None,
+                     owl_m: float = 5.0, owl_lambda: float = 0.08) -> dict[int, float]:
+    """OWL's sparsity shift of each block, ``{block: shift}``: the block sparsities of
+    :func:`toolkit.plan.allocation.owl_block_sparsities` around 0 (a band of width
+    ``2 * owl_lambda``, the mean weighted by the blocks' sizes exactly 0), from the outlier
+    ratios of the layers named in ``names`` (one dense pre-pass, :func:`block_outlier_ratios`).
+    The size planner adds it to the pruned options of each block (``target_bits`` with
+    ``allocation="owl"``, :func:`toolkit.plan.budget.layer_choices`)."""
+    check_allocation("owl", owl_m, owl_lambda)
+    stats = block_outlier_ratios(model, ids, dict.fromkeys(names), device, owl_m)
+    used = sorted(stats)
+    shifts = owl_block_sparsities([stats[b][0] for b in used], 0.0, owl_lambda,
+                                  weights=[stats[b][1] for b in used])
+    return dict(zip(used, shifts))
 
 
 def allocate(model: nn.Module, ids: torch.Tensor, layer_settings, *, allocation: str = "owl",

@@ -22,12 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from toolkit.model.experts import HESSIAN_SOURCES, ExpertRef, ExpertsError, fused_params, is_expert
+from toolkit.model.experts import (
+    FUSED_PARTS,
+    HESSIAN_SOURCES,
+    ExpertRef,
+    ExpertsError,
+    fused_params,
+    is_expert,
+)
 from toolkit.model.layers import is_conv1d
 from toolkit.solver.hessian import HessianAccumulator
 from toolkit.walk import distributed as dist
 
-__all__ = ["watch", "calibrating", "complete_groups", "phases", "hessian_budget",
+__all__ = ["watch", "watch_output", "calibrating", "complete_groups", "phases", "hessian_budget",
            "phase_hessians", "Calibration"]
 
 log = logging.getLogger("toolkit")
@@ -61,6 +68,11 @@ class _SliceCalls(TorchFunctionMode):
                         f"{'(out, in)' if stored_out_in else '(in, out)'}, but the layout says "
                         f"{'(in, out)' if self.disp.transposed else '(out, in)'}")
                 self.disp.seen((pname, e), args[0], self.capture, self.count)
+                out = func(*args, **kwargs)
+                if self.capture:
+                    for fn in self.disp.outs.get((pname, e), ()):
+                        fn(out)
+                return out
         return func(*args, **kwargs)
 
 
@@ -75,6 +87,7 @@ class _Dispatch:
     def __init__(self, name: str, owner: nn.Module, refs: list, all_tokens: bool):
         self.name, self.owner = name, owner
         self.fns: dict = {}
+        self.outs: dict = {}  # site -> fns called with the product's output (watch_output)
         self.counts: dict = {}
         self.calls = 0
         self.fused = isinstance(refs[0], ExpertRef)
@@ -287,6 +300,38 @@ def watch(ref, fn):
     fns = d.fns.setdefault(ref.site, [])
     fns.append(fn)
     return _Handle(fns, fn)
+
+
+def watch_output(ref, fn):
+    """Call ``fn(y, part)`` with the layer's output ``y`` each time the block calls it (tokens
+    along the leading dimensions) and ``part``, a function that takes this layer's columns of
+    ``y``, or of a tensor shaped like it such as its gradient (the identity but for a part of a
+    fused ``gate_up_proj``, whose product holds both parts: hooks go on ``y`` itself, which the
+    model goes on using, not on a slice of it); returns a handle with ``remove()``. Fused expert
+    layers need :func:`calibrating` around the runs."""
+    parts = len(FUSED_PARTS[ref.param]) if isinstance(ref, ExpertRef) else 1
+
+    def part(t):
+        if parts == 1:
+            return t
+        if ref.interleaved:
+            return t[..., ref.part::parts]
+        n = t.shape[-1] // parts
+        return t[..., ref.part * n:(ref.part + 1) * n]
+
+    if not isinstance(ref, ExpertRef):
+        return ref.module.register_forward_hook(lambda _m, _args, out: fn(out, part))
+    d = _ACTIVE.get(id(ref.owner))
+    if d is None:
+        raise RuntimeError(f"{ref.name}: expert outputs are only seen inside "
+                           "experts.calibrating(block, ...)")
+
+    def call(y):
+        fn(y, part)
+
+    fns = d.outs.setdefault(ref.site, [])
+    fns.append(call)
+    return _Handle(fns, call)
 
 
 # ---- groups and phases ---------------------------------------------------------------------------
