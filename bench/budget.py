@@ -75,6 +75,14 @@ def main(argv=None) -> int:
     p.add_argument("--holdouts", type=float, nargs="+", default=[0.5, 0.0],
                    help="profile_holdout values: the first runs every layout and target, the "
                         "others every layout at the compared targets, side by side")
+    p.add_argument("--allocations", nargs="+", default=["uniform"], choices=["uniform", "owl"],
+                   help="allocation values: the first runs the main grid, the others (owl: "
+                        "each block's pruned options shifted by OWL's block shift) every compact "
+                        "layout at the compared targets, side by side")
+    p.add_argument("--searches", type=int, nargs="+", default=[0],
+                   help="budget_search values (steps of the local search after the knapsack): "
+                        "the first runs the main grid, the others every layout at the compared "
+                        "targets, side by side (the same profile)")
     p.add_argument("--uniform", nargs="+", default=[label for label, _ in UNIFORM],
                    help="the uniform rows to run (labels)")
     p.add_argument("--menu", default=None,
@@ -157,16 +165,24 @@ def main(argv=None) -> int:
     # layout, at the compared targets
     first_layout, metric0, rows0 = args.layouts[0], args.metrics[0], args.rows[0]
     hold0 = args.holdouts[0]
-    jobs = [(layout, metric0, rows0, hold0, target) for layout in args.layouts
+    alloc0 = args.allocations[0]
+    s0 = args.searches[0]
+    jobs = [(layout, metric0, rows0, hold0, target, alloc0, s0) for layout in args.layouts
             for target in args.targets]
     compared = [t for t in args.targets if t in COMPARE]
-    jobs += [(first_layout, m, rows0, hold0, t) for m in args.metrics[1:] for t in compared]
-    jobs += [(first_layout, metric0, r, hold0, t) for r in args.rows[1:] for t in compared]
-    jobs += [(layout, metric0, rows0, h, t) for h in args.holdouts[1:] for layout in args.layouts
+    jobs += [(first_layout, m, rows0, hold0, t, alloc0, s0) for m in args.metrics[1:]
              for t in compared]
+    jobs += [(first_layout, metric0, r, hold0, t, alloc0, s0) for r in args.rows[1:]
+             for t in compared]
+    jobs += [(layout, metric0, rows0, h, t, alloc0, s0) for h in args.holdouts[1:]
+             for layout in args.layouts for t in compared]
+    jobs += [("compact", metric0, rows0, hold0, t, a, s0) for a in args.allocations[1:]
+             for t in compared]
+    jobs += [(layout, metric0, rows0, hold0, t, alloc0, n) for n in args.searches[1:]
+             for layout in args.layouts for t in compared]
     profiles = {}
-    for layout, _m, rows, hold, _t in jobs:
-        if (layout, rows, hold) in profiles:
+    for layout, _m, rows, hold, _t, alloc, _s in jobs:
+        if (layout, rows, hold, alloc) in profiles:
             continue
         # the reference, right before: a plain GPTQ 4-bit g128 compress with the same solver
         # options, timed in wall-clock and in this process's CPU seconds (the CPU ratio holds
@@ -176,17 +192,19 @@ def main(argv=None) -> int:
         compress(copy.deepcopy(base), tok, bits=4, group_size=128, **plain_kw)
         ref_wall, ref_cpu = time.perf_counter() - w0, time.process_time() - c0
         cfg = CompressConfig(target_bits=4.0, budget_layout=layout, profile_rows=rows,
-                             profile_holdout=hold, **common)
+                             profile_holdout=hold, allocation=alloc, **common)
         t0, c0 = time.perf_counter(), time.process_time()
         prof = profile_layers(base, ids, cfg, device="cpu", verbose=False)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        profiles[layout, rows, hold] = prof
+        profiles[layout, rows, hold, alloc] = prof
         solved = sum(1 for errs in prof.errors for e in errs if e == e and e != 0.0)
-        print(f"profile {layout:<8} rows {rows:<4} holdout {hold:<4}: {dt:6.1f}s wall, {dc:6.1f}s CPU = "
+        print(f"profile {layout:<8} rows {rows:<4} holdout {hold:<4} {alloc}: {dt:6.1f}s wall, "
+              f"{dc:6.1f}s CPU = "
               f"{dt / ref_wall:.2f}x / {dc / ref_cpu:.2f}x a plain GPTQ 4-bit g128 compress run "
               f"just before ({ref_wall:.1f}s wall, {ref_cpu:.1f}s CPU); {solved} layer-option "
               f"errors", flush=True)
         timing.append(dict(layout=layout, profile_rows=rows, profile_holdout=hold,
+                           allocation=alloc,
                            profile_seconds=dt,
                            menu=",".join(dict.fromkeys(s for c in prof.layers for s in c.specs)),
                            profile_cpu_seconds=dc, reference=REFERENCE,
@@ -195,14 +213,15 @@ def main(argv=None) -> int:
 
     # ---- 3. the budget runs ---------------------------------------------------------------------
     runs = []
-    for layout, metric, rows, hold, target in jobs:
-        prof = profiles[layout, rows, hold]
+    for layout, metric, rows, hold, target, alloc, search in jobs:
+        prof = profiles[layout, rows, hold, alloc]
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         # the guard off: the bench measures what every plan gives, broken ones included
         report = compress(model, tok, target_bits=target, budget_layout=layout,
                           budget_metric=metric, profile_rows=rows, profile_holdout=hold,
-                          profile=prof, budget_guard=None, **common)
+                          profile=prof, budget_guard=None, allocation=alloc,
+                          budget_search=search, **common)
         sweep_s = time.perf_counter() - t0
         size = model_bytes(model, layout=layout)
         ppl = perplexity(model, tok, eval_ids, seqlen=args.eval_seqlen, device="cpu",
@@ -212,8 +231,12 @@ def main(argv=None) -> int:
                  f"{', ' + metric if metric != 'fisher' else ''}"
                  f"{ACT_ORDER.replace(' ', ', ') if args.act_order else ''}"
                  f"{f', rows {rows:g}' if rows != 0.25 else ''}"
-                 f"{f', holdout {hold:g}' if hold != 0.5 else ''})")
+                 f"{f', holdout {hold:g}' if hold != 0.5 else ''}"
+                 f"{f', {alloc}' if alloc != 'uniform' else ''}"
+                 f"{f', search {search}' if search else ''})")
         row = dict(method=label, kind="budget", layout=layout, target_bits=target,
+                   allocation=alloc, budget_search=search,
+                   search=b_search(report),
                    metric=metric, profile_rows=rows, profile_holdout=hold,
                    sparsity=report.summary["sparsity (compressed)"], bits=0, group_size=pd.NA,
                    bytes=size["bytes"], bits_per_weight=size["bits_per_weight"],
@@ -270,7 +293,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     for t in timing:
         print(f"profile {t['layout']} rows {t['profile_rows']:g} holdout "
-              f"{t['profile_holdout']:g}: {t['profile_seconds']:.1f}s "
+              f"{t['profile_holdout']:g} {t['allocation']}: {t['profile_seconds']:.1f}s "
               f"wall, {t['profile_cpu_seconds']:.1f}s CPU: {t['ratio']:.2f}x / "
               f"{t['cpu_ratio']:.2f}x {t['reference']} ({t['reference_seconds']:.1f}s wall, "
               f"{t['reference_cpu_seconds']:.1f}s CPU)")
@@ -279,6 +302,11 @@ def main(argv=None) -> int:
     print(f"machine: {where}; total {(time.perf_counter() - t_start) / 60:.1f} min")
     print(f"wrote {out}, {_layers_path(args.out)} and {out.with_suffix('.png')}")
     return 0
+
+
+def b_search(report) -> str:
+    """The report's line on the local search ('' without one)."""
+    return report.budget.summary.get("budget search", "")
 
 
 def plot(df, path):
@@ -290,9 +318,16 @@ def plot(df, path):
     runs = df[df["kind"] == "budget"]
     if "profile_holdout" not in runs:  # a CSV written before the holdout existed: none
         runs = runs.assign(profile_holdout=0.0)
-    curves = {f"budget ({layout}, {metric}, rows {rows:g}, holdout {hold:g})": g
-              for (layout, metric, rows, hold), g in
-              runs.groupby(["layout", "metric", "profile_rows", "profile_holdout"])}
+    if "allocation" not in runs:  # a CSV written before OWL composed with budgets: uniform
+        runs = runs.assign(allocation="uniform")
+    if "budget_search" not in runs:  # written before the local search: none
+        runs = runs.assign(budget_search=0)
+    curves = {f"budget ({layout}, {metric}, rows {rows:g}, holdout {hold:g}"
+              f"{', ' + alloc if alloc != 'uniform' else ''}"
+              f"{f', search {int(n)}' if n else ''})": g
+              for (layout, metric, rows, hold, alloc, n), g in
+              runs.groupby(["layout", "metric", "profile_rows", "profile_holdout",
+                            "allocation", "budget_search"])}
     return plot_tradeoff(
         df[df["kind"] == "uniform"], path, curves=curves,
         title="SmolLM2-135M: size budget against uniform settings",

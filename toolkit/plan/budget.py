@@ -56,6 +56,12 @@ the unpruned option and only add error); in ``"compact"`` (kept codes + bitmask,
 Dense tensors and scales count at 16 bits: save a float32 model with
 ``save_compressed(..., dtype=torch.float16)`` for the file to match.
 
+Mixture-of-experts models: every expert's matrices are budgeted layers (each with a choice of
+its own), profiled on the tokens the dense router sends them; each expert's values in the plan
+are its errors times its token share (:attr:`BudgetProfile.share`, see :func:`option_values`).
+``allocation="owl"`` (compact layout) shifts the unstructured pruned options of each block by
+OWL's block shift (:func:`layer_choices`). Both are described in ``docs/size-budget.md``.
+
 Definitions: ``target_bits`` = ``8 * bytes / parameters`` over the *budgeted layers* (every
 linear layer inside the decoder blocks that ``ignore`` does not exclude, including any the
 plan leaves at 16 bits), scales, zero points and masks included -- the same quantity as
@@ -90,7 +96,7 @@ from toolkit.plan.allocation import MAX_SPARSITY
 __all__ = ["DEFAULT_MENU", "METRICS", "parse_menu", "parse_size", "check_budget_config",
            "wants_budget", "budgeted_layers", "LayerChoices", "layer_choices", "budget_range",
            "budget_bytes", "check_target", "BudgetProfile", "holdout_windows", "solve_knapsack",
-           "BudgetPlan", "option_values", "plan_budget", "DENSE_BITS"]
+           "BudgetPlan", "option_values", "frontier", "plan_budget", "DENSE_BITS"]
 
 log = logging.getLogger("toolkit")
 
@@ -476,6 +482,24 @@ def option_values(profile: BudgetProfile, i: int, metric: str) -> list[float]:
     return [e / en * share if en > 0 else 0.0 for e in errs]
 
 
+def frontier(profile: BudgetProfile, i: int, layout: str, metric: str
+             ) -> list[tuple[float, float, int]]:
+    """Layer ``i``'s options the planner considers, ``[(bytes, value, option)]`` by increasing
+    bytes and decreasing value: those measured, saving bytes where they prune, and not beaten
+    on both bytes and value by another option of the layer."""
+    c = profile.layers[i]
+    v = option_values(profile, i, metric)
+    cand = sorted((c.option_bytes(k, layout), v[k], k) for k in range(len(c.specs))
+                  if math.isfinite(v[k])
+                  and not _pruning_saves_nothing(c.settings[k], c.rows, c.cols, layout))
+    keep, best_v = [], math.inf
+    for bts, val, k in cand:
+        if val < best_v:
+            keep.append((bts, val, k))
+            best_v = val
+    return keep
+
+
 def plan_budget(profile: BudgetProfile, *, target_bits: float | None = None,
                 target_size=None, budget: float | None = None, layout: str | None = None,
                 metric: str = "fisher", layers: list[str] | None = None,
@@ -511,18 +535,7 @@ def plan_budget(profile: BudgetProfile, *, target_bits: float | None = None,
                                target_size)
     opts, costs_b, vals = [], [], []
     for n in names:
-        i = index[n]
-        c = profile.layers[i]
-        v = option_values(profile, i, metric)
-        cand = [(c.option_bytes(k, layout), v[k], k) for k in range(len(c.specs))
-                if math.isfinite(v[k])
-                and not _pruning_saves_nothing(c.settings[k], c.rows, c.cols, layout)]
-        cand.sort()
-        keep, best_v = [], math.inf  # drop options beaten on bytes and error
-        for bts, val, k in cand:
-            if val < best_v:
-                keep.append((bts, val, k))
-                best_v = val
+        keep = frontier(profile, index[n], layout, metric)
         opts.append([k for _b, _v, k in keep])
         costs_b.append([b for b, _v, _k in keep])
         vals.append([v for _b, v, _k in keep])

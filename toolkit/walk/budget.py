@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from toolkit.plan.budget import (
     budgeted_layers,
     check_budget_config,
     check_target,
+    frontier,
     holdout_windows,
     layer_choices,
     option_values,
@@ -48,8 +50,8 @@ from toolkit.walk import expert_capture
 from toolkit.walk.capture import owl_block_shifts
 from toolkit.walk.sweep import capture_block_inputs, find_groups, run_block, sweep_block
 
-__all__ = ["profile_layers", "output_sensitivity", "Sensitivity", "BudgetResult",
-           "BudgetCollapseError", "GUARD_WINDOWS", "PlanPreview",
+__all__ = ["profile_layers", "budget_choices", "output_sensitivity", "Sensitivity", "BudgetResult",
+           "BudgetCollapseError", "GUARD_WINDOWS", "PlanPreview", "search_plan", "SearchResult",
            "budget_sweep"]
 
 log = logging.getLogger("toolkit")
@@ -288,19 +290,34 @@ def profile_memory_note(model: nn.Module, ids: torch.Tensor, choices: list[Layer
             f"fewer --nsamples or --budget-metric relative (no gradient pass)")
 
 
+def budget_choices(model: nn.Module, ids: torch.Tensor, config: CompressConfig, layout: str,
+                   device=None, allocate: bool = True):
+    """``(choices, shifts)``: the :class:`LayerChoices` of every budgeted layer for ``layout``
+    and, with ``allocation="owl"`` (and ``allocate``), OWL's sparsity shift of each block
+    (:func:`toolkit.walk.capture.owl_block_shifts`, one dense pre-pass), already added to the
+    unstructured pruned options; ``shifts`` is None otherwise."""
+    shifts = None
+    if config.allocation == "owl" and allocate:
+        names = [r.name for _b, r in budgeted_layers(model, config)]
+        shifts = owl_block_shifts(model, ids, names, device=device, owl_m=config.owl_m,
+                                  owl_lambda=config.owl_lambda)
+    return layer_choices(model, config, layout, shifts=shifts), shifts
+
+
 @torch.no_grad()
 def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *, device,
                    layout: str | None = None, choices: list[LayerChoices] | None = None,
                    sensitivity: bool | None = None, verbose: bool = True) -> BudgetProfile:
     """Measure every budgeted layer's solver error for every option it may take (see the
     module docstring). The model is not changed. ``choices`` default to
-    :func:`layer_choices` for ``layout`` (default ``config.budget_layout``);
+    :func:`budget_choices` for ``layout`` (default ``config.budget_layout``; with
+    ``allocation="owl"`` the pruned options shifted block by block);
     ``sensitivity`` (default: when ``config.budget_metric`` is ``"fisher"``) also measures
     :func:`output_sensitivity` and the weighted errors."""
     t0 = time.perf_counter()
     layout = layout or config.budget_layout
     if choices is None:
-        choices = layer_choices(model, config, layout)
+        choices, _shifts = budget_choices(model, ids, config, layout, device)
     if sensitivity is None:
         sensitivity = config.budget_metric == "fisher"
     prof = BudgetProfile(
@@ -515,12 +532,9 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     check_budget_config(config)
     layout, metric = config.budget_layout, config.budget_metric
     target_size = parse_size(config.target_size) if config.target_size is not None else None
-    shifts = None
-    if config.allocation == "owl" and profile is None:  # OWL's shifts of the pruned options
-        shifts = owl_block_shifts(model, ids, [r.name for _b, r in budgeted_layers(model, config)],
-                                  device=device, owl_m=config.owl_m,
-                                  owl_lambda=config.owl_lambda)
-    choices = layer_choices(model, config, layout, shifts=shifts)
+    # OWL's shifts of the pruned options (a dense pre-pass; none to take with a profile given)
+    choices, shifts = budget_choices(model, ids, config, layout, device,
+                                     allocate=profile is None)
     dense_rest = model_bytes(model, DENSE_BITS, layout)["bytes"] - \
         sum(c.params for c in choices) * DENSE_BITS / 8
     check_target(choices, layout, dense_rest, config.target_bits, target_size)
@@ -543,13 +557,22 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
 
     guard_ids = ids[-GUARD_WINDOWS:]
     before = predicted = after = None
-    if config.budget_guard is not None:  # before any weight changes: the plan's preview
+    searched = None
+    if config.budget_guard is not None or config.budget_search:  # before any weight changes
         refs = {r.name: r for _b, r in budgeted_layers(model, config)}
         preview = PlanPreview(model, guard_ids, profile, refs)
         predicted = preview.perplexity(plan.choice)
-        before = preview.dense
-        _check_preview(preview, predicted, config, profile, plan, layout, metric, choices,
-                       dense_rest)
+        if config.budget_guard is not None:
+            before = preview.dense
+            _check_preview(preview, predicted, config, profile, plan, layout, metric, choices,
+                           dense_rest)
+        if config.budget_search:  # keep a change only when the preview reads them better
+            searched = search_plan(preview, profile, plan.choice, plan.budget, layout, metric,
+                                   config.budget_search, seed=config.seed,
+                                   verbose=config.verbose)
+            predicted = searched.history[-1]
+            choice = dict(searched.choice)
+            planned = {c.name: c.option_bytes(choice[c.name], layout) for c in choices}
 
     # ---- the sequential sweep, block by block, planning the rest again when bytes moved ----
     t0 = time.perf_counter()
@@ -588,7 +611,7 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
         moved = any(abs(actual[r.name] - planned[r.name]) > 1e-6 for r, s in step
                     if s is not None)
         rest = [c.name for c in choices if c.block > b]
-        if moved and rest:
+        if moved and rest and searched is None:  # a searched plan is kept as it is
             sub = plan_budget(profile, budget=plan.budget - sum(actual.values()),
                               layers=rest, layout=layout, metric=metric)
             choice.update(sub.choice)
@@ -617,6 +640,8 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     if shifts:
         result.summary["owl sparsity shifts"] = (f"{min(shifts.values()):+.3f} .. "
                                                  f"{max(shifts.values()):+.3f} by block")
+    if searched is not None:
+        result.summary["budget search"] = searched.line()
     result.summary.update({"guard perplexity dense": before,
                            "guard perplexity predicted": predicted,
                            "guard perplexity": after})
@@ -625,6 +650,9 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
 
 #: calibration windows (the last ones) the budget guard measures the perplexity on
 GUARD_WINDOWS = 4
+
+#: the most bytes of stand-in errors a :class:`PlanPreview` keeps between its passes
+PREVIEW_CACHE_BYTES = 1 << 30
 
 
 def _stand_in_delta(w: torch.Tensor, s: LayerSettings) -> torch.Tensor:
@@ -664,6 +692,20 @@ class PlanPreview:
         self.rel: dict[tuple[str, int], float] = {}  # (layer, option) -> stand-in rel. error
         self.dense: float | None = None
         self._experts = [r for r in refs.values() if is_expert(r)]
+        self._deltas: dict[tuple[str, int], torch.Tensor] = {}
+        self._cached = 0
+
+    def _delta(self, n: str, k: int) -> torch.Tensor:
+        """The stand-in's ``dW`` of layer ``n`` with option ``k`` (float32), kept for the next
+        passes while the kept ones take at most :data:`PREVIEW_CACHE_BYTES`."""
+        d = self._deltas.get((n, k))
+        if d is None:
+            d = _stand_in_delta(self.refs[n].get_weight(),
+                                self.profile.layers[self.index[n]].settings[k])
+            if self._cached + d.numel() * d.element_size() <= PREVIEW_CACHE_BYTES:
+                self._deltas[(n, k)] = d
+                self._cached += d.numel() * d.element_size()
+        return d
 
     def _ppl(self, install, writes: list | None = None) -> float:
         """Perplexity with the hooks ``install()`` returns in place (removed after) and each
@@ -697,11 +739,11 @@ class PlanPreview:
         def install():
             hooks = []
             for n, k in need.items():
-                ref, s = self.refs[n], self.profile.layers[self.index[n]].settings[k]
+                ref = self.refs[n]
 
-                def hook(x, ref=ref, s=s, acc=sums[n]):
+                def hook(x, ref=ref, n=n, k=k, acc=sums[n]):
                     w = ref.get_weight()
-                    d = _stand_in_delta(w, s).to(x.dtype)
+                    d = self._delta(n, k).to(x.dtype)
                     acc[0] += float(nn.functional.linear(x, d).float().pow(2).sum())
                     acc[1] += float(nn.functional.linear(x, w.to(x.dtype)).float().pow(2).sum())
 
@@ -728,19 +770,86 @@ class PlanPreview:
             # an option the profile did not measure (a layer with one option): the stand-in's
             # own error, round to nearest, which the solver's does not exceed in practice
             c = math.sqrt(max(want, 0.0) / self.rel[(n, k)]) if math.isfinite(want) else 1.0
-            ref, s = self.refs[n], self.profile.layers[i].settings[k]
+            ref = self.refs[n]
             if isinstance(ref, experts.ExpertRef):  # no module of its own: W + c dW in place
                 w = ref.get_weight()
-                writes.append((ref, (w.float() + c * _stand_in_delta(w, s)).to(w.dtype)))
+                writes.append((ref, (w.float() + c * self._delta(n, k)).to(w.dtype)))
                 continue
 
-            def hook(_m, args, out, ref=ref, s=s, c=c):
+            def hook(_m, args, out, n=n, k=k, c=c):
                 x = args[0]
-                d = _stand_in_delta(ref.get_weight(), s).mul_(c).to(x.dtype)
+                d = (self._delta(n, k) * c).to(x.dtype)
                 return out + nn.functional.linear(x, d).to(out.dtype)
 
             hooks.append(ref.module.register_forward_hook(hook))
         return self._ppl(lambda: hooks, writes)
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search_plan` did: the plan it ends with (``choice``), the guard perplexity
+    of the best plan after each step (``history[0]``: the knapsack's plan), how many changes
+    it kept, and its wall time."""
+
+    choice: dict[str, int]
+    history: list[float]
+    kept: int
+    steps: int
+    seconds: float
+
+    def line(self) -> str:
+        return (f"{self.steps} steps, {self.kept} changes kept, preview perplexity "
+                f"{self.history[0]:.4g} -> {self.history[-1]:.4g}, {self.seconds:.1f}s")
+
+
+def search_plan(preview: PlanPreview, profile: BudgetProfile, choice: dict[str, int],
+                budget: float, layout: str, metric: str, steps: int, *, seed: int = 0,
+                verbose: bool = False) -> SearchResult:
+    """A local search from a plan (``choice``), with the plan's preview as the measure
+    (after EvoPress, which searches per-layer levels with the model's own loss): each step
+    moves one layer, drawn at random, to its next larger option on its :func:`frontier`, pays
+    for it by moving other layers, drawn at random, one option down each until the plan fits
+    ``budget`` again, and keeps the change only when the preview's perplexity on its windows
+    drops. The knapsack's sum of per-layer errors leaves out how errors compound through the
+    model; the preview does not. ``steps`` forward passes over the preview's windows (the first
+    one's stand-ins are computed once and kept while they fit in :data:`PREVIEW_CACHE_BYTES`)."""
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    index = {c.name: i for i, c in enumerate(profile.layers)}
+    names = list(choice)
+    fronts = {n: frontier(profile, index[n], layout, metric) for n in names}
+    pos = {n: [k for _b, _v, k in fronts[n]].index(choice[n]) for n in names}
+    used = sum(fronts[n][pos[n]][0] for n in names)
+    best = preview.perplexity(choice)
+    history, kept = [best], 0
+    bar = tqdm(range(steps), desc="budget search", unit="step", disable=not verbose)
+    for _ in bar:
+        ups = [n for n in names if pos[n] + 1 < len(fronts[n])]
+        if not ups:
+            break
+        up = rng.choice(ups)
+        new = {up: pos[up] + 1}
+        need = used - budget + fronts[up][pos[up] + 1][0] - fronts[up][pos[up]][0]
+        payers = [n for n in names if n != up and pos[n] > 0]
+        rng.shuffle(payers)
+        for n in payers:
+            if need <= 1e-6:
+                break
+            new[n] = pos[n] - 1
+            need -= fronts[n][pos[n]][0] - fronts[n][pos[n] - 1][0]
+        if need > 1e-6:
+            history.append(best)
+            continue  # nothing left to pay with
+        trial = {n: fronts[n][new.get(n, pos[n])][2] for n in names}
+        ppl = preview.perplexity(trial)
+        if math.isfinite(ppl) and ppl < best:
+            pos.update(new)
+            used = sum(fronts[n][pos[n]][0] for n in names)
+            best, kept = ppl, kept + 1
+        history.append(best)
+        bar.set_postfix(perplexity=f"{best:.4g}", kept=kept)
+    return SearchResult(choice={n: fronts[n][pos[n]][2] for n in names}, history=history,
+                        kept=kept, steps=steps, seconds=time.perf_counter() - t0)
 
 
 def _sane_target(preview: PlanPreview, profile: BudgetProfile, layout: str, metric: str,
