@@ -22,6 +22,12 @@ same windows, the planner before the holdout) are compared side by side in one r
    runs the budget with ``act_order=True, static_groups=True`` and adds the uniform GPTQ rows
    with the same options, so that both sides use the same solver.
 
+``--allocations uniform owl`` adds, at the compared targets in the compact layout, the plans
+with ``allocation="owl"`` (each block's pruned options shifted by OWL's block shift);
+``--searches 0 40`` adds, at the compared targets in every layout, the plans improved by that
+many steps of ``budget_search`` (the same profile); ``--seed`` draws other calibration windows
+(and other profile row subsets and search moves) for every row.
+
 Writes ``data/results/budget_smollm2.csv`` (every row), ``budget_smollm2_layers.csv`` (the
 per-layer choices and profiled errors of every budget run) and ``budget_smollm2.png`` (the
 Pareto plot with one line per budget curve; ``--replot CSV`` redraws it from a CSV this script
@@ -91,6 +97,8 @@ def main(argv=None) -> int:
                    help="budget runs with act_order=True, static_groups=True (columns in order "
                         "of decreasing Hessian diagonal, groups fixed before: same bytes, storable "
                         "in every layout); adds the uniform GPTQ rows with the same options")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration window draw (every row of the run)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--replot", metavar="CSV", default=None,
                    help="only redraw the plot of a CSV this script wrote (next to it, .png)")
@@ -115,7 +123,7 @@ def main(argv=None) -> int:
 
     where = describe()
     settings = (f"calibration {Path(args.calibration).name} {args.nsamples} x {args.seqlen} "
-                f"tokens; perplexity on {Path(args.eval_text).name}, first {args.eval_windows} "
+                f"tokens{f' (seed {args.seed})' if args.seed else ''}; perplexity on {Path(args.eval_text).name}, first {args.eval_windows} "
                 f"windows x {args.eval_seqlen} tokens; dense tensors counted at 16 bits")
     print(f"machine: {where}\nsettings: {settings}\nnote: {GGUF_NOTE}", flush=True)
     t_start = time.perf_counter()
@@ -137,7 +145,7 @@ def main(argv=None) -> int:
     uniform = tradeoff(lambda: copy.deepcopy(base), tok, configs, eval_text,
                        eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
                        calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
-                       device="cpu", dense=False,
+                       seed=args.seed, device="cpu", dense=False,
                        on_row=lambda r: print(f"  {r['method']:<34} {r['bits_per_weight']:5.2f} "
                                               f"bits  ppl {r['perplexity']:8.3f}  "
                                               f"{r['compress_seconds']:6.1f}s {r['note']}",
@@ -146,14 +154,14 @@ def main(argv=None) -> int:
 
     # the same windows as the harness
     ids = get_calibration(args.calibration, tok, nsamples=args.nsamples, seqlen=args.seqlen,
-                          seed=0)
+                          seed=args.seed)
     eval_ids = tokenize_text(tok, eval_text)
     windows = min(args.eval_windows, eval_ids.numel() // args.eval_seqlen)
     eval_ids = eval_ids[: windows * args.eval_seqlen]
     timing = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     common = dict(calibration=ids, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
-                  verbose=False)
+                  verbose=False, seed=args.seed)
     if args.menu is not None:
         common["budget_menu"] = args.menu
     if args.act_order:

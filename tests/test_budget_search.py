@@ -83,6 +83,10 @@ def test_search_with_the_real_preview_and_in_compress(profiled):
     b = rep.budget
     assert b.summary["budget search"].startswith("6 steps")
     assert b.summary["bits/weight (budgeted)"] <= 3.5 and b.replans == 0
+    again = compress(tiny_model("llama"), calibration=ids, nsamples=N, seqlen=L, verbose=False,
+                     target_bits=3.5, budget_menu=MENU, budget_metric="relative",
+                     budget_search=6, profile=b.profile)  # the search does not change the profile
+    assert again.budget.plan.choice == b.plan.choice
     with pytest.raises(ValueError, match="budget_search must be an integer >= 0"):
         CompressConfig(target_bits=3.5, budget_search=-1)
 

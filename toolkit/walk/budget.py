@@ -72,7 +72,8 @@ def _fingerprint(model: nn.Module, refs: list[LinearRef], ids: torch.Tensor,
                  .encode())
     keep = {k: v for k, v in config.to_dict().items()
             if k not in ("target_bits", "target_size", "budget_layout", "budget_metric",
-                         "budget_guard", "verbose", "device", "calibration", "nsamples", "seqlen")}
+                         "budget_guard", "budget_search", "verbose", "device", "calibration",
+                         "nsamples", "seqlen")}
     h.update(repr(sorted(keep.items(), key=lambda kv: kv[0])).encode())
     return h.hexdigest()[:16]
 
