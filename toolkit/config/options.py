@@ -491,11 +491,13 @@ OPTIONS: tuple[Option, ...] = (
            "The sweep itself always uses every window", flag="--profile-holdout",
            parse=_parse_float, annotation="float"),
     Option("budget_search", 0, _int(0),
-           "under a target, steps of a local search after the knapsack: each step moves one "
-           "layer to its next larger option and pays with cheaper options elsewhere, and keeps "
-           "the change only when the plan's preview (the model with each layer's profiled "
-           "error in place) reads the last calibration windows better; one forward pass over "
-           "them per step (0 = the knapsack's plan)", flag="--budget-search", metavar="STEPS",
+           "under a target, steps of a local search after the knapsack (an experiment, off by "
+           "default: on SmolLM2 it fits the preview, not the model, see docs/size-budget.md): "
+           "each step moves one layer to its next larger option and pays with cheaper options "
+           "elsewhere, and keeps the change only when the plan's preview (the model with each "
+           "layer's profiled error in place) reads the last calibration windows better; one or "
+           "two forward passes over them per step (0 = the knapsack's plan)",
+           flag="--budget-search", metavar="STEPS",
            parse=_parse_int, annotation="int"),
     Option("budget_guard", 3.0, _budget_guard,
            "under a target, the largest perplexity ratio (compressed / dense, on the last "
