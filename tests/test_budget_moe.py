@@ -215,3 +215,35 @@ def test_owl_shifts_each_blocks_pruned_options():
     assert len(unstructured) >= 1
     for row in unstructured.itertuples():
         assert row.sparsity == pytest.approx(0.5 + shifts[row.block], abs=1e-4)
+
+
+def test_budgeted_experts_load_right_in_transformers_or_are_refused(tmp_path):
+    """A budgeted mixture of experts takes different settings per expert; written in the
+    standard layout, transformers either loads it to the toolkit's own logits or refuses it,
+    never a silent wrong model."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_moe("mixtral")
+    ids = random_ids(N, L)
+    compress(model, calibration=ids, nsamples=N, seqlen=L, verbose=False, target_bits=4.5,
+             budget_menu="16,8g32,4g32,3g32")
+    settings = {r.get_record().settings for _b, r in budgeted_layers(
+        model, CompressConfig(target_bits=4.5)) if is_expert(r)}
+    assert len(settings) >= 2  # the experts differ
+    with torch.no_grad():
+        want = model(ids[:2]).logits
+    out = save_compressed(model, tmp_path / "m", layout="standard")
+    with torch.no_grad():
+        assert torch.equal(load_compressed(out)(ids[:2]).logits, want)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    except Exception as e:  # refused: fine, as long as it says so
+        assert str(e)
+        return
+    with torch.no_grad():
+        got = loaded(ids[:2]).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
