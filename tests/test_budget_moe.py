@@ -84,6 +84,8 @@ def test_expert_share_is_its_routed_fraction_of_the_measuring_windows():
         assert share == routed[c.block][expert] / held.numel(), c.name
     assert sum(s for c, s in zip(prof.layers, prof.share)
                if c.block == 0 and c.name.endswith("down_proj")) == pytest.approx(2.0)  # top-2
+    table = prof.table().drop_duplicates("layer").set_index("layer")["share"]
+    assert [table[c.name] for c in prof.layers] == prof.share
 
 
 def test_values_scale_with_the_share_and_an_unreached_expert_takes_the_cheapest():

@@ -63,7 +63,7 @@ are its errors times its token share (:attr:`BudgetProfile.share`, see :func:`op
 OWL's block shift (:func:`layer_choices`). Both are described in ``docs/size-budget.md``.
 
 Definitions: ``target_bits`` = ``8 * bytes / parameters`` over the *budgeted layers* (every
-linear layer inside the decoder blocks that ``ignore`` does not exclude, including any the
+linear layer and expert matrix inside the decoder blocks that ``ignore`` does not exclude, including any the
 plan leaves at 16 bits), scales, zero points and masks included -- the same quantity as
 ``model_bytes(model, layout=...)["bits_per_weight"]`` after the run. ``target_size`` = the
 bytes of the whole checkpoint (:func:`toolkit.checkpoint.size.model_bytes` ``["bytes"]``: the budgeted
@@ -344,14 +344,15 @@ class BudgetProfile:
     def table(self) -> pd.DataFrame:
         """One row per layer and option: ``layer``, ``block``, ``option``, ``error``,
         ``rel_error`` (error / energy), ``weighted_error`` (NaN without sensitivities),
-        ``params``."""
+        ``params``, ``share`` (the layer's token share, 1 but for experts)."""
         rows = []
         for i, (c, errs, en) in enumerate(zip(self.layers, self.errors, self.energy)):
             for k, (spec, err) in enumerate(zip(c.specs, errs)):
                 rows.append(dict(layer=c.name, block=c.block, option=spec, error=err,
                                  rel_error=err / en if en > 0 else 0.0,
                                  weighted_error=self.weighted[i][k] if self.weighted
-                                 else math.nan, params=c.params))
+                                 else math.nan, params=c.params,
+                                 share=self.share[i] if self.share is not None else 1.0))
         return pd.DataFrame(rows)
 
 
