@@ -63,8 +63,8 @@ are its errors times its token share (:attr:`BudgetProfile.share`, see :func:`op
 OWL's block shift (:func:`layer_choices`). Both are described in ``docs/size-budget.md``.
 
 Definitions: ``target_bits`` = ``8 * bytes / parameters`` over the *budgeted layers* (every
-linear layer and expert matrix inside the decoder blocks that ``ignore`` does not exclude, including any the
-plan leaves at 16 bits), scales, zero points and masks included -- the same quantity as
+linear layer and expert matrix inside the decoder blocks that ``ignore`` does not exclude,
+including any the plan leaves at 16 bits), scales, zero points and masks included -- the same quantity as
 ``model_bytes(model, layout=...)["bits_per_weight"]`` after the run. ``target_size`` = the
 bytes of the whole checkpoint (:func:`toolkit.checkpoint.size.model_bytes` ``["bytes"]``: the budgeted
 layers plus every other tensor dense at 16 bits, tied tensors once), an integer or a string such
