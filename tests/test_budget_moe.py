@@ -249,3 +249,24 @@ def test_budgeted_experts_load_right_in_transformers_or_are_refused(tmp_path):
     with torch.no_grad():
         got = loaded(ids[:2]).logits
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
+def test_every_moe_family_with_routers_under_a_target(family):
+    """The other layouts of experts (shared experts, a dense first block, (in, out) storage with
+    interleaved gate/up), with the routers budgeted too: the routers choose the experts inside
+    their forward, so the preview writes their ``W + c dW`` in place (and puts it back)."""
+    model = tiny_moe(family)
+    ids = random_ids(N, L)
+    cfg = dict(target_bits=4.0, routers=True, budget_menu="16,8g32,4g32,3g32")
+    refs = [r for _b, r in budgeted_layers(model, CompressConfig(**cfg))]
+    plain = {r.name for _b, r in budgeted_layers(model, CompressConfig(**{**cfg,
+                                                                        "routers": False}))}
+    assert len({r.name for r in refs} - plain) >= 1  # the routers are budgeted layers too
+    rep = compress(model, calibration=ids, nsamples=N, seqlen=L, verbose=False, **cfg)
+    b = rep.budget
+    assert list(b.layers["layer"]) == [r.name for r in refs]
+    assert b.summary["bits/weight (budgeted)"] <= 4.0
+    assert math.isfinite(b.summary["guard perplexity predicted"])
+    for r in refs:
+        assert r.get_record().settings == b.plan.settings(r.name), r.name

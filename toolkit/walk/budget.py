@@ -27,7 +27,7 @@ from toolkit.config.records import LayerCompression
 from toolkit.measure.perplexity import perplexity
 from toolkit.model import experts
 from toolkit.model.experts import is_expert
-from toolkit.model.layers import LinearRef, find_blocks
+from toolkit.model.layers import LinearRef, find_blocks, is_conv1d
 from toolkit.plan.budget import (
     DENSE_BITS,
     BudgetPlan,
@@ -672,9 +672,9 @@ class PlanPreview:
     """The model as a plan would leave it, predicted before any weight changes.
 
     Each budgeted layer's output gets ``c * dW x`` added (forward hooks; the weights are not
-    touched, but for the slices of fused expert parameters, which have no module of their own:
-    ``W + c dW`` is written into them for the pass and the weights restored bit for bit after
-    it), where ``dW`` is the error of the option's quick stand-in (:func:`_stand_in_delta`:
+    touched, but for the slices of fused expert parameters, which have no module of their own,
+    and for routers, which choose the experts inside their forward: ``W + c dW`` is written
+    into them for the pass and the weights restored bit for bit after it), where ``dW`` is the error of the option's quick stand-in (:func:`_stand_in_delta`:
     magnitude pruning and round to nearest) and ``c`` scales it so that the layer's relative
     output error on the guard windows, ``||c dW x||^2 / ||W x||^2``, equals the one the profile
     measured for the shared solver with that option (``errors / energy``, on the held-out
@@ -772,7 +772,10 @@ class PlanPreview:
             # own error, round to nearest, which the solver's does not exceed in practice
             c = math.sqrt(max(want, 0.0) / self.rel[(n, k)]) if math.isfinite(want) else 1.0
             ref = self.refs[n]
-            if isinstance(ref, experts.ExpertRef):  # no module of its own: W + c dW in place
+            if isinstance(ref, experts.ExpertRef) or not (
+                    isinstance(ref.module, nn.Linear) or is_conv1d(ref.module)):
+                # no module of its own (a fused slice), or one whose output is not W x (a
+                # router that chooses the experts inside its forward): W + c dW in place
                 w = ref.get_weight()
                 writes.append((ref, (w.float() + c * self._delta(n, k)).to(w.dtype)))
                 continue
