@@ -25,7 +25,8 @@ same windows, the planner before the holdout) are compared side by side in one r
 ``--allocations uniform owl`` adds, at the compared targets in the compact layout, the plans
 with ``allocation="owl"`` (each block's pruned options shifted by OWL's block shift);
 ``--searches 0 40`` adds, at the compared targets in every layout, the plans improved by that
-many steps of ``budget_search`` (the same profile); ``--seed`` draws other calibration windows
+many steps of ``budget_search`` (the same profile); ``--calibrate`` adds the plans with
+``budget_calibrate=True`` likewise; ``--seed`` draws other calibration windows
 (and other profile row subsets and search moves) for every row.
 
 Writes ``data/results/budget_smollm2.csv`` (every row), ``budget_smollm2_layers.csv`` (the
@@ -89,6 +90,10 @@ def main(argv=None) -> int:
                    help="budget_search values (steps of the local search after the knapsack): "
                         "the first runs the main grid, the others every layout at the compared "
                         "targets, side by side (the same profile)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="add, at the compared targets in every layout, the plans with "
+                        "budget_calibrate=True (the sum weighted per layer kind by the "
+                        "preview's loss; the same profile), side by side")
     p.add_argument("--uniform", nargs="+", default=[label for label, _ in UNIFORM],
                    help="the uniform rows to run (labels)")
     p.add_argument("--menu", default=None,
@@ -188,6 +193,9 @@ def main(argv=None) -> int:
              for t in compared]
     jobs += [(layout, metric0, rows0, hold0, t, alloc0, n) for n in args.searches[1:]
              for layout in args.layouts for t in compared]
+    if args.calibrate:  # search -1 marks the calibrated runs
+        jobs += [(layout, metric0, rows0, hold0, t, alloc0, -1) for layout in args.layouts
+                 for t in compared]
     profiles = {}
     for layout, _m, rows, hold, _t, alloc, _s in jobs:
         if (layout, rows, hold, alloc) in profiles:
@@ -229,7 +237,8 @@ def main(argv=None) -> int:
         report = compress(model, tok, target_bits=target, budget_layout=layout,
                           budget_metric=metric, profile_rows=rows, profile_holdout=hold,
                           profile=prof, budget_guard=None, allocation=alloc,
-                          budget_search=search, **common)
+                          budget_search=max(search, 0), budget_calibrate=search < 0,
+                          **common)
         sweep_s = time.perf_counter() - t0
         size = model_bytes(model, layout=layout)
         ppl = perplexity(model, tok, eval_ids, seqlen=args.eval_seqlen, device="cpu",
@@ -241,10 +250,12 @@ def main(argv=None) -> int:
                  f"{f', rows {rows:g}' if rows != 0.25 else ''}"
                  f"{f', holdout {hold:g}' if hold != 0.5 else ''}"
                  f"{f', {alloc}' if alloc != 'uniform' else ''}"
-                 f"{f', search {search}' if search else ''})")
+                 f"{f', search {search}' if search > 0 else ''}"
+                 f"{', calibrated' if search < 0 else ''})")
         row = dict(method=label, kind="budget", layout=layout, target_bits=target,
-                   allocation=alloc, budget_search=search,
-                   search=b_search(report),
+                   allocation=alloc, budget_search=max(search, 0),
+                   budget_calibrate=search < 0, search=b_search(report),
+                   calibration=report.budget.summary.get("budget calibration", ""),
                    metric=metric, profile_rows=rows, profile_holdout=hold,
                    sparsity=report.summary["sparsity (compressed)"], bits=0, group_size=pd.NA,
                    bytes=size["bytes"], bits_per_weight=size["bits_per_weight"],
@@ -330,12 +341,14 @@ def plot(df, path):
         runs = runs.assign(allocation="uniform")
     if "budget_search" not in runs:  # written before the local search: none
         runs = runs.assign(budget_search=0)
+    if "budget_calibrate" not in runs:  # written before the calibrated sum: none
+        runs = runs.assign(budget_calibrate=False)
     curves = {f"budget ({layout}, {metric}, rows {rows:g}, holdout {hold:g}"
               f"{', ' + alloc if alloc != 'uniform' else ''}"
-              f"{f', search {int(n)}' if n else ''})": g
-              for (layout, metric, rows, hold, alloc, n), g in
+              f"{f', search {int(n)}' if n else ''}{', calibrated' if cal else ''})": g
+              for (layout, metric, rows, hold, alloc, n, cal), g in
               runs.groupby(["layout", "metric", "profile_rows", "profile_holdout",
-                            "allocation", "budget_search"])}
+                            "allocation", "budget_search", "budget_calibrate"])}
     return plot_tradeoff(
         df[df["kind"] == "uniform"], path, curves=curves,
         title="SmolLM2-135M: size budget against uniform settings",

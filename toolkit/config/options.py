@@ -499,6 +499,12 @@ OPTIONS: tuple[Option, ...] = (
            "two forward passes over them per step (0 = the knapsack's plan)",
            flag="--budget-search", metavar="STEPS",
            parse=_parse_int, annotation="int"),
+    Option("budget_calibrate", False, _bool,
+           "under a target, weigh the planner's sum per layer kind (q_proj, down_proj, ...) "
+           "by the model's own loss: one preview pass per kind, each kind's layers at their "
+           "cheapest option of 3 bits or more, the measured loss increase over the predicted "
+           "one is the kind's factor (an experiment, off by default; docs/size-budget.md)",
+           flag="--budget-calibrate", parse=_parse_bool, annotation="bool"),
     Option("budget_guard", 3.0, _budget_guard,
            "under a target, the largest perplexity ratio (compressed / dense, on the last "
            "calibration windows) a plan may reach: predicted before the sweep (the plan's "

@@ -483,13 +483,14 @@ def option_values(profile: BudgetProfile, i: int, metric: str) -> list[float]:
     return [e / en * share if en > 0 else 0.0 for e in errs]
 
 
-def frontier(profile: BudgetProfile, i: int, layout: str, metric: str
+def frontier(profile: BudgetProfile, i: int, layout: str, metric: str, scale: float = 1.0
              ) -> list[tuple[float, float, int]]:
     """Layer ``i``'s options the planner considers, ``[(bytes, value, option)]`` by increasing
     bytes and decreasing value: those measured, saving bytes where they prune, and not beaten
-    on both bytes and value by another option of the layer."""
+    on both bytes and value by another option of the layer. ``scale`` multiplies the values
+    (the calibrated weight of the layer's kind, :func:`toolkit.walk.budget.calibrate_scales`)."""
     c = profile.layers[i]
-    v = option_values(profile, i, metric)
+    v = [x * scale for x in option_values(profile, i, metric)]
     cand = sorted((c.option_bytes(k, layout), v[k], k) for k in range(len(c.specs))
                   if math.isfinite(v[k])
                   and not _pruning_saves_nothing(c.settings[k], c.rows, c.cols, layout))
@@ -504,7 +505,7 @@ def frontier(profile: BudgetProfile, i: int, layout: str, metric: str
 def plan_budget(profile: BudgetProfile, *, target_bits: float | None = None,
                 target_size=None, budget: float | None = None, layout: str | None = None,
                 metric: str = "fisher", layers: list[str] | None = None,
-                slack: float = 0.002) -> BudgetPlan:
+                slack: float = 0.002, scales: dict[str, float] | None = None) -> BudgetPlan:
     """Choose one option per layer minimising the summed error under the byte budget.
 
     The budget is ``target_bits`` (bits per weight of the budgeted layers), ``target_size``
@@ -514,6 +515,7 @@ def plan_budget(profile: BudgetProfile, *, target_bits: float | None = None,
     (an estimate of the loss increase, see :func:`output_sensitivity`; the profile must have
     them); ``"relative"`` sums ``error / tr(W H W^T)`` (each layer's lost fraction of its
     output energy on the calibration inputs); ``"raw"`` sums ``tr(dW H dW^T)`` as is.
+    ``scales`` (layer -> factor, default 1) multiply each layer's values.
 
     Options whose error was not measured are left out; so is any option another one of the
     same layer beats on both bytes and error, and any pruned option that saves no bytes in
@@ -536,7 +538,7 @@ def plan_budget(profile: BudgetProfile, *, target_bits: float | None = None,
                                target_size)
     opts, costs_b, vals = [], [], []
     for n in names:
-        keep = frontier(profile, index[n], layout, metric)
+        keep = frontier(profile, index[n], layout, metric, (scales or {}).get(n, 1.0))
         opts.append([k for _b, _v, k in keep])
         costs_b.append([b for b, _v, _k in keep])
         vals.append([v for _b, v, _k in keep])

@@ -52,6 +52,7 @@ from toolkit.walk.sweep import capture_block_inputs, find_groups, run_block, swe
 
 __all__ = ["profile_layers", "budget_choices", "output_sensitivity", "Sensitivity", "BudgetResult",
            "BudgetCollapseError", "GUARD_WINDOWS", "PlanPreview", "search_plan", "SearchResult",
+           "calibrate_scales", "Calibration", "layer_kind",
            "budget_sweep"]
 
 log = logging.getLogger("toolkit")
@@ -72,8 +73,8 @@ def _fingerprint(model: nn.Module, refs: list[LinearRef], ids: torch.Tensor,
                  .encode())
     keep = {k: v for k, v in config.to_dict().items()
             if k not in ("target_bits", "target_size", "budget_layout", "budget_metric",
-                         "budget_guard", "budget_search", "verbose", "device", "calibration",
-                         "nsamples", "seqlen")}
+                         "budget_guard", "budget_search", "budget_calibrate", "verbose",
+                         "device", "calibration", "nsamples", "seqlen")}
     h.update(repr(sorted(keep.items(), key=lambda kv: kv[0])).encode())
     return h.hexdigest()[:16]
 
@@ -549,8 +550,14 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
             raise ValueError("the profile was measured on another model, calibration or "
                              "settings than this call's: profile again (profile=None)")
         choices = profile.layers
+    scales = calibration = None
+    if config.budget_calibrate:  # the sum's weights per layer kind, from the preview
+        refs = {r.name: r for _b, r in budgeted_layers(model, config)}
+        preview = PlanPreview(model, ids[-GUARD_WINDOWS:], profile, refs)
+        calibration = calibrate_scales(preview, profile, layout, metric)
+        scales = calibration.scales
     plan = plan_budget(profile, target_bits=config.target_bits, target_size=target_size,
-                       layout=layout, metric=metric)
+                       layout=layout, metric=metric, scales=scales)
     first = plan
     by_name = {c.name: c for c in choices}
     choice = dict(plan.choice)
@@ -560,8 +567,9 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     before = predicted = after = None
     searched = None
     if config.budget_guard is not None or config.budget_search:  # before any weight changes
-        refs = {r.name: r for _b, r in budgeted_layers(model, config)}
-        preview = PlanPreview(model, guard_ids, profile, refs)
+        if calibration is None:
+            refs = {r.name: r for _b, r in budgeted_layers(model, config)}
+            preview = PlanPreview(model, guard_ids, profile, refs)
         predicted = preview.perplexity(plan.choice)
         if config.budget_guard is not None:
             before = preview.dense
@@ -614,7 +622,7 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
         rest = [c.name for c in choices if c.block > b]
         if moved and rest and searched is None:  # a searched plan is kept as it is
             sub = plan_budget(profile, budget=plan.budget - sum(actual.values()),
-                              layers=rest, layout=layout, metric=metric)
+                              layers=rest, layout=layout, metric=metric, scales=scales)
             choice.update(sub.choice)
             planned.update({n: by_name[n].option_bytes(choice[n], layout) for n in rest})
             replans += 1
@@ -631,7 +639,9 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
                            f"report it")
     if before is not None:
         after = _guard(model, guard_ids, before, config, choices, choice, dense_rest, layout)
-    values = {c.name: option_values(profile, i, metric) for i, c in enumerate(profile.layers)}
+    values = {c.name: [v * (scales or {}).get(c.name, 1.0)
+                       for v in option_values(profile, i, metric)]
+              for i, c in enumerate(profile.layers)}
     final = BudgetPlan(choice=choice, budget=first.budget, planned=sum(planned.values()),
                        value=sum(values[n][choice[n]] for n in choice),
                        resolution=first.resolution, rounding_bytes=first.rounding_bytes,
@@ -643,6 +653,8 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
                                                  f"{max(shifts.values()):+.3f} by block")
     if searched is not None:
         result.summary["budget search"] = searched.line()
+    if calibration is not None:
+        result.summary["budget calibration"] = calibration.line()
     result.summary.update({"guard perplexity dense": before,
                            "guard perplexity predicted": predicted,
                            "guard perplexity": after})
@@ -854,6 +866,65 @@ def search_plan(preview: PlanPreview, profile: BudgetProfile, choice: dict[str, 
         bar.set_postfix(perplexity=f"{best:.4g}", kept=kept)
     return SearchResult(choice={n: fronts[n][pos[n]][2] for n in names}, history=history,
                         kept=kept, steps=steps, seconds=time.perf_counter() - t0)
+
+
+def layer_kind(name: str) -> str:
+    """The kind of a budgeted layer: the last part of its name (``q_proj``, ``down_proj``; an
+    expert's matrices are of the kind of the same projection)."""
+    return name.rsplit(".", 1)[-1]
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate_scales` measured: ``scales`` (layer -> factor on its values),
+    ``kinds`` (kind -> ``(measured loss increase, predicted sum, factor)``), ``seconds``."""
+
+    scales: dict[str, float]
+    kinds: dict[str, tuple[float, float, float]]
+    seconds: float
+
+    def line(self) -> str:
+        return ", ".join(f"{k} x{f:.3g}" for k, (_m, _p, f) in self.kinds.items()) + \
+            f" ({self.seconds:.1f}s)"
+
+
+def calibrate_scales(preview: PlanPreview, profile: BudgetProfile, layout: str,
+                     metric: str) -> Calibration:
+    """One weight per layer kind for the planner's sum, calibrated on the model's own loss (as
+    HIGGS calibrates the per-layer weights of its sum): for each kind, every layer of that kind
+    takes its cheapest option of 3 bits or more on its :func:`frontier` (the largest error the
+    plans mostly use) and every other layer its largest option; the preview's increase of the
+    log-perplexity over the all-largest plan, divided by the summed values the planner predicts
+    for those options, is the kind's factor (where either is not positive: the median factor
+    of the other kinds, 1 without any). ``1 + kinds`` preview passes."""
+    t0 = time.perf_counter()
+    index = {c.name: i for i, c in enumerate(profile.layers)}
+    fronts = {c.name: frontier(profile, i, layout, metric) for i, c in enumerate(profile.layers)}
+    top = {n: f[-1][2] for n, f in fronts.items()}
+    base = math.log(preview.perplexity(top))
+    kinds: dict[str, tuple[float, float, float]] = {}
+    by_kind: dict[str, list[str]] = {}
+    for n in fronts:
+        by_kind.setdefault(layer_kind(n), []).append(n)
+    for kind, names in by_kind.items():
+        choice, predicted = dict(top), 0.0
+        for n in names:
+            c = profile.layers[index[n]]
+            low = [(b, v, k) for b, v, k in fronts[n] if (c.settings[k].bits or 16) >= 3]
+            if not low:
+                continue
+            _b, v, k = low[0]
+            choice[n] = k
+            predicted += v - fronts[n][-1][1]
+        measured = math.log(preview.perplexity(choice)) - base
+        f = measured / predicted if predicted > 0 and measured > 0 and \
+            math.isfinite(measured) else math.nan
+        kinds[kind] = (measured, predicted, f)
+    valid = sorted(f for _m, _p, f in kinds.values() if math.isfinite(f))
+    typical = valid[len(valid) // 2] if valid else 1.0  # for a kind that gave no factor
+    kinds = {k: (m, p, f if math.isfinite(f) else typical) for k, (m, p, f) in kinds.items()}
+    scales = {n: kinds[layer_kind(n)][2] for n in fronts}
+    return Calibration(scales=scales, kinds=kinds, seconds=time.perf_counter() - t0)
 
 
 def _sane_target(preview: PlanPreview, profile: BudgetProfile, layout: str, metric: str,
