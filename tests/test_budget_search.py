@@ -119,3 +119,55 @@ def test_preview_keeps_stand_ins_between_passes(profiled, monkeypatch):
     assert len(calls) > 2 * n
     assert torch.is_tensor(real(refs[prof.layers[0].name].get_weight(),
                                 prof.layers[0].settings[1]))
+
+
+class _KindLoss:
+    """A preview whose log-perplexity is a known weighted sum: each kind's summed values times
+    the kind's weight (weight 0 for o_proj: its errors cost nothing)."""
+
+    WEIGHTS = {"q_proj": 2.0, "k_proj": 0.5, "v_proj": 3.0, "o_proj": 0.0, "gate_proj": 1.0,
+               "up_proj": 4.0, "down_proj": 0.25}
+
+    def __init__(self, prof):
+        from toolkit.plan.budget import option_values
+        self.values = {c.name: option_values(prof, i, "relative")
+                       for i, c in enumerate(prof.layers)}
+
+    def perplexity(self, choice):
+        import math
+        return math.exp(sum(self.WEIGHTS[n.rsplit(".", 1)[-1]] * self.values[n][k]
+                            for n, k in choice.items()))
+
+
+def test_calibrated_factors_recover_each_kinds_weight(profiled):
+    """On a loss that is a weighted sum per kind, each kind's factor is its weight exactly; a
+    kind whose errors cost nothing takes the median factor of the others; the scales reach the
+    plan (uniform scales change nothing; one kind scaled up gets more bytes)."""
+    from toolkit.walk.budget import calibrate_scales
+
+    _model, ids, prof = profiled
+    cal = calibrate_scales(_KindLoss(prof), prof, "standard", "relative")
+    w = _KindLoss.WEIGHTS
+    for kind, (_m, _p, f) in cal.kinds.items():
+        if w[kind] > 0:
+            assert f == pytest.approx(w[kind], rel=1e-9), kind
+    assert cal.kinds["o_proj"][2] == pytest.approx(sorted(v for v in w.values() if v > 0)[3])
+    assert cal.scales[prof.layers[0].name] == cal.kinds[prof.layers[0].name.rsplit(".", 1)[-1]][2]
+    base = plan_budget(prof, target_bits=3.5, metric="relative")
+    same = plan_budget(prof, target_bits=3.5, metric="relative",
+                       scales={c.name: 7.0 for c in prof.layers})
+    assert same.choice == base.choice
+    up = plan_budget(prof, target_bits=3.5, metric="relative",
+                     scales={c.name: 50.0 if c.name.endswith("down_proj") else 1.0
+                             for c in prof.layers})
+
+    def down_bytes(plan):
+        return sum(c.option_bytes(plan.choice[c.name], "standard") for c in prof.layers
+                   if c.name.endswith("down_proj"))
+    assert down_bytes(up) > down_bytes(base)
+    m = tiny_model("llama")
+    rep = compress(m, calibration=ids, nsamples=N, seqlen=L, verbose=False, target_bits=3.5,
+                   budget_menu=MENU, budget_metric="relative", budget_calibrate=True)
+    line = rep.budget.summary["budget calibration"]
+    assert "q_proj x" in line and "down_proj x" in line
+    assert rep.budget.summary["bits/weight (budgeted)"] <= 3.5
