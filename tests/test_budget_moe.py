@@ -270,3 +270,25 @@ def test_every_moe_family_with_routers_under_a_target(family):
     assert math.isfinite(b.summary["guard perplexity predicted"])
     for r in refs:
         assert r.get_record().settings == b.plan.settings(r.name), r.name
+
+
+def test_profile_passes_cut_to_the_hessian_budget_give_the_same_errors(monkeypatch):
+    """A mixture-of-experts block is profiled in as few passes over the windows as the Hessian
+    budget allows (one here); cut to one group per pass, every error, energy and share is the
+    same, bit for bit."""
+    import toolkit.walk.expert_capture as ec
+
+    model = tiny_moe("mixtral")
+    ids = random_ids(N, L)
+    cfg = CompressConfig(target_bits=3.5, budget_menu=MENU, budget_layout="compact")
+    passes = []
+    real = ec.cut
+    monkeypatch.setattr(ec, "cut", lambda *a, **k: passes.append(real(*a, **k)) or passes[-1])
+    one = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    assert [len(p) for p in passes] == [1, 1]  # one pass per block
+    monkeypatch.setenv("TOOLKIT_MOE_HESSIAN_BYTES", "1")
+    passes.clear()
+    many = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    assert all(len(x) == 1 for p in passes for x in p) and len(passes[0]) > 4
+    assert many.errors == one.errors and many.weighted == one.weighted
+    assert many.energy == one.energy and many.share == one.share

@@ -4,7 +4,6 @@ only when the preview's perplexity drops, and its plan is what the sweep applies
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import random_ids, tiny_model
 
 from toolkit import CompressConfig, compress
@@ -117,8 +116,6 @@ def test_preview_keeps_stand_ins_between_passes(profiled, monkeypatch):
     small = PlanPreview(model, ids[-4:], prof, refs)
     assert small.perplexity(plan.choice) == pytest.approx(first, rel=1e-12)
     assert len(calls) > 2 * n
-    assert torch.is_tensor(real(refs[prof.layers[0].name].get_weight(),
-                                prof.layers[0].settings[1]))
 
 
 class _KindLoss:

@@ -368,14 +368,14 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
                     if r.name in by_name]
             with expert_capture.calibrating(block, mine):  # a no-op without experts
                 groups = find_groups(block, mine, inputs) if mine else []
-                # MoE: the groups of every expert playing one part form a phase, as many
-                # Hessians at a time as fit (twice: solving and measuring); one pass each
+                # MoE: as many Hessians per pass over the windows as fit in the budget (twice:
+                # solving and measuring); a dense block in one pass
                 itemsize = torch.finfo(dtype).bits // 8
-                phases = (expert_capture.phases(groups, expert_capture.hessian_budget(device)
-                                                // 2, itemsize)
+                passes = (expert_capture.cut(groups, expert_capture.hessian_budget(device) // 2,
+                                             itemsize)
                           if experts.has_experts(block) else [groups])
                 outputs = None
-                for phase in phases:
+                for phase in passes:
                     fit, meas, Hw, outputs = _block_hessians(block, phase, inputs, dtype,
                                                              fisher, held)
                     for group, a_fit, a_meas in zip(phase, fit, meas):
@@ -534,6 +534,7 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     check_budget_config(config)
     layout, metric = config.budget_layout, config.budget_metric
     target_size = parse_size(config.target_size) if config.target_size is not None else None
+    refs = {r.name: r for _b, r in budgeted_layers(model, config)}
     # OWL's shifts of the pruned options (a dense pre-pass; none to take with a profile given)
     choices, shifts = budget_choices(model, ids, config, layout, device,
                                      allocate=profile is None)
@@ -544,16 +545,17 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
         profile = profile_layers(model, ids, config, device=device, layout=layout,
                                  choices=choices, verbose=verbose)
     else:
-        refs = [r for _b, r in budgeted_layers(model, config)]
         if [c.name for c in profile.layers] != [c.name for c in choices] or \
-                profile.key != _fingerprint(model, refs, ids, config):
+                profile.key != _fingerprint(model, list(refs.values()), ids, config):
             raise ValueError("the profile was measured on another model, calibration or "
                              "settings than this call's: profile again (profile=None)")
         choices = profile.layers
     scales = calibration = None
+    guard_ids = ids[-GUARD_WINDOWS:]
+    preview = None  # one PlanPreview for the calibration, the guard and the search
+    if config.budget_calibrate or config.budget_guard is not None or config.budget_search:
+        preview = PlanPreview(model, guard_ids, profile, refs)
     if config.budget_calibrate:  # the sum's weights per layer kind, from the preview
-        refs = {r.name: r for _b, r in budgeted_layers(model, config)}
-        preview = PlanPreview(model, ids[-GUARD_WINDOWS:], profile, refs)
         calibration = calibrate_scales(preview, profile, layout, metric)
         scales = calibration.scales
     plan = plan_budget(profile, target_bits=config.target_bits, target_size=target_size,
@@ -563,13 +565,9 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     choice = dict(plan.choice)
     planned = {c.name: c.option_bytes(choice[c.name], layout) for c in choices}
 
-    guard_ids = ids[-GUARD_WINDOWS:]
     before = predicted = after = None
     searched = None
     if config.budget_guard is not None or config.budget_search:  # before any weight changes
-        if calibration is None:
-            refs = {r.name: r for _b, r in budgeted_layers(model, config)}
-            preview = PlanPreview(model, guard_ids, profile, refs)
         predicted = preview.perplexity(plan.choice)
         if config.budget_guard is not None:
             before = preview.dense
@@ -589,14 +587,14 @@ def budget_sweep(model: nn.Module, ids: torch.Tensor, config: CompressConfig, *,
     inputs = capture_block_inputs(model, blocks, ids, device)
     rows: list[dict] = []
     actual: dict[str, float] = {}
-    modules: dict[str, nn.Module] = {}
+    modules: dict[str, object] = {}  # layer name -> its ref, for the bytes as stored
     replans = 0
     bar = tqdm(range(len(blocks)), desc="compressing blocks", unit="block",
                disable=not verbose)
     for b in bar:
-        refs = experts.find_layers(blocks[b], f"{blocks_name}.{b}", routers=config.routers)
         step = [(r, by_name[r.name].settings[choice[r.name]] if r.name in by_name else None)
-                for r in refs]
+                for r in experts.find_layers(blocks[b], f"{blocks_name}.{b}",
+                                             routers=config.routers)]
         block_rows = sweep_block(blocks[b], b, step, inputs, device=device,
                                  block_size=config.block_size, percdamp=config.percdamp,
                                  hessian_dtype=getattr(torch, config.hessian_dtype),
@@ -686,7 +684,8 @@ class PlanPreview:
     Each budgeted layer's output gets ``c * dW x`` added (forward hooks; the weights are not
     touched, but for the slices of fused expert parameters, which have no module of their own,
     and for routers, which choose the experts inside their forward: ``W + c dW`` is written
-    into them for the pass and the weights restored bit for bit after it), where ``dW`` is the error of the option's quick stand-in (:func:`_stand_in_delta`:
+    into them for the pass and the weights restored bit for bit after it), where ``dW`` is the
+    error of the option's quick stand-in (:func:`_stand_in_delta`:
     magnitude pruning and round to nearest) and ``c`` scales it so that the layer's relative
     output error on the guard windows, ``||c dW x||^2 / ||W x||^2``, equals the one the profile
     measured for the shared solver with that option (``errors / energy``, on the held-out
@@ -722,9 +721,8 @@ class PlanPreview:
 
     def _ppl(self, install, writes: list | None = None) -> float:
         """Perplexity with the hooks ``install()`` returns in place (removed after) and each
-        ``(ExpertRef, new weight)`` of ``writes`` written into its fused parameter (restored
-        after, bit for bit); fused experts run their eager loop so that the hooks see each
-        expert's inputs."""
+        ``(layer, new weight)`` of ``writes`` written into the layer (restored after, bit for
+        bit); fused experts run their eager loop so that the hooks see each expert's inputs."""
         saved, hooks = [], []
         try:
             with expert_capture.calibrating(self.model, self._experts):

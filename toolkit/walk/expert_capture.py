@@ -34,7 +34,7 @@ from toolkit.model.layers import is_conv1d
 from toolkit.solver.hessian import HessianAccumulator
 from toolkit.walk import distributed as dist
 
-__all__ = ["watch", "watch_output", "calibrating", "complete_groups", "phases", "hessian_budget",
+__all__ = ["watch", "watch_output", "calibrating", "complete_groups", "phases", "cut", "hessian_budget",
            "phase_hessians", "Calibration"]
 
 log = logging.getLogger("toolkit")
@@ -396,18 +396,21 @@ def phases(groups: list[list], max_bytes: int | None = None,
     merged = _merge(groups)
     if max_bytes is None:
         return merged
-    out = []
-    for phase in merged:
-        cur, used = [], 0
-        for g in phase:
-            size = g[0].in_features ** 2 * itemsize
-            if cur and used + size > max_bytes:
-                out.append(cur)
-                cur, used = [], 0
-            cur.append(g)
-            used += size
-        out.append(cur)
-    return out
+    return [part for phase in merged for part in cut(phase, max_bytes, itemsize)]
+
+
+def cut(groups: list[list], max_bytes: int, itemsize: int = 4) -> list[list[list]]:
+    """``groups`` in order, cut into consecutive runs whose Hessians (``cols^2 * itemsize``
+    bytes each) take at most ``max_bytes`` (a group larger than that alone)."""
+    out, cur, used = [], [], 0
+    for g in groups:
+        size = g[0].in_features ** 2 * itemsize
+        if cur and used + size > max_bytes:
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(g)
+        used += size
+    return out + [cur] if cur else out
 
 
 def _merge(groups: list[list]) -> list[list[list]]:
