@@ -21,6 +21,8 @@ from toolkit.solver.hessian import (
     SolverError,
     inverse_cholesky_factor,
     reconstruction_error,
+    row_errors,
+    stacked_row_errors,
 )
 from toolkit.solver.layer import factorize, solve, solve_grids, solve_layers
 from toolkit.solver.masks import is_nm_valid, nm_mask, prune_lowest
@@ -366,6 +368,31 @@ def test_nan_in_weight():
     W[3, 5] = float("nan")
     with pytest.raises(ValueError, match="q_proj: weight contains NaN"):
         solve(W, H, sparsity=0.5, name="q_proj")
+
+
+def test_nan_in_a_stacked_weight_names_that_layer():
+    """The stack is checked once; the message still names the layer that holds the NaN."""
+    W, _, H = make_problem(8, 64)
+    bad = W.clone()
+    bad[2, 7] = float("inf")
+    with pytest.raises(ValueError, match="^k_proj: weight contains NaN or inf"):
+        solve_layers([W, bad, W], H, bits=4, names=["q_proj", "k_proj", "v_proj"])
+    with pytest.raises(ValueError, match="^up_proj: weight contains NaN or inf"):
+        solve_grids([W, bad], H, [(4, 32), (3, 32)], names=["gate_proj", "up_proj"])
+
+
+def test_stacked_row_errors_equal_one_product_per_pair():
+    """One product for several (W, W_hat) pairs gives each pair's own per-row errors."""
+    g = torch.Generator().manual_seed(3)
+    _W, _X, H = make_problem(8, 64)
+    H = H.double()
+    pairs = [(torch.randn(r, 64, generator=g, dtype=torch.float64),
+              torch.randn(r, 64, generator=g, dtype=torch.float64)) for r in (5, 1, 12)]
+    got = stacked_row_errors(pairs, H)
+    assert [t.shape[0] for t in got] == [5, 1, 12]
+    for (W, W_hat), rows in zip(pairs, got):
+        torch.testing.assert_close(rows, row_errors(W, W_hat, H), rtol=1e-12, atol=0)
+        assert float(rows.sum()) == pytest.approx(reconstruction_error(W, W_hat, H), rel=1e-12)
 
 
 def test_nan_in_hessian_inputs_names_the_layer():

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from toolkit.solver.gguf_grids import BlockFitter, GGUFGrid, gguf_type
-from toolkit.solver.hessian import SolverError, inverse_cholesky_factor, reconstruction_error
+from toolkit.solver.hessian import SolverError, inverse_cholesky_factor, stacked_row_errors
 from toolkit.solver.masks import check_pattern, check_sparsity, nm_mask, prune_lowest
 from toolkit.solver.quant import (
     check_bits,
@@ -233,8 +233,6 @@ def _stack_and_factor(weights, H, names, act_order, percdamp):
         if w.shape[1] != cols:
             raise ValueError(f"{nm}: weights stacked together must have the same number of "
                              f"columns: {cols} columns in the first, {w.shape[1]} here")
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{nm}: weight contains NaN or inf")
     Hm = H.H if isinstance(H, Factor) else H
     if Hm.shape != (cols, cols):
         raise ValueError(
@@ -254,6 +252,10 @@ def _stack_and_factor(weights, H, names, act_order, percdamp):
     U = factor.U.to(device=device, dtype=compute).contiguous()
     perm = None if factor.perm is None else factor.perm.to(device)
     W = torch.cat([w.to(compute) for w in weights], 0)
+    if not torch.isfinite(W).all():  # one check of the stack; then find the weight to name
+        for w, nm in zip(weights, names):
+            if not torch.isfinite(w).all():
+                raise ValueError(f"{nm}: weight contains NaN or inf")
     dead = torch.diagonal(factor.H).to(device) == 0
     if bool(dead.any()):
         W[:, dead] = 0
@@ -509,8 +511,10 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     results = []
     seconds = time.perf_counter() - t0
     Hf = (factor.H if error_H is None else error_H).to(device)
-    for (r0, r1), w_in in zip(seg_bounds, weights):
-        new = W[r0:r1].to(w_in.dtype, memory_format=torch.contiguous_format)
+    news = [W[r0:r1].to(w_in.dtype, memory_format=torch.contiguous_format)
+            for (r0, r1), w_in in zip(seg_bounds, weights)]
+    errors = stacked_row_errors(list(zip(weights, news)), Hf)  # in H's dtype
+    for (r0, r1), new, err in zip(seg_bounds, news, errors):
         results.append(SolveResult(
             weight=new,
             mask=keep[r0:r1].clone() if prune else None,
@@ -519,7 +523,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
             zero=zeros[r0:r1].clone() if quantizing else None,
             g_idx=g_idx,
             loss=float(loss[r0:r1].sum()),
-            error=reconstruction_error(w_in, new, Hf),  # in H's dtype
+            error=float(err.sum()),
             seconds=seconds * (r1 - r0) / rows,
             minimum=minimums[r0:r1].clone() if minimums is not None else None,
             gguf=fitter.grid().rows(r0, r1) if fitter is not None else None,
@@ -585,13 +589,20 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
                       for s in segs])
     scale = torch.empty(rows, dtype=torch.float32, device=device)  # each row's current grid
     zero = torch.empty_like(scale)
-    current = [-1] * len(segs)  # static groups: the group each segment's grid is from
     WT = W.t().contiguous()
     del W
     loss = torch.zeros(rows, dtype=WT.dtype, device=device)
     codesT = torch.empty(cols, rows, dtype=torch.uint8, device=device)
     cbuf = torch.empty(rows, dtype=WT.dtype, device=device)
     starts_all = set() if static_groups else {c for s in segs for c in s["starts"]}
+    # the segments whose grid starts at each column (dynamic groups)
+    starting: dict[int, list[int]] = {}
+    for j, s in enumerate(segs):
+        for c in s["starts"]:
+            starting.setdefault(c, []).append(j)
+    if static_groups:  # each segment's group of every visiting column, as an index
+        for s in segs:
+            s["static_idx"] = torch.tensor(s["static_of"], dtype=torch.long, device=device)
     d_all = torch.diagonal(U)
     d_float = d_all.tolist()
 
@@ -606,17 +617,27 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
         df = d_float[i1:i2]
         edges = set(range(0, count, SUB_BLOCK)) | {c - i1 for c in starts_all if i1 < c < i2}
         edges = sorted(edges) + [count]
+        if static_groups:  # every row's grid at every column of the block, gathered at once
+            scale_blk = torch.empty(count, rows, dtype=torch.float32, device=device)
+            zero_blk = torch.empty_like(scale_blk)
+            for s in segs:
+                idx = s["static_idx"][i1:i2]
+                scale_blk[:, s["r0"]:s["r1"]] = s["scales"][:, idx].t()
+                zero_blk[:, s["r0"]:s["r1"]] = s["zeros"][:, idx].t()
+        # the block's rows as views, made in one call each (indexing them one by one costs more
+        # than the arithmetic on them)
+        w_rows, c_rows, q_rows, e_rows = W1.unbind(0), C1.unbind(0), Q1.unbind(0), Err1.unbind(0)
+        if static_groups:
+            s_rows, z_rows = scale_blk.unbind(0), zero_blk.unbind(0)
         for a, b in zip(edges[:-1], edges[1:]):
             for i in range(a, b):
                 col = i1 + i
-                for j, s in enumerate(segs):
-                    r0, r1 = s["r0"], s["r1"]
-                    if static_groups:
-                        g = s["static_of"][col]
-                        if g != current[j]:
-                            current[j] = g
-                            scale[r0:r1], zero[r0:r1] = s["scales"][:, g], s["zeros"][:, g]
-                    elif col in s["starts"]:
+                if static_groups:
+                    scale, zero = s_rows[i], z_rows[i]
+                else:
+                    for j in starting.get(col, ()):  # the segments whose next group starts here
+                        s = segs[j]
+                        r0, r1 = s["r0"], s["r1"]
                         g, gend = s["starts"][col]
                         gw = W1[i:min(gend, i2) - i1, r0:r1]
                         if gend > i2:  # the group reaches past this block: current values there
@@ -624,12 +645,10 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
                         sc, ze = fit_grid(gw.t().contiguous(), s["bits"], sym=sym, mse=mse)
                         s["scales"][:, g], s["zeros"][:, g] = sc, ze
                         scale[r0:r1], zero[r0:r1] = sc, ze
-                w = W1[i]
+                w, c, q, e = w_rows[i], c_rows[i], q_rows[i], e_rows[i]
                 torch.div(w, scale, out=cbuf).round_().add_(zero).clamp_(min=0)
-                torch.minimum(cbuf, maxq, out=C1[i])
-                q = Q1[i]
-                dequantize(C1[i], scale, zero, out=q)
-                e = Err1[i]
+                torch.minimum(cbuf, maxq, out=c)
+                dequantize(c, scale, zero, out=q)
                 torch.sub(w, q, out=e)
                 _compensate(W1, U1, e, df[i], i, b)
             _carry(W1, U1, Err1, a, b)
@@ -647,13 +666,15 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
         codes = codes[:, inv]
     seconds = time.perf_counter() - t0
     Hf = (factor.H if error_H is None else error_H).to(device)
+    news = [W[s["r0"]:s["r1"]].to(w_in.dtype, memory_format=torch.contiguous_format)
+            for s, w_in in zip(segs, weights)]
+    errors = stacked_row_errors(list(zip(weights, news)), Hf)
     results = []
-    for s, w_in in zip(segs, weights):
+    for s, new, err in zip(segs, news, errors):
         r0, r1 = s["r0"], s["r1"]
         g_idx = s["natural"] if perm is None or static_groups else s["natural"][inv]
-        new = W[r0:r1].to(w_in.dtype, memory_format=torch.contiguous_format)
         results.append(SolveResult(
             weight=new, mask=None, codes=codes[r0:r1].clone(), scale=s["scales"],
             zero=s["zeros"], g_idx=g_idx, loss=float(loss[r0:r1].sum()),
-            error=reconstruction_error(w_in, new, Hf), seconds=seconds * (r1 - r0) / rows))
+            error=float(err.sum()), seconds=seconds * (r1 - r0) / rows))
     return results

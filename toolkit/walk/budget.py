@@ -44,7 +44,7 @@ from toolkit.plan.budget import (
     plan_budget,
 )
 from toolkit.solver.baselines import apply_mask, magnitude_mask, rtn_quantize
-from toolkit.solver.hessian import HessianAccumulator, reconstruction_error, row_errors
+from toolkit.solver.hessian import HessianAccumulator, reconstruction_error, stacked_row_errors
 from toolkit.solver.layer import factorize, solve_grids, solve_layers
 from toolkit.walk import expert_capture
 from toolkit.walk.capture import owl_block_shifts
@@ -208,7 +208,7 @@ def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dty
 
     def pre(a_fit, a_measure):
         def fn(x):
-            (a_measure if now["window"] in held else a_fit).add(x)
+            (a_measure if now["window"] in held else a_fit).add(x, check=False)
         return fn
 
     handles = [expert_capture.watch(g[0], pre(a, b)) for g, a, b in zip(groups, fit, measure)]
@@ -230,6 +230,8 @@ def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dty
     finally:
         for hd in handles:
             hd.remove()
+    for acc in [*fit, *(measure if held else []), *weighted.values()]:
+        acc.check_finite()  # once, after the pass (each batch unchecked above)
     Hw = {n: a.H for n, a in weighted.items()}
     if sens is not None:
         for g, m in zip(groups, measure):
@@ -250,7 +252,7 @@ def _weighted_hook(acc: HessianAccumulator, token: torch.Tensor, wanted=lambda: 
         t = x.shape[:-1].numel()
         if wanted():
             w = token[seen[0]:seen[0] + t].sqrt().to(x.dtype).reshape(x.shape[:-1] + (1,))
-            acc.add(x * w)
+            acc.add(x * w, check=False)  # checked once after the pass
         seen[0] += t
     return hook
 
@@ -446,14 +448,15 @@ def _profile_group(prof, group, a_fit, a_measure, Hw, by_name, fisher, config, d
             factors[act_order] = factorize(H, config.percdamp, act_order, name=group[0].name)
         return factors[act_order]
 
+    pending: dict[int, list] = {}  # layer -> [(option, solved weight)] to weight at the end
+
     def record(s, j, res):
         i = idx[j]
         k = choices[i].settings.index(s)
         scale = 1.0 if subsets[j] is None else choices[i].rows / len(subsets[j])
         prof.errors[i][k] = res.error * scale  # measured with H_measure (error_H)
         if fisher is not None:
-            per_row = row_errors(weights[j], res.weight, Hw[group[j].name])
-            prof.weighted[i][k] = float((weights_f[j] * per_row).sum()) * scale
+            pending.setdefault(j, []).append((k, res.weight))
 
     # grids without pruning that share the other solver options: one sweep for all of them
     # (solve_grids: the rows of a GPTQ sweep never interact, and the per-column cost is shared)
@@ -488,6 +491,13 @@ def _profile_group(prof, group, a_fit, a_measure, Hw, by_name, fisher, config, d
             for (s, j), res in zip(batch, results):
                 record(s, j, res)
             batch, rows = [], 0
+    # the weighted errors: every option of one layer in one product with its Hw
+    for j, done in pending.items():
+        i = idx[j]
+        scale = 1.0 if subsets[j] is None else choices[i].rows / len(subsets[j])
+        per_rows = stacked_row_errors([(weights[j], w) for _k, w in done], Hw[group[j].name])
+        for (k, _w), per_row in zip(done, per_rows):
+            prof.weighted[i][k] = float((weights_f[j] * per_row).sum()) * scale
 
 
 
