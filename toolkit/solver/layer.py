@@ -217,6 +217,26 @@ def _carry(W1: torch.Tensor, U1: torch.Tensor, Err1: torch.Tensor, a: int, b: in
         W1[b:].addmm_(U1[a:b, b:].t(), Err1[a:b], alpha=-1)
 
 
+def _fit_static(W: torch.Tensor, bounds: list[tuple[int, int]], bits: int, sym: bool, mse: bool,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static groups: every group's grid fitted on the natural column ranges ``bounds`` of ``W``
+    (rows x cols), as ``(scales, zeros)`` of shape (rows, groups). Groups of one width are fitted
+    in one call (each row of each group on its own: the values of one call per group)."""
+    rows, n = W.shape[0], len(bounds)
+    width = bounds[0][1] - bounds[0][0]
+    if n > 1 and all(b - a == width for a, b in bounds) and bounds[-1][1] == n * width:
+        flat = W[:, :n * width].reshape(rows * n, width)
+        k = None if keep is None else keep[:, :n * width].reshape(rows * n, width)
+        sc, ze = fit_grid(flat, bits, sym=sym, mse=mse, keep=k)
+        return sc.view(rows, n), ze.view(rows, n)
+    scales = torch.empty(rows, n, dtype=torch.float32, device=W.device)
+    zeros = torch.empty_like(scales)
+    for g, (a, b) in enumerate(bounds):
+        scales[:, g], zeros[:, g] = fit_grid(W[:, a:b], bits, sym=sym, mse=mse,
+                                             keep=None if keep is None else keep[:, a:b])
+    return scales, zeros
+
+
 def _stack_and_factor(weights, H, names, act_order, percdamp):
     """The checks and set-up :func:`solve_layers` and :func:`solve_grids` share: ``weights``
     (2-D, float, finite, the same columns) stacked as float32 rows (float64 when every weight
@@ -372,10 +392,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
             keep_nat = None
             if masks is not None:
                 keep_nat = torch.cat([m.to(device=device, dtype=torch.bool) for m in masks], 0)
-            for g, (a, b) in enumerate(bounds):
-                scales[:, g], zeros[:, g] = fit_grid(
-                    W_natural[:, a:b], bits, sym=sym, mse=mse,
-                    keep=None if keep_nat is None else keep_nat[:, a:b])
+            scales[:], zeros[:] = _fit_static(W_natural, bounds, bits, sym, mse, keep_nat)
             # the group of the column at each visiting position
             static_of = (natural_group if perm is None else natural_group[perm]).tolist()
             current_group = -1
@@ -577,9 +594,8 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
                                       device=device))
         seg["zeros"] = torch.empty_like(seg["scales"])
         if static_groups:  # every grid fitted now, on the natural column ranges
-            for g, (a, b) in enumerate(bounds):
-                seg["scales"][:, g], seg["zeros"][:, g] = fit_grid(
-                    W[seg["r0"]:seg["r1"], a:b], bits, sym=sym, mse=mse)
+            seg["scales"][:], seg["zeros"][:] = _fit_static(W[seg["r0"]:seg["r1"]], bounds,
+                                                            bits, sym, mse)
             seg["static_of"] = (natural if perm is None else natural[perm]).tolist()
         segs.append(seg)
         start += w.shape[0]

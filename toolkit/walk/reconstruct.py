@@ -112,7 +112,13 @@ class _Trained:
         return self.base * torch.exp(self.param[:, self.group])
 
     def tensor(self) -> torch.Tensor:
-        """What functional_call puts in place of the module's weight (Conv1D: transposed)."""
+        """What functional_call puts in place of the module's weight (Conv1D: transposed).
+        Kept weights of a pruned layer: the parameter itself, whose pruned entries start at 0
+        and never get a gradient (:func:`_trainable` masks it), so Adam leaves them exactly 0
+        and no masking runs in the forward."""
+        if self.kind == "weight":
+            w = self.param.to(self.ref.module.weight.dtype)
+            return w.T if self.ref.transposed else w
         w = self.weight().to(self.ref.module.weight.dtype)
         return w.T if self.ref.transposed else w
 
@@ -133,7 +139,10 @@ def _trainable(block: nn.Module, refs: list, dtype: torch.dtype) -> list[_Traine
             if not s.prunes:
                 continue
             mask = w0 != 0
-            out.append(_Trained(ref, key, "weight", w0.clone().requires_grad_(True), w0, mask))
+            param = torch.where(mask, w0, torch.zeros((), dtype=w0.dtype)).requires_grad_(True)
+            # pruned entries get no gradient: Adam (no weight decay) keeps them exactly 0
+            param.register_hook(lambda g, m=mask: torch.where(m, g, torch.zeros((), dtype=g.dtype)))
+            out.append(_Trained(ref, key, "weight", param, w0, mask))
             continue
         if comp.scale is None:
             continue
