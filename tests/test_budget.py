@@ -20,6 +20,7 @@ from toolkit.checkpoint.saveload import TOOLKIT_NAME, WEIGHTS_NAME, read_header
 from toolkit.checkpoint.size import model_bytes
 from toolkit.config.menu import DEFAULT_MENU, parse_menu, parse_size
 from toolkit.config.options import LayerSettings, add_flags, config_from_args
+from toolkit.model.layers import find_blocks
 from toolkit.plan.budget import (
     BudgetProfile,
     LayerChoices,
@@ -348,6 +349,30 @@ def test_profile_grids_in_batches_give_the_same_errors(monkeypatch):
     assert (a["error"][measured] > 0).all()
     np.testing.assert_allclose(b["error"], a["error"], rtol=1e-4)
     np.testing.assert_allclose(b["weighted_error"], a["weighted_error"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_profile_queues_blocks_bit_for_bit(monkeypatch, act_order):
+    """The same group of several blocks swept in one column loop (the queue) gives the profile
+    of one sweep per group, bit for bit; a queue that holds nothing (GRID_QUEUE_BYTES = 0) and
+    one that holds every block agree, with and without act-order + static groups."""
+    import toolkit.walk.budget as budget_mod
+
+    model = tiny_model("llama", hidden=128)
+    ids = random_ids(N, L)
+    cfg = CompressConfig(target_bits=3.0, budget_menu="16,8g128,4g64,3g128,2g64",
+                         act_order=act_order, static_groups=act_order)
+    calls = []
+    real = budget_mod.solve_grids_many
+    monkeypatch.setattr(budget_mod, "solve_grids_many",
+                        lambda problems, **kw: calls.append(len(problems)) or real(problems, **kw))
+    together = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    assert max(calls) == len(find_blocks(model)[1])  # each group of every block at once
+    calls.clear()
+    monkeypatch.setattr(budget_mod, "GRID_QUEUE_BYTES", 0)
+    alone = profile_layers(model, ids, cfg, device="cpu", verbose=False)
+    assert max(calls) == 1
+    assert together.errors == alone.errors and together.weighted == alone.weighted
 
 
 def test_profile_rows_scale_the_error():

@@ -24,7 +24,14 @@ from toolkit.solver.hessian import (
     row_errors,
     stacked_row_errors,
 )
-from toolkit.solver.layer import factorize, solve, solve_grids, solve_layers
+from toolkit.solver.layer import (
+    GridProblem,
+    factorize,
+    solve,
+    solve_grids,
+    solve_grids_many,
+    solve_layers,
+)
 from toolkit.solver.masks import is_nm_valid, nm_mask, prune_lowest
 from toolkit.solver.quant import fit_grid, group_bounds
 
@@ -484,6 +491,38 @@ def test_solve_grids_equals_one_solve_per_grid(act_order, static_groups, sym, ms
         assert got.error == pytest.approx(ref.error, rel=1e-9) and got.mask is None
         assert got.loss == pytest.approx(ref.loss, rel=1e-9)
         assert_on_grid(got, bits, w.shape)
+
+
+@pytest.mark.parametrize("act_order,static_groups",
+                         [(False, False), (True, False), (True, True)])
+def test_solve_grids_many_equals_one_call_per_problem(act_order, static_groups):
+    """Problems with their own weights, Hessians and grids (the same group sizes), solved in one
+    column loop: each gets bit for bit what its own solve_grids call gives, in float32, with
+    problems of other row counts padded beside it."""
+    g = torch.Generator().manual_seed(41)
+    problems = []
+    for k, rows in enumerate((12, 5, 12)):
+        W, X, _ = make_problem(rows, 256, seed=50 + k)
+        X[:, [3 + k]] = 0  # a dead input
+        H = 2 / X.shape[0] * X.T @ X
+        weights = [W, W[: max(1, rows // 2)] + 0.1 * torch.randn(max(1, rows // 2), 256,
+                                                                  generator=g)]
+        grids = [(4, 64), (3, 128)] if k != 1 else [(2, 128), (8, 64)]
+        problems.append(GridProblem(weights, H, grids, error_H=H * (1 + k) if k else None))
+    together = solve_grids_many(problems, act_order=act_order, static_groups=static_groups,
+                                block_size=64)
+    assert len(together) == 3
+    for p, got in zip(problems, together):
+        alone = solve_grids(p.weights, p.H, p.grids, act_order=act_order,
+                            static_groups=static_groups, block_size=64, error_H=p.error_H)
+        for a, b in zip(got, alone):
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.codes, b.codes)
+            assert torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+            assert torch.equal(a.g_idx.long(), b.g_idx.long())
+            assert a.error == b.error and a.loss == pytest.approx(b.loss, rel=1e-6)
+    with pytest.raises(ValueError, match="same number of columns"):
+        W, _X, H = make_problem(4, 128, seed=1)
+        solve_grids_many([problems[0], GridProblem([W], H, [(4, 64)])])
 
 
 def test_solve_grids_rejects_bad_grids_naming_them():

@@ -37,7 +37,7 @@ from toolkit.solver.quant import (
     quantize,
 )
 
-__all__ = ["solve", "solve_layers", "solve_grids", "factorize", "Factor", "SolveResult", "SolverError",
+__all__ = ["solve", "solve_layers", "solve_grids", "solve_grids_many", "GridProblem", "factorize", "Factor", "SolveResult", "SolverError",
            "check_solver_args"]
 
 
@@ -566,131 +566,239 @@ def solve_grids(weights: list[torch.Tensor], H: torch.Tensor | Factor,
 
     ``error_H``: as in :func:`solve_layers`.
     """
+    return solve_grids_many([GridProblem(weights, H, grids, names, error_H)], sym=sym, mse=mse,
+                            act_order=act_order, static_groups=static_groups,
+                            block_size=block_size, percdamp=percdamp)[0]
+
+
+@dataclass
+class GridProblem:
+    """One :func:`solve_grids` call's own arguments, for :func:`solve_grids_many`."""
+
+    weights: list[torch.Tensor]
+    H: torch.Tensor | Factor
+    grids: list[tuple[int, int | None]]
+    names: list[str] | None = None
+    error_H: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def solve_grids_many(problems: list[GridProblem], *, sym: bool = False, mse: bool = False,
+                     act_order: bool = False, static_groups: bool = False,
+                     block_size: int = 128, percdamp: float = 0.01) -> list[list[SolveResult]]:
+    """Several :func:`solve_grids` problems (each its own weights, Hessian and grids; the same
+    column count and solver options) in one loop over the columns: each problem's results are
+    bit for bit those of its own :func:`solve_grids` call. What is shared is the per-column work
+    that does not depend on a problem's Hessian (the rounding of every row of every problem at
+    once); each problem's updates still use its own factor. On a CPU a column sweep costs
+    mostly per column, not per row, so problems of one block's groups (or of several blocks)
+    solved together cost little more than one. Bit for bit where the problems' groups start at
+    the same columns (the same grids); otherwise a problem's in-block updates are split at the
+    others' group starts too, which moves its results by float rounding only.
+    """
     t0 = time.perf_counter()
-    names = names or [f"layer{i}" for i in range(len(weights))]
-    if not weights or len(grids) != len(weights):
-        raise ValueError("weights must be a non-empty list of 2-D tensors with one grid each, got "
-                         f"{len(weights)} weights and {len(grids)} grids")
-    grids = [(check_bits(b), check_group_size(g)) for b, g in grids]
-    for (b, _g), nm in zip(grids, names):
-        if b is None:
-            raise ValueError(f"{nm}: every grid needs bits in 2..8, got 16/None")
-    check_solver_args(0.0, None, grids[0][0], grids[0][1], act_order, block_size)
-    W, factor, U, perm = _stack_and_factor(weights, H, names, act_order, percdamp)
-    _check_error_hessian(error_H, factor.H)
-    cols, device = W.shape[1], W.device
-    rows = W.shape[0]
-    segs = []  # per weight: rows, grid, group ranges and where each group starts
-    start = 0
-    for w, (bits, gs) in zip(weights, grids):
-        bounds = group_bounds(cols, gs)
-        natural = torch.empty(cols, dtype=torch.int32, device=device)
-        for g, (a, b) in enumerate(bounds):
-            natural[a:b] = g
-        seg = dict(r0=start, r1=start + w.shape[0], bits=bits, maxq=2**bits - 1,
-                   bounds=bounds, natural=natural,
-                   starts={a: (g, b) for g, (a, b) in enumerate(bounds)},
-                   scales=torch.empty(w.shape[0], len(bounds), dtype=torch.float32,
-                                      device=device))
-        seg["zeros"] = torch.empty_like(seg["scales"])
-        if static_groups:  # every grid fitted now, on the natural column ranges
-            seg["scales"][:], seg["zeros"][:] = _fit_static(W[seg["r0"]:seg["r1"]], bounds,
-                                                            bits, sym, mse)
-            seg["static_of"] = (natural if perm is None else natural[perm]).tolist()
-        segs.append(seg)
-        start += w.shape[0]
-    if perm is not None:
-        W = W[:, perm]
-    maxq = torch.cat([torch.full((s["r1"] - s["r0"],), float(s["maxq"]), device=device)
-                      for s in segs])
-    scale = torch.empty(rows, dtype=torch.float32, device=device)  # each row's current grid
-    zero = torch.empty_like(scale)
-    WT = W.t().contiguous()
-    del W
-    loss = torch.zeros(rows, dtype=WT.dtype, device=device)
-    codesT = torch.empty(cols, rows, dtype=torch.uint8, device=device)
-    cbuf = torch.empty(rows, dtype=WT.dtype, device=device)
-    starts_all = set() if static_groups else {c for s in segs for c in s["starts"]}
-    # the segments whose grid starts at each column (dynamic groups)
-    starting: dict[int, list[int]] = {}
-    for j, s in enumerate(segs):
-        for c in s["starts"]:
-            starting.setdefault(c, []).append(j)
-    if static_groups:  # each segment's group of every visiting column, as an index
-        for s in segs:
-            s["static_idx"] = torch.tensor(s["static_of"], dtype=torch.long, device=device)
-    d_all = torch.diagonal(U)
-    d_float = d_all.tolist()
+    if not problems:
+        return []
+    check_solver_args(0.0, None, 4, None, act_order, block_size)
+    K = len(problems)
+    prepared = []
+    for p in problems:
+        names = p.names or [f"layer{i}" for i in range(len(p.weights))]
+        if not p.weights or len(p.grids) != len(p.weights):
+            raise ValueError("weights must be a non-empty list of 2-D tensors with one grid each, "
+                             f"got {len(p.weights)} weights and {len(p.grids)} grids")
+        grids = [(check_bits(b), check_group_size(g)) for b, g in p.grids]
+        for (b, _g), nm in zip(grids, names):
+            if b is None:
+                raise ValueError(f"{nm}: every grid needs bits in 2..8, got 16/None")
+        check_solver_args(0.0, None, grids[0][0], grids[0][1], act_order, block_size)
+        W, factor, U, perm = _stack_and_factor(p.weights, p.H, names, act_order, percdamp)
+        _check_error_hessian(p.error_H, factor.H)
+        prepared.append((W, factor, U, perm, grids))
+    cols, device = prepared[0][0].shape[1], prepared[0][0].device
+    for W, *_rest in prepared:
+        if W.shape[1] != cols:
+            raise ValueError(f"problems solved together must have the same number of columns: "
+                             f"{cols} in the first, {W.shape[1]} in another")
+    dtype = torch.float64 if all(W.dtype == torch.float64 for W, *_r in prepared) else torch.float32
+    R = max(W.shape[0] for W, *_r in prepared)
+    # the sweep works on (cols, problems, rows): column i of every problem is one contiguous
+    # (problems x rows) slab; a problem with fewer rows is padded with zero rows on the grid
+    # scale 1, zero 0 (they round to 0 and carry nothing)
+    WT = torch.zeros(cols, K, R, dtype=dtype, device=device)
+    maxq = torch.ones(K, R, dtype=dtype, device=device)
+    scale = torch.ones(K, R, dtype=torch.float32, device=device)  # each row's current grid
+    zero = torch.zeros(K, R, dtype=torch.float32, device=device)
+    Us, d_float, all_segs, rows_of = [], [], [], []
+    perms = [perm for _W, _f, _U, perm, _g in prepared]
+    hessians = [factor.H for _W, factor, _U, _p, _g in prepared]
+    for k, (W, _factor, U, perm, grids) in enumerate(prepared):
+        rows = W.shape[0]
+        rows_of.append(rows)
+        segs = []  # per weight: rows, grid, group ranges and where each group starts
+        start = 0
+        for w, (bits, gs) in zip(problems[k].weights, grids):
+            bounds = group_bounds(cols, gs)
+            natural = torch.empty(cols, dtype=torch.int32, device=device)
+            for g, (a, b) in enumerate(bounds):
+                natural[a:b] = g
+            seg = dict(r0=start, r1=start + w.shape[0], bits=bits, maxq=2**bits - 1,
+                       bounds=bounds, natural=natural,
+                       starts={a: (g, b) for g, (a, b) in enumerate(bounds)},
+                       scales=torch.empty(w.shape[0], len(bounds), dtype=torch.float32,
+                                          device=device))
+            seg["zeros"] = torch.empty_like(seg["scales"])
+            if static_groups:  # every grid fitted now, on the natural column ranges
+                seg["scales"][:], seg["zeros"][:] = _fit_static(W[seg["r0"]:seg["r1"]], bounds,
+                                                                bits, sym, mse)
+                of = natural if perm is None else natural[perm]
+                seg["static_idx"] = of.to(torch.long)
+            maxq[k, seg["r0"]:seg["r1"]] = float(seg["maxq"])
+            segs.append(seg)
+            start += w.shape[0]
+        all_segs.append(segs)
+        WT[:, k, :rows] = (W if perm is None else W[:, perm]).t().to(dtype)
+        Us.append(U.to(dtype))
+        d_float.append(torch.diagonal(U).tolist())  # U_ii as Python numbers (exact values)
+    del prepared
+    # aligned problems (the same segments: rows, grids; e.g. one group of several blocks): each
+    # segment's grids of every problem live in one stacked tensor, handled in one operation
+    layout = [[(s["r0"], s["r1"], s["bits"], tuple(s["bounds"])) for s in segs]
+              for segs in all_segs]
+    aligned = K > 1 and all(lay == layout[0] for lay in layout)
+    stacked = []  # per segment: (scales, zeros, static_idx or None), each stacked over problems
+    if aligned:
+        for j in range(len(all_segs[0])):
+            sc = torch.stack([segs[j]["scales"] for segs in all_segs])
+            ze = torch.stack([segs[j]["zeros"] for segs in all_segs])
+            for k, segs in enumerate(all_segs):  # the problems' own grids: views of the stack
+                segs[j]["scales"], segs[j]["zeros"] = sc[k], ze[k]
+            idx = (torch.stack([segs[j]["static_idx"] for segs in all_segs])
+                   if static_groups else None)
+            stacked.append((sc, ze, idx))
+    loss = torch.zeros(K, R, dtype=dtype, device=device)
+    codesT = torch.empty(cols, K, R, dtype=torch.uint8, device=device)
+    cbuf = torch.empty(K, R, dtype=dtype, device=device)
+    # dynamic groups: the (problem, segment) pairs whose next grid starts at each column
+    starting: dict[int, list[tuple[int, int]]] = {}
+    if not static_groups:  # aligned: problem -1 stands for all of them
+        for k, segs in enumerate(all_segs[:1] if aligned else all_segs):
+            k = -1 if aligned else k
+            for j, s in enumerate(segs):
+                for c in s["starts"]:
+                    starting.setdefault(c, []).append((k, j))
+    d_cols = torch.tensor(d_float, dtype=dtype, device=device).t().contiguous()  # (cols, K)
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         count = i2 - i1
-        W1 = WT[i1:i2]
+        W1 = WT[i1:i2]  # (count, K, R), a view
         Err1 = torch.zeros_like(W1)
         Q1 = torch.empty_like(W1)
         C1 = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        df = d_float[i1:i2]
-        edges = set(range(0, count, SUB_BLOCK)) | {c - i1 for c in starts_all if i1 < c < i2}
+        U1s = [U[i1:i2, i1:i2] for U in Us]
+        edges = set(range(0, count, SUB_BLOCK)) | {c - i1 for c in starting if i1 < c < i2}
         edges = sorted(edges) + [count]
         if static_groups:  # every row's grid at every column of the block, gathered at once
-            scale_blk = torch.empty(count, rows, dtype=torch.float32, device=device)
-            zero_blk = torch.empty_like(scale_blk)
-            for s in segs:
-                idx = s["static_idx"][i1:i2]
-                scale_blk[:, s["r0"]:s["r1"]] = s["scales"][:, idx].t()
-                zero_blk[:, s["r0"]:s["r1"]] = s["zeros"][:, idx].t()
-        # the block's rows as views, made in one call each (indexing them one by one costs more
-        # than the arithmetic on them)
-        w_rows, c_rows, q_rows, e_rows = W1.unbind(0), C1.unbind(0), Q1.unbind(0), Err1.unbind(0)
-        if static_groups:
+            scale_blk = torch.ones(count, K, R, dtype=torch.float32, device=device)
+            zero_blk = torch.zeros_like(scale_blk)
+            if aligned:  # one gather per segment for every problem
+                for (sc, ze, idx), s in zip(stacked, all_segs[0]):
+                    r0, r1 = s["r0"], s["r1"]
+                    at = idx[:, None, i1:i2].expand(K, r1 - r0, count)
+                    scale_blk[:, :, r0:r1] = torch.gather(sc, 2, at).permute(2, 0, 1)
+                    zero_blk[:, :, r0:r1] = torch.gather(ze, 2, at).permute(2, 0, 1)
+            else:
+                for k, segs in enumerate(all_segs):
+                    for s in segs:
+                        idx = s["static_idx"][i1:i2]
+                        scale_blk[:, k, s["r0"]:s["r1"]] = s["scales"][:, idx].t()
+                        zero_blk[:, k, s["r0"]:s["r1"]] = s["zeros"][:, idx].t()
             s_rows, z_rows = scale_blk.unbind(0), zero_blk.unbind(0)
+        # the block's column slabs as views, made in one call each (indexing them one by one
+        # costs more than the arithmetic on them)
+        w_rows, c_rows, q_rows, e_rows = W1.unbind(0), C1.unbind(0), Q1.unbind(0), Err1.unbind(0)
+        # each problem's part of the block (its own rows), for its own updates
+        W1k = [W1[:, k, :rows_of[k]] for k in range(K)]
+        Err1k = [Err1[:, k, :rows_of[k]] for k in range(K)]
+        if K > 1:  # U_ii per column, and each problem's own rows of each column's errors
+            d_blk = d_cols[i1:i2].unbind(0)
+            e_k = [Err1k[k].unbind(0) for k in range(K)]
         for a, b in zip(edges[:-1], edges[1:]):
             for i in range(a, b):
                 col = i1 + i
                 if static_groups:
-                    scale, zero = s_rows[i], z_rows[i]
+                    sc_i, ze_i = s_rows[i], z_rows[i]
                 else:
-                    for j in starting.get(col, ()):  # the segments whose next group starts here
-                        s = segs[j]
+                    sc_i, ze_i = scale, zero
+                    for k, j in starting.get(col, ()):  # a segment's next group starts here
+                        s = all_segs[max(k, 0)][j]
                         r0, r1 = s["r0"], s["r1"]
                         g, gend = s["starts"][col]
-                        gw = W1[i:min(gend, i2) - i1, r0:r1]
+                        if k < 0:  # aligned: every problem's rows of the segment in one fit
+                            gw = W1[i:min(gend, i2) - i1, :, r0:r1]
+                            if gend > i2:  # the group reaches past this block: current values
+                                gw = torch.cat([gw, WT[i2:gend, :, r0:r1]], 0)
+                            n = gw.shape[0]
+                            sc, ze = fit_grid(gw.permute(1, 2, 0).reshape(K * (r1 - r0), n),
+                                              s["bits"], sym=sym, mse=mse)
+                            sc, ze = sc.view(K, r1 - r0), ze.view(K, r1 - r0)
+                            stacked_sc, stacked_ze, _idx = stacked[j]
+                            stacked_sc[:, :, g], stacked_ze[:, :, g] = sc, ze
+                            scale[:, r0:r1], zero[:, r0:r1] = sc, ze
+                            continue
+                        gw = W1[i:min(gend, i2) - i1, k, r0:r1]
                         if gend > i2:  # the group reaches past this block: current values there
-                            gw = torch.cat([gw, WT[i2:gend, r0:r1]], 0)
+                            gw = torch.cat([gw, WT[i2:gend, k, r0:r1]], 0)
                         sc, ze = fit_grid(gw.t().contiguous(), s["bits"], sym=sym, mse=mse)
                         s["scales"][:, g], s["zeros"][:, g] = sc, ze
-                        scale[r0:r1], zero[r0:r1] = sc, ze
+                        scale[k, r0:r1], zero[k, r0:r1] = sc, ze
                 w, c, q, e = w_rows[i], c_rows[i], q_rows[i], e_rows[i]
-                torch.div(w, scale, out=cbuf).round_().add_(zero).clamp_(min=0)
+                torch.div(w, sc_i, out=cbuf).round_().add_(ze_i).clamp_(min=0)
                 torch.minimum(cbuf, maxq, out=c)
-                dequantize(c, scale, zero, out=q)
+                dequantize(c, sc_i, ze_i, out=q)
                 torch.sub(w, q, out=e)
-                _compensate(W1, U1, e, df[i], i, b)
-            _carry(W1, U1, Err1, a, b)
+                if K == 1:
+                    _compensate(W1k[0], U1s[0], e[0, :rows_of[0]], d_float[0][col], i, b)
+                else:  # what _compensate does: every problem's division at once, then each
+                    # problem's rank-one update with its own row of U (addr_, as one problem
+                    # alone: a broadcast product rounds differently)
+                    e.div_(d_blk[i][:, None])
+                    if i + 1 < b:
+                        for k in range(K):
+                            W1k[k][i + 1:b].addr_(U1s[k][i, i + 1:b], e_k[k][i], alpha=-1)
+            for k in range(K):
+                _carry(W1k[k], U1s[k], Err1k[k], a, b)
         loss += Err1.pow(2).sum(0) / 2
         W1.copy_(Q1)
         codesT[i1:i2] = C1.to(torch.uint8)
         if i2 < cols:
-            WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+            for k in range(K):
+                WT[i2:, k, :rows_of[k]].addmm_(Us[k][i1:i2, i2:].t(), Err1k[k], alpha=-1)
 
-    W = WT.t()
-    codes = codesT.t()
-    if perm is not None:
-        inv = torch.argsort(perm)
-        W = W[:, inv]
-        codes = codes[:, inv]
     seconds = time.perf_counter() - t0
-    Hf = (factor.H if error_H is None else error_H).to(device)
-    news = [W[s["r0"]:s["r1"]].to(w_in.dtype, memory_format=torch.contiguous_format)
-            for s, w_in in zip(segs, weights)]
-    errors = stacked_row_errors(list(zip(weights, news)), Hf)
-    results = []
-    for s, new, err in zip(segs, news, errors):
-        r0, r1 = s["r0"], s["r1"]
-        g_idx = s["natural"] if perm is None or static_groups else s["natural"][inv]
-        results.append(SolveResult(
-            weight=new, mask=None, codes=codes[r0:r1].clone(), scale=s["scales"],
-            zero=s["zeros"], g_idx=g_idx, loss=float(loss[r0:r1].sum()),
-            error=float(err.sum()), seconds=seconds * (r1 - r0) / rows))
-    return results
+    out = []
+    for k, p in enumerate(problems):
+        rows, segs = rows_of[k], all_segs[k]
+        W = WT[:, k, :rows].t()
+        codes = codesT[:, k, :rows].t()
+        perm = perms[k]
+        inv = None
+        if perm is not None:
+            inv = torch.argsort(perm)
+            W = W[:, inv]
+            codes = codes[:, inv]
+        Hf = (hessians[k] if p.error_H is None else p.error_H).to(device)
+        news = [W[s["r0"]:s["r1"]].to(w_in.dtype, memory_format=torch.contiguous_format)
+                for s, w_in in zip(segs, p.weights)]
+        errors = stacked_row_errors(list(zip(p.weights, news)), Hf)
+        results = []
+        for s, new, err in zip(segs, news, errors):
+            r0, r1 = s["r0"], s["r1"]
+            g_idx = s["natural"] if perm is None or static_groups else s["natural"][inv]
+            results.append(SolveResult(
+                weight=new, mask=None, codes=codes[r0:r1].clone(), scale=s["scales"],
+                zero=s["zeros"], g_idx=g_idx, loss=float(loss[k, r0:r1].sum()),
+                error=float(err.sum()), seconds=seconds * (r1 - r0) / (rows * K)))
+        out.append(results)
+    return out

@@ -45,7 +45,7 @@ from toolkit.plan.budget import (
 )
 from toolkit.solver.baselines import apply_mask, magnitude_mask, rtn_quantize
 from toolkit.solver.hessian import HessianAccumulator, reconstruction_error, stacked_row_errors
-from toolkit.solver.layer import factorize, solve_grids, solve_layers
+from toolkit.solver.layer import GridProblem, factorize, solve_grids_many, solve_layers
 from toolkit.walk import expert_capture
 from toolkit.walk.capture import owl_block_shifts
 from toolkit.walk.sweep import capture_block_inputs, find_groups, run_block, sweep_block
@@ -60,6 +60,10 @@ log = logging.getLogger("toolkit")
 #: The most rows the profile stacks in one sweep of several grids (memory: rows x columns
 #: floats, a few times over).
 GRID_ROWS = 16384
+#: Bytes of Hessians and weights the profile may hold for grid sweeps it has not run yet, so
+#: that the same group of several blocks is swept together (:class:`_GridQueue`); 0 sweeps each
+#: block's groups as soon as its Hessians are measured.
+GRID_QUEUE_BYTES = 1 << 30
 
 
 def _fingerprint(model: nn.Module, refs: list[LinearRef], ids: torch.Tensor,
@@ -360,6 +364,7 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
     model.eval()
     bar = tqdm(range(len(blocks)), desc="profiling blocks", unit="block",
                disable=not verbose)
+    queue = _GridQueue(GRID_QUEUE_BYTES)
     try:
         for b in bar:
             block = blocks[b]
@@ -382,12 +387,15 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
                                                              fisher, held)
                     for group, a_fit, a_meas in zip(phase, fit, meas):
                         _profile_group(prof, group, a_fit, a_meas, Hw, by_name, fisher,
-                                       config, device, tokens)
+                                       config, device, tokens, queue)
                     del fit, meas, Hw
+                    if experts.has_experts(block):
+                        queue.flush()  # a MoE block's Hessians are budgeted pass by pass
                 if outputs is None:
                     outputs = [run_block(block, inputs, h) for h in inputs.hidden]
             inputs.hidden = outputs
             block.to(home)
+        queue.flush()
     finally:
         model.train(was_training)
     if device is not None and torch.device(device).type == "cuda":
@@ -399,14 +407,51 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
     return prof
 
 
+class _GridQueue:
+    """The profile's grid sweeps, held back until enough are queued to solve together: problems
+    of the same shape (the same group of other blocks: same columns, rows, grids and options)
+    run in one column loop (:func:`toolkit.solver.layer.solve_grids_many`, the results of
+    one call each, bit for bit). Each queued problem keeps its Hessians alive, so the queue is
+    flushed once they pass ``budget`` bytes (and at the end): a model whose blocks' Hessians are
+    large is solved a block at a time, as before."""
+
+    def __init__(self, budget: int):
+        self.budget, self.bytes = budget, 0
+        self.jobs: list[tuple[tuple, GridProblem, object]] = []
+        self.finishers: list = []
+
+    def add(self, jobs, finisher, nbytes: int) -> None:
+        self.jobs += jobs
+        self.finishers.append(finisher)
+        self.bytes += nbytes
+        if self.bytes > self.budget:
+            self.flush()
+
+    def flush(self) -> None:
+        buckets: dict[tuple, list] = {}
+        for key, problem, done in self.jobs:
+            buckets.setdefault(key, []).append((problem, done))
+        for key, items in buckets.items():
+            _cols, _rows, _grids, (sym, mse, act_order, static_groups), block_size = key
+            results = solve_grids_many([p for p, _d in items], sym=sym, mse=mse,
+                                       act_order=act_order, static_groups=static_groups,
+                                       block_size=block_size)
+            for (_p, done), res in zip(items, results):
+                done(res)
+        for finish in self.finishers:
+            finish()
+        self.jobs, self.finishers, self.bytes = [], [], 0
+
+
 def _profile_group(prof, group, a_fit, a_measure, Hw, by_name, fisher, config, device,
-                   tokens):
+                   tokens, queue: _GridQueue):
     """Every option of every layer of one group: one solve per distinct setting with the
     Hessian of ``a_fit``, the group's layers that may take it stacked (each on its row subset),
     each error measured with that of ``a_measure`` (the held-out windows'; ``a_fit`` itself
     without a holdout). Experts: their token share is ``a_measure``'s tokens over ``tokens``;
     one that no measuring token reaches has error 0 for every option (share 0), one that no
-    solving token reaches is solved on the measuring Hessian."""
+    solving token reaches is solved on the measuring Hessian. The grid sweeps (and the weighted
+    errors after them) go to ``queue``; the pruned options are solved here."""
     choices = prof.layers
     idx = [by_name[r.name] for r in group]
     if is_expert(group[0]):
@@ -473,31 +518,43 @@ def _profile_group(prof, group, a_fit, a_measure, Hw, by_name, fisher, config, d
             names=[group[j].name for j in members], error_H=held_out)
         for j, res in zip(members, results):
             record(s, j, res)
-    for (sym, mse, act_order, static_groups), jobs in grids.items():
+    jobs, nbytes = [], 0
+    for shared, members in grids.items():
         # at most GRID_ROWS rows per sweep (more when one layer alone has more)
         batch, rows = [], 0
-        for n, (s, j) in enumerate(jobs):
+        for n, (s, j) in enumerate(members):
             batch.append((s, j))
             rows += weights[j].shape[0]
-            nxt = weights[jobs[n + 1][1]].shape[0] if n + 1 < len(jobs) else None
+            nxt = weights[members[n + 1][1]].shape[0] if n + 1 < len(members) else None
             if nxt is not None and rows + nxt <= GRID_ROWS:
                 continue
-            results = solve_grids(
-                [weights[j] for _s, j in batch], factor(act_order),
-                [(s.bits, s.group_size) for s, _j in batch], sym=sym, mse=mse,
-                act_order=act_order, static_groups=static_groups,
-                block_size=config.block_size, names=[group[j].name for _s, j in batch],
-                error_H=held_out)
-            for (s, j), res in zip(batch, results):
-                record(s, j, res)
+            problem = GridProblem([weights[j] for _s, j in batch], factor(shared[2]),
+                                  [(s.bits, s.group_size) for s, _j in batch],
+                                  [group[j].name for _s, j in batch], held_out)
+            key = (weights[0].shape[1], tuple(weights[j].shape[0] for _s, j in batch),
+                   tuple((s.bits, s.group_size) for s, _j in batch), shared,
+                   config.block_size)
+
+            def done(results, batch=batch):
+                for (s, j), res in zip(batch, results):
+                    record(s, j, res)
+            jobs.append((key, problem, done))
+            nbytes += sum(weights[j].numel() * weights[j].element_size() for _s, j in batch)
             batch, rows = [], 0
-    # the weighted errors: every option of one layer in one product with its Hw
-    for j, done in pending.items():
-        i = idx[j]
-        scale = 1.0 if subsets[j] is None else choices[i].rows / len(subsets[j])
-        per_rows = stacked_row_errors([(weights[j], w) for _k, w in done], Hw[group[j].name])
-        for (k, _w), per_row in zip(done, per_rows):
-            prof.weighted[i][k] = float((weights_f[j] * per_row).sum()) * scale
+
+    def finish():  # the weighted errors: every option of one layer in one product with its Hw
+        for j, solved in pending.items():
+            i = idx[j]
+            scale = 1.0 if subsets[j] is None else choices[i].rows / len(subsets[j])
+            per_rows = stacked_row_errors([(weights[j], w) for _k, w in solved],
+                                          Hw[group[j].name])
+            for (k, _w), per_row in zip(solved, per_rows):
+                prof.weighted[i][k] = float((weights_f[j] * per_row).sum()) * scale
+    # what the queued sweep keeps alive: the factor and the Hessians the errors are measured with
+    cols = weights[0].shape[1]
+    item = torch.finfo(H.dtype).bits // 8
+    nbytes += cols * cols * item * (2 + (H_measure is not H) + (len(group) if fisher else 0))
+    queue.add(jobs, finish, nbytes)
 
 
 
