@@ -70,19 +70,24 @@ def pcg_masked_lstsq(W: torch.Tensor, keep: torch.Tensor, H: torch.Tensor, X0: t
     Z = R * inv
     P = Z.clone()
     rz = (R * Z).sum(1)
+    # the loop's matrices are reused in place: the same values as fresh tensors, without
+    # allocating (and faulting in) four rows x cols buffers per iteration
+    AP = torch.empty_like(P)
+    tmp = torch.empty_like(P)
     for _ in range(iters):
-        AP = (P @ Hd) * M
-        pap = (P * AP).sum(1)
+        torch.matmul(P, Hd, out=AP)
+        AP.mul_(M)
+        pap = torch.mul(P, AP, out=tmp).sum(1)
         ok = (pap > 0) & (rz > 0)
         alpha = torch.where(ok, rz / torch.where(ok, pap, torch.ones_like(pap)),
                             torch.zeros_like(pap))
         X.addcmul_(alpha[:, None], P)
         R.addcmul_(alpha[:, None], AP, value=-1.0)
-        Z = R * inv
-        rz_new = (R * Z).sum(1)
+        torch.mul(R, inv, out=Z)
+        rz_new = torch.mul(R, Z, out=tmp).sum(1)
         beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)),
                            torch.zeros_like(rz))
-        P = Z + beta[:, None] * P
+        P.mul_(beta[:, None]).add_(Z)  # Z + beta * P
         rz = rz_new
     return X * M
 
