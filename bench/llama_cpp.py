@@ -20,7 +20,8 @@ Q4_K_M as llama.cpp's preset), three files:
 * ``llama.cpp imatrix``: ``llama-quantize --imatrix`` with the importance matrix that
   ``llama-imatrix`` computed on the same calibration text the toolkit uses;
 * ``toolkit gptq``: ``compress(model, tok, gguf=TARGET)`` on the calibration windows, written by
-  ``save_gguf``.
+  ``save_gguf``;
+* ``toolkit gptq asymmetric`` (with ``--asymmetric``): the same with ``asymmetric=True``.
 
 Every file is scored twice: by ``llama-perplexity`` (llama.cpp's own protocol: windows of
 ``--eval-seqlen`` tokens, each scored on its second half, the first ``--eval-windows`` windows of
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--only", nargs="+", default=TARGETS, help=f"targets (default {TARGETS})")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="also the toolkit's row with asymmetric=True (each layer aims at the "
+                   "full-precision model's output from the compressed model's inputs)")
     p.add_argument("--out", default=str(REPO / "data" / "results" / "llama_cpp_smollm2.csv"))
     add_threads_flag(p, default=2)
     args = p.parse_args(argv)
@@ -204,28 +208,34 @@ def main(argv=None) -> int:
                 seconds = time.perf_counter() - t0
                 score(target, method, out, seconds + (imatrix_seconds if extra else 0.0))
                 out.unlink()
-            model = copy.deepcopy(base)
-            t0 = time.perf_counter()
-            compress(model, tok, gguf=target, calibration=calib, nsamples=args.nsamples,
-                     seqlen=args.seqlen, device="cpu", verbose=False)
-            out = tmp / f"{target}-toolkit.gguf"
-            save_gguf(model, out, preset=target if "_K_" in target else None)
-            seconds = time.perf_counter() - t0
-            completion = None
-            if target == "Q4_K_M":
-                try:
-                    gen = subprocess.run(
-                        [tool("llama-completion"), "-m", str(out), "-p", PROMPT, "-n", "24",
-                         "--temp", "0", "-t", str(threads), "-no-cnv", "--no-warmup"],
-                        capture_output=True, text=True, timeout=600)
-                    completion = (gen.stdout.split(PROMPT, 1)[-1].strip()[:200]
-                                  if gen.returncode == 0 else
-                                  f"llama-completion failed ({gen.returncode}): "
-                                  f"{gen.stderr.strip()[-200:]}")
-                except subprocess.TimeoutExpired:
-                    completion = "llama-completion timed out"
-            score(target, "toolkit gptq", out, seconds, model=model, completion=completion)
-            out.unlink()
+
+            def toolkit_row(method, options, target=target):
+                model = copy.deepcopy(base)
+                t0 = time.perf_counter()
+                compress(model, tok, gguf=target, calibration=calib, nsamples=args.nsamples,
+                         seqlen=args.seqlen, device="cpu", verbose=False, **options)
+                out = tmp / f"{target}-toolkit.gguf"
+                save_gguf(model, out, preset=target if "_K_" in target else None)
+                seconds = time.perf_counter() - t0
+                completion = None
+                if target == "Q4_K_M":
+                    try:
+                        gen = subprocess.run(
+                            [tool("llama-completion"), "-m", str(out), "-p", PROMPT, "-n", "24",
+                             "--temp", "0", "-t", str(threads), "-no-cnv", "--no-warmup"],
+                            capture_output=True, text=True, timeout=600)
+                        completion = (gen.stdout.split(PROMPT, 1)[-1].strip()[:200]
+                                      if gen.returncode == 0 else
+                                      f"llama-completion failed ({gen.returncode}): "
+                                      f"{gen.stderr.strip()[-200:]}")
+                    except subprocess.TimeoutExpired:
+                        completion = "llama-completion timed out"
+                score(target, method, out, seconds, model=model, completion=completion)
+                out.unlink()
+
+            toolkit_row("toolkit gptq", {})
+            if args.asymmetric:
+                toolkit_row("toolkit gptq asymmetric", {"asymmetric": True})
     print(f"wrote {args.out}")
     return 0
 
