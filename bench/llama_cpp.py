@@ -21,7 +21,9 @@ Q4_K_M as llama.cpp's preset), three files:
   ``llama-imatrix`` computed on the same calibration text the toolkit uses;
 * ``toolkit gptq``: ``compress(model, tok, gguf=TARGET)`` on the calibration windows, written by
   ``save_gguf``;
-* ``toolkit gptq asymmetric`` (with ``--asymmetric``): the same with ``asymmetric=True``.
+* ``toolkit gptq asymmetric`` (with ``--asymmetric``): the same with ``asymmetric=True``;
+* ``toolkit effort max`` (with ``--effort-max``): the same with ``effort="max"`` (asymmetric
+  targets and block reconstruction, whose fit refits each GGUF block's fp16 scale).
 
 Every file is scored twice: by ``llama-perplexity`` (llama.cpp's own protocol: windows of
 ``--eval-seqlen`` tokens, each scored on its second half, the first ``--eval-windows`` windows of
@@ -130,6 +132,11 @@ def main(argv=None) -> int:
     p.add_argument("--asymmetric", action="store_true",
                    help="also the toolkit's row with asymmetric=True (each layer aims at the "
                    "full-precision model's output from the compressed model's inputs)")
+    p.add_argument("--effort-max", action="store_true",
+                   help="also the toolkit's row with effort='max' (asymmetric targets and block "
+                   "reconstruction)")
+    p.add_argument("--skip-plain", action="store_true",
+                   help="leave out the row 'toolkit gptq' (with --asymmetric/--effort-max)")
     p.add_argument("--out", default=str(REPO / "data" / "results" / "llama_cpp_smollm2.csv"))
     add_threads_flag(p, default=2)
     args = p.parse_args(argv)
@@ -233,9 +240,12 @@ def main(argv=None) -> int:
                 score(target, method, out, seconds, model=model, completion=completion)
                 out.unlink()
 
-            toolkit_row("toolkit gptq", {})
+            if not (args.skip_plain and (args.asymmetric or args.effort_max)):
+                toolkit_row("toolkit gptq", {})
             if args.asymmetric:
                 toolkit_row("toolkit gptq asymmetric", {"asymmetric": True})
+            if args.effort_max:
+                toolkit_row("toolkit effort max", {"effort": "max"})
     print(f"wrote {args.out}")
     return 0
 

@@ -418,3 +418,44 @@ def test_cli_out_gguf_then_info(byte_bpe, tmp_path, capsys):
     assert status != 0 and "GGUF file records none" in err
     status, _, err = _main(["info", calib], capsys)
     assert status != 0 and "neither a checkpoint folder nor a GGUF file" in err
+
+
+@pytest.mark.parametrize("gtype,mode,extra", [
+    ("Q4_0", "scale", {}), ("Q4_K", "scale", dict(sparsity=0.5)), ("Q5_1", "scale", {}),
+    ("Q3_K", "round", dict(sparsity=0.5, asymmetric=True))], ids=str)
+def test_block_reconstruction_keeps_gguf_layers_on_their_grids(byte_bpe, tmp_path, monkeypatch,
+                                                               gtype, mode, extra):
+    """Block reconstruction trains GGUF layers too ("scale": codes kept, each block's d refitted
+    and rounded to fp16; "round": factors kept, codes move): the block error drops, and the
+    written file still holds the model's weights bit for bit and loads with its logits."""
+    from toolkit.walk import reconstruct
+
+    monkeypatch.setattr(reconstruct, "RECONSTRUCT_QUANTIZED", mode)
+    tok, text = byte_bpe
+    kw = dict(gguf=gtype, calibration=[text], nsamples=4, seqlen=64, **extra)
+    plain = _tiny_llama(len(tok), True)
+    compress(plain, tok, **kw)
+    model = _tiny_llama(len(tok), True)
+    report = compress(model, tok, reconstruct_steps=24 if mode == "round" else 12, **kw)
+    rows = report.layers.groupby("block")[["block_error_before", "block_error_after"]].first()
+    assert (rows.block_error_after < rows.block_error_before).all(), rows
+    # the block fits changed the layers (not a no-op), each stays on its type's grid
+    changed = 0
+    for (name, p0), (_n, p1) in zip(plain.named_parameters(), model.named_parameters()):
+        if "layers." in name and p0.dim() == 2 and "norm" not in name:
+            changed += int(not torch.equal(p0, p1))
+            rec = dict(model.named_modules())[name[:-len(".weight")]].compression
+            rec.gguf.codes(p1.detach(), name)  # raises unless every value is on the grid
+            if mode == "round" and "layers.0." in name:  # factors kept (block 0: same solve)
+                assert torch.equal(rec.gguf.d, dict(plain.named_modules())[
+                    name[:-len(".weight")]].compression.gguf.d)
+            if extra.get("sparsity"):  # pruned weights stay at the zero code
+                assert float((p1 == 0).float().mean()) >= 0.5 - 1e-9 or gtype in ("Q4_1", "Q4_K")
+    assert changed >= 4
+    path = tmp_path / "r.gguf"
+    save_gguf(model, path, tokenizer=tok)
+    assert set(verify_gguf(path, model).values()) == {0.0}
+    loaded, _ = _read_back(path)
+    ids = tok(text[:300], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

@@ -16,8 +16,11 @@ solver made:
 * a quantized layer keeps its **codes**; each grid's scale is refitted (``scale * exp(a)``, one
   ``a`` per row and group), so every weight stays on its grid, pruned weights on the zero
   point, and the checkpoint stores the new scales;
-* GGUF-typed layers and everything else in the block (norms, biases, layers not compressed)
-  stay as they are.
+* a GGUF-typed layer keeps the same promise in its GGUF type: its codes stay and each block's
+  fp16 scale ``d`` (a K-quant's super-block scale) is refitted, rounded to fp16 at the end, so
+  the weights stay values of the type's grid and the file stores the new factors bit for bit
+  (with :data:`RECONSTRUCT_QUANTIZED` ``"round"``: the factors stay and the codes move);
+* everything else in the block (norms, biases, layers not compressed) stays as it is.
 
 If the steps end with a larger error on the calibration windows than they started from, the
 solver's weights are put back: reconstruction never makes a block worse on what it measures.
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from toolkit.solver.gguf_grids import GGUFGrid, _codes, _fp16, _values
 from toolkit.walk import distributed as dist
 
 __all__ = ["reconstruct_block", "check_reconstruct_steps", "RECONSTRUCT_LR", "RECONSTRUCT_AUTOCAST",
@@ -46,7 +50,9 @@ log = logging.getLogger("toolkit")
 #: for the log-scales of quantized layers, absolute; for learned rounding
 #: (:data:`RECONSTRUCT_QUANTIZED` ``"round"``), relative to the layer's mean grid step
 #: (measured on SmolLM2, bench/reconstruct.py)
-RECONSTRUCT_LR = {"weight": 1e-2, "scale": 1e-2, "round": 5e-2}
+#: For the log-scales of GGUF layers (``"gguf"``), divided by the type's number of levels
+#: (``2**bits``: a 5-bit grid's steps are half a 4-bit one's, and so is the refit it bears).
+RECONSTRUCT_LR = {"weight": 1e-2, "scale": 1e-2, "round": 5e-2, "gguf": 5e-2}
 
 #: ``"auto"``: the optimiser steps of a float32 block run under bfloat16 autocast where the device
 #: multiplies bfloat16 fast (:func:`fast_bfloat16`); ``"off"``: always in the block's dtype. The
@@ -90,16 +96,61 @@ class _Trained:
     w0: torch.Tensor  # (out, in) float, the solver's weight
     mask: torch.Tensor | None = None
     scale: torch.Tensor | None = None  # (out, in) the solver's scale of each weight's group
-    zero: torch.Tensor | None = None  # (out, in)
+    zero: torch.Tensor | None = None  # (out, in); a GGUF layer: its codes (float)
     group: torch.Tensor | None = None  # column -> group
     maxq: int = 0
     base: torch.Tensor | None = None  # (out, in) scale * (codes - zero), the solver's weight
     width: int = 0  # columns per group when groups are runs of equal width (0: use ``group``)
+    grid: GGUFGrid | None = None  # a GGUF layer's factors (scale/zero/minimum: their expansion)
+    minimum: torch.Tensor | None = None  # (out, in) a GGUF grid's minimum, or None
+    rest: torch.Tensor | None = None  # (out, in) GGUF "scale": what the refit scale leaves alone
+
+    def exact(self) -> torch.Tensor:
+        """The weight the layer keeps after the fit: :meth:`weight`, except for a GGUF layer,
+        whose values are recomputed as the GGUF reader does (its refitted ``d`` rounded to fp16),
+        so that they are the type's values bit for bit."""
+        if self.grid is None:
+            return self.weight()
+        with torch.no_grad():
+            if self.kind == "round":
+                return self._gguf_round(exact=True)
+            return self.new_grid().values(self.zero).to(self.w0.dtype)
+
+    def new_grid(self) -> GGUFGrid:
+        """A GGUF layer's grid after the fit ("scale": ``d`` refitted, in fp16)."""
+        g = self.grid
+        if self.kind != "scale":
+            return g
+        d = _fp16(g.d.to(self.param.device) * torch.exp(self.param.detach().float()),
+                  nonzero=True)
+        return GGUFGrid(g.type, d, g.m.to(d.device) if g.m is not None else None,
+                        g.sc.to(d.device) if g.sc is not None else None,
+                        g.mi.to(d.device) if g.mi is not None else None)
+
+    def _gguf_round(self, exact: bool = False) -> torch.Tensor:
+        t = self.grid.type
+        p = self.param.float()
+        x = (p if self.minimum is None else p + self.minimum) / self.scale
+        code = _codes(p, self.scale, float(t.offset), t.maxq, self.minimum)
+        if exact:
+            w = _values(code, self.scale, float(t.offset), self.minimum)
+        else:  # straight-through: the value of the nearest code, the gradient of the identity
+            q = x + (code - float(t.offset) - x).detach()
+            w = self.scale * q if self.minimum is None else self.scale * q - self.minimum
+        w = w.to(self.param.dtype)
+        return w if self.mask is None else torch.where(self.mask, w, self.w0)
 
     def weight(self) -> torch.Tensor:
         """The (out, in) weight as a function of the trained parameter."""
         if self.kind == "weight":
             return torch.where(self.mask, self.param, torch.zeros((), dtype=self.param.dtype))
+        if self.grid is not None:
+            if self.kind == "round":
+                return self._gguf_round()
+            o, i = self.base.shape
+            w = (self.base.view(o, i // self.width, self.width)
+                 * torch.exp(self.param).unsqueeze(-1)).view(o, i)
+            return w if self.rest is None else w + self.rest
         if self.kind == "round":  # nearest code of the latent weight; straight-through gradient
             x = self.param / self.scale + self.zero
             q = x + (torch.clamp(torch.round(x), 0, self.maxq) - x).detach()
@@ -134,6 +185,9 @@ def _trainable(block: nn.Module, refs: list, dtype: torch.dtype) -> list[_Traine
         w0 = ref.get_weight().detach().to(dtype)
         key = f"{names[id(ref.module)]}.weight" if names[id(ref.module)] else "weight"
         if s.gguf is not None:
+            t = _trained_gguf(ref, key, comp, w0)
+            if t is not None:
+                out.append(t)
             continue
         if s.bits is None:
             if not s.prunes:
@@ -174,6 +228,31 @@ def _trainable(block: nn.Module, refs: list, dtype: torch.dtype) -> list[_Traine
         out.append(_Trained(ref, key, "scale", a, w0, scale=scale, zero=zero,
                             group=group, base=scale * (codes - zero), width=width))
     return out
+
+
+def _trained_gguf(ref, key: str, comp, w0: torch.Tensor) -> _Trained | None:
+    """A GGUF layer's trained form: its codes and its grid's factors, expanded per weight."""
+    grid = comp.gguf
+    if not isinstance(grid, GGUFGrid) or w0.dtype != torch.float32:
+        return None  # float64 blocks: the grid's values are float32 (left as they are)
+    t = grid.type
+    g = grid.to(w0.device)
+    scale, mn = g._expanded(w0.shape[1])
+    codes = _codes(w0, scale, float(t.offset), t.maxq, mn)
+    if not torch.equal(_values(codes, scale, float(t.offset), mn), w0):
+        log.warning("%s: its weights are not on its %s grid; left out of the block "
+                    "reconstruction", ref.name, t.name)
+        return None
+    zcode = _codes(torch.zeros_like(scale), scale, float(t.offset), t.maxq, mn)
+    mask = (codes != zcode) if comp.settings.prunes else None
+    if RECONSTRUCT_QUANTIZED == "round":
+        return _Trained(ref, key, "round", w0.clone().requires_grad_(True), w0, mask=mask,
+                        scale=scale, zero=codes, maxq=t.maxq, grid=grid, minimum=mn)
+    a = torch.zeros(g.d.shape, dtype=w0.dtype, device=w0.device, requires_grad=True)
+    base = scale * (codes - float(t.offset))  # the part the block scale d multiplies
+    rest = None if mn is None else -mn
+    return _Trained(ref, key, "scale", a, w0, scale=scale, zero=codes, grid=grid, minimum=mn,
+                    base=base, width=t.block, rest=rest)
 
 
 def _error(block, inputs, x, y, params=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,6 +348,9 @@ def reconstruct_block(block: nn.Module, refs: list, h_in: list[torch.Tensor],
             if t.kind == "weight":
                 rms = float(t.w0[t.mask].pow(2).mean().sqrt()) if bool(t.mask.any()) else 0.0
                 groups.append({"params": [t.param], "lr": lr["weight"] * max(rms, 1e-12)})
+            elif t.grid is not None and t.kind == "scale":
+                groups.append({"params": [t.param],
+                               "lr": lr["gguf"] / (t.grid.type.maxq + 1)})
             elif t.kind == "round":  # relative to the mean grid step
                 step = float(t.scale.abs().mean())
                 groups.append({"params": [t.param], "lr": lr["round"] * max(step, 1e-12)})
@@ -310,7 +392,7 @@ def reconstruct_block(block: nn.Module, refs: list, h_in: list[torch.Tensor],
         saved = [t.ref.get_weight().detach().clone() for t in trained]
         with torch.no_grad():
             for t in trained:
-                t.ref.set_weight(t.weight().detach())
+                t.ref.set_weight(t.exact().detach())
         after, new_outs = full_pass()
         if not after < before:  # never worse than the solver's weights on the calibration
             with torch.no_grad():
@@ -319,7 +401,9 @@ def reconstruct_block(block: nn.Module, refs: list, h_in: list[torch.Tensor],
             stats["after"] = before
             return stats, outs
         for t in trained:  # the records follow: refit scales
-            if t.kind == "scale":
+            if t.grid is not None:
+                t.ref.get_record().gguf = t.new_grid().to("cpu")
+            elif t.kind == "scale":
                 comp = t.ref.get_record()
                 comp.scale = (comp.scale.to(t.param.device, dtype)
                               * torch.exp(t.param.detach())).float().cpu()
