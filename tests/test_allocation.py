@@ -113,3 +113,42 @@ def test_model_untouched_by_prepass():
                      allocation="owl", device="cpu")
     assert len(alloc) == 14
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_outlier_ratios_equal_a_plain_count(family):
+    """The pre-pass shares one window's column norms between the layers fed the same tensor
+    (q/k/v, gate/up): its ratios equal a count made from every layer's own inputs, exactly."""
+    from toolkit.model.layers import find_blocks, find_linears
+    from toolkit.walk.capture import block_outlier_ratios
+
+    model = tiny_model(family)
+    ids = random_ids(3, 16)
+    _, blocks = find_blocks(model)
+    refs = [r for b, blk in enumerate(blocks)
+            for r in find_linears(blk, prefix=f"{find_blocks(model)[0]}.{b}")]
+    got = block_outlier_ratios(model, ids, {r.name: None for r in refs}, "cpu", owl_m=2.0)
+    # the plain count: each layer's squared input norms from its own hook, over the whole model
+    sq, handles = {}, []
+    for r in refs:
+        sq[r.name] = torch.zeros(r.in_features, dtype=torch.float64)
+
+        def hook(_m, args, name=r.name):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sq[name] += x.pow(2).sum(0)
+        handles.append(r.module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for i in range(ids.shape[0]):
+            model(ids[i:i + 1], use_cache=False)
+    for h in handles:
+        h.remove()
+    assert sorted(got) == list(range(len(blocks)))
+    for b in got:
+        mine = [r for r in refs if r.name.startswith(f"{find_blocks(model)[0]}.{b}.")]
+        scores = [r.get_weight().float().abs() * sq[r.name].sqrt().float()[None, :] for r in mine]
+        total = sum(s.numel() for s in scores)
+        mean = sum(float(s.sum(dtype=torch.float64)) for s in scores) / total
+        ratio = sum(int((s > 2.0 * mean).sum()) for s in scores) / total
+        assert got[b][1] == total
+        assert got[b][0] == pytest.approx(ratio, rel=0, abs=1.5 / total), b
+        assert 0 < got[b][0] < 0.5

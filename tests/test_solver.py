@@ -752,3 +752,23 @@ def test_mask_ties_break_the_same_way_everywhere():
                                           [1, 3]]
     keep = prune_lowest(score, 9)  # both 1.0s, then the first of the five 2.0s
     assert (~keep).nonzero().tolist()[-3:] == [[0, 7], [1, 1], [1, 3]]
+
+
+def test_all_finite_is_exact():
+    """all_finite answers as torch.isfinite(x).all() does: NaN or inf anywhere (even where they
+    would cancel in a sum), and finite values whose sum overflows."""
+    from toolkit.solver.hessian import all_finite
+
+    x = torch.randn(64, 48)
+    assert all_finite(x) and all_finite(torch.empty(0, 3))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[17, 5] = bad
+        assert not all_finite(y)
+    y = x.clone()
+    y[0, 0], y[1, 1] = float("inf"), -float("inf")
+    assert not all_finite(y)
+    big = torch.full((8, 8), 3e38)  # every entry finite, the sum is not
+    assert not bool(torch.isfinite(big.sum())) and all_finite(big)
+    half = torch.full((8, 8), 6e4, dtype=torch.float16)  # fp16: the sum overflows at 65504
+    assert not bool(torch.isfinite(half.sum())) and all_finite(half)

@@ -26,7 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from toolkit.solver.gguf_grids import BlockFitter, GGUFGrid, gguf_type
-from toolkit.solver.hessian import SolverError, inverse_cholesky_factor, stacked_row_errors
+from toolkit.solver.hessian import (
+    SolverError,
+    all_finite,
+    inverse_cholesky_factor,
+    stacked_row_errors,
+)
 from toolkit.solver.masks import check_pattern, check_sparsity, nm_mask, prune_lowest
 from toolkit.solver.quant import (
     check_bits,
@@ -272,9 +277,9 @@ def _stack_and_factor(weights, H, names, act_order, percdamp):
     U = factor.U.to(device=device, dtype=compute).contiguous()
     perm = None if factor.perm is None else factor.perm.to(device)
     W = torch.cat([w.to(compute) for w in weights], 0)
-    if not torch.isfinite(W).all():  # one check of the stack; then find the weight to name
+    if not all_finite(W):  # one check of the stack; then find the weight to name
         for w, nm in zip(weights, names):
-            if not torch.isfinite(w).all():
+            if not all_finite(w):
                 raise ValueError(f"{nm}: weight contains NaN or inf")
     dead = torch.diagonal(factor.H).to(device) == 0
     if bool(dead.any()):

@@ -75,16 +75,26 @@ def block_outlier_ratios(model: nn.Module, ids: torch.Tensor, pool: dict[str, ob
         home = next(block.parameters()).device
         block.to(device)
         sq = {id(r): torch.zeros(r.in_features, dtype=torch.float64, device=device) for r in refs}
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one window's input norms
 
-        def make_hook(acc):
+        def make_hook(acc, seen=seen):
             def hook(_m, args):
-                x = args[0].reshape(-1, args[0].shape[-1]).to(device=device, dtype=torch.float64)
-                acc.add_(x.pow(2).sum(0))
+                x0 = args[0]
+                hit = seen.get(id(x0))
+                if hit is None or hit[0] is not x0:  # layers fed the same tensor (q/k/v,
+                    # gate/up) share its column norms: computed once per window
+                    x = x0.reshape(-1, x0.shape[-1]).to(device=device, dtype=torch.float64)
+                    hit = seen[id(x0)] = (x0, x.pow(2).sum(0))
+                acc.add_(hit[1])
             return hook
 
         handles = [r.module.register_forward_pre_hook(make_hook(sq[id(r)])) for r in refs]
         try:
-            inputs.hidden = [run_block(block, inputs, h) for h in inputs.hidden]
+            hidden = []
+            for h in inputs.hidden:
+                hidden.append(run_block(block, inputs, h))
+                seen.clear()
+            inputs.hidden = hidden
         finally:
             for h in handles:
                 h.remove()
