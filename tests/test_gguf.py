@@ -428,30 +428,41 @@ def test_block_reconstruction_keeps_gguf_layers_on_their_grids(byte_bpe, tmp_pat
     """Block reconstruction trains GGUF layers too ("scale": codes kept, each block's d refitted
     and rounded to fp16; "round": factors kept, codes move): the block error drops, and the
     written file still holds the model's weights bit for bit and loads with its logits."""
-    from toolkit.walk import reconstruct
+    from toolkit.walk import reconstruct, sweep
 
     monkeypatch.setattr(reconstruct, "RECONSTRUCT_QUANTIZED", mode)
+    before = {}  # each layer's weight and grid as the solver left them, right before the fit
+
+    def spy(block, refs, *args, **kwargs):
+        for r in refs:
+            before[r.name] = (r.get_weight().detach().clone(), r.get_record().gguf)
+        return reconstruct.reconstruct_block(block, refs, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "reconstruct_block", spy)
     tok, text = byte_bpe
-    kw = dict(gguf=gtype, calibration=[text], nsamples=4, seqlen=64, **extra)
-    plain = _tiny_llama(len(tok), True)
-    compress(plain, tok, **kw)
     model = _tiny_llama(len(tok), True)
-    report = compress(model, tok, reconstruct_steps=24 if mode == "round" else 12, **kw)
+    report = compress(model, tok, gguf=gtype, calibration=[text], nsamples=4, seqlen=64,
+                      reconstruct_steps=24 if mode == "round" else 12, **extra)
     rows = report.layers.groupby("block")[["block_error_before", "block_error_after"]].first()
     assert (rows.block_error_after < rows.block_error_before).all(), rows
-    # the block fits changed the layers (not a no-op), each stays on its type's grid
-    changed = 0
-    for (name, p0), (_n, p1) in zip(plain.named_parameters(), model.named_parameters()):
-        if "layers." in name and p0.dim() == 2 and "norm" not in name:
-            changed += int(not torch.equal(p0, p1))
-            rec = dict(model.named_modules())[name[:-len(".weight")]].compression
-            rec.gguf.codes(p1.detach(), name)  # raises unless every value is on the grid
-            if mode == "round" and "layers.0." in name:  # factors kept (block 0: same solve)
-                assert torch.equal(rec.gguf.d, dict(plain.named_modules())[
-                    name[:-len(".weight")]].compression.gguf.d)
-            if extra.get("sparsity"):  # pruned weights stay at the zero code
-                assert float((p1 == 0).float().mean()) >= 0.5 - 1e-9 or gtype in ("Q4_1", "Q4_K")
-    assert changed >= 4
+    modules = dict(model.named_modules())
+    assert len(before) == 14
+    for name, (w0, g0) in before.items():
+        m = modules[name]
+        w, g = m.weight.detach(), m.compression.gguf
+        codes0, codes = g0.codes(w0, name), g.codes(w, name)  # each raises if off its grid
+        if mode == "round":  # factors kept, some codes moved
+            assert torch.equal(g.d, g0.d) and torch.equal(g.sc, g0.sc), name
+        else:  # codes kept, d refitted (fp16 values), the integer sub-block factors kept
+            assert torch.equal(codes, codes0), name
+            assert torch.equal(g.d, g.d.half().float()) and not torch.equal(g.d, g0.d), name
+            if g0.sc is not None:
+                assert torch.equal(g.sc, g0.sc), name
+        if extra.get("sparsity") and not g.type.has_min:  # pruned weights stay exactly 0
+            assert bool((w[w0 == 0] == 0).all()), name
+    assert sum(int((modules[n].compression.gguf.codes(modules[n].weight.detach(), n)
+                    != before[n][1].codes(before[n][0], n)).sum()) for n in before) > 0 \
+        or mode == "scale"
     path = tmp_path / "r.gguf"
     save_gguf(model, path, tokenizer=tok)
     assert set(verify_gguf(path, model).values()) == {0.0}
