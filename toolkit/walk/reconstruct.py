@@ -30,6 +30,7 @@ rank takes the same steps on the same weights (:mod:`toolkit.walk.distributed`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -51,7 +52,9 @@ log = logging.getLogger("toolkit")
 #: (:data:`RECONSTRUCT_QUANTIZED` ``"round"``), relative to the layer's mean grid step
 #: (measured on SmolLM2, bench/reconstruct.py)
 #: For the log-scales of GGUF layers (``"gguf"``), divided by the type's number of levels
-#: (``2**bits``: a 5-bit grid's steps are half a 4-bit one's, and so is the refit it bears).
+#: (``2**bits``: a finer grid bears a smaller refit). Chosen on tiny random LLaMAs, where the
+#: uniform grids' 1e-2 left every 5- and 8-bit fit put back and 0.05 / levels lowered every
+#: type's block errors; its effect on SmolLM2: ``bench/llama_cpp.py --effort-max``.
 RECONSTRUCT_LR = {"weight": 1e-2, "scale": 1e-2, "round": 5e-2, "gguf": 5e-2}
 
 #: ``"auto"``: the optimiser steps of a float32 block run under bfloat16 autocast where the device
@@ -101,9 +104,9 @@ class _Trained:
     maxq: int = 0
     base: torch.Tensor | None = None  # (out, in) scale * (codes - zero), the solver's weight
     width: int = 0  # columns per group when groups are runs of equal width (0: use ``group``)
-    grid: GGUFGrid | None = None  # a GGUF layer's factors (scale/zero/minimum: their expansion)
-    minimum: torch.Tensor | None = None  # (out, in) a GGUF grid's minimum, or None
-    rest: torch.Tensor | None = None  # (out, in) GGUF "scale": what the refit scale leaves alone
+    grid: GGUFGrid | None = None  # a GGUF layer's factors, on the weight's device (``scale``
+    # and ``minimum`` hold their expansion per weight)
+    minimum: torch.Tensor | None = None  # (out, in) a GGUF grid's minimum (subtracted), or None
 
     def exact(self) -> torch.Tensor:
         """The weight the layer keeps after the fit: :meth:`weight`, except for a GGUF layer,
@@ -118,20 +121,16 @@ class _Trained:
 
     def new_grid(self) -> GGUFGrid:
         """A GGUF layer's grid after the fit ("scale": ``d`` refitted, in fp16)."""
-        g = self.grid
         if self.kind != "scale":
-            return g
-        d = _fp16(g.d.to(self.param.device) * torch.exp(self.param.detach().float()),
-                  nonzero=True)
-        return GGUFGrid(g.type, d, g.m.to(d.device) if g.m is not None else None,
-                        g.sc.to(d.device) if g.sc is not None else None,
-                        g.mi.to(d.device) if g.mi is not None else None)
+            return self.grid
+        d = self.grid.d * torch.exp(self.param.detach().float())
+        return dataclasses.replace(self.grid, d=_fp16(d, nonzero=True))
 
     def _gguf_round(self, exact: bool = False) -> torch.Tensor:
         t = self.grid.type
         p = self.param.float()
         x = (p if self.minimum is None else p + self.minimum) / self.scale
-        code = _codes(p, self.scale, float(t.offset), t.maxq, self.minimum)
+        code = torch.clamp(torch.round(x) + float(t.offset), 0, t.maxq)  # as gguf_grids._codes
         if exact:
             w = _values(code, self.scale, float(t.offset), self.minimum)
         else:  # straight-through: the value of the nearest code, the gradient of the identity
@@ -144,13 +143,8 @@ class _Trained:
         """The (out, in) weight as a function of the trained parameter."""
         if self.kind == "weight":
             return torch.where(self.mask, self.param, torch.zeros((), dtype=self.param.dtype))
-        if self.grid is not None:
-            if self.kind == "round":
-                return self._gguf_round()
-            o, i = self.base.shape
-            w = (self.base.view(o, i // self.width, self.width)
-                 * torch.exp(self.param).unsqueeze(-1)).view(o, i)
-            return w if self.rest is None else w + self.rest
+        if self.kind == "round" and self.grid is not None:
+            return self._gguf_round()
         if self.kind == "round":  # nearest code of the latent weight; straight-through gradient
             x = self.param / self.scale + self.zero
             q = x + (torch.clamp(torch.round(x), 0, self.maxq) - x).detach()
@@ -158,9 +152,11 @@ class _Trained:
             return w if self.mask is None else torch.where(self.mask, w, torch.zeros((), dtype=w.dtype))
         if self.width:  # one factor per run of columns: a broadcast, no gather
             o, i = self.base.shape
-            return (self.base.view(o, i // self.width, self.width)
-                    * torch.exp(self.param).unsqueeze(-1)).view(o, i)
-        return self.base * torch.exp(self.param[:, self.group])
+            w = (self.base.view(o, i // self.width, self.width)
+                 * torch.exp(self.param).unsqueeze(-1)).view(o, i)
+        else:
+            w = self.base * torch.exp(self.param[:, self.group])
+        return w if self.minimum is None else w - self.minimum  # a GGUF type's minimum stays
 
     def tensor(self) -> torch.Tensor:
         """What functional_call puts in place of the module's weight (Conv1D: transposed).
@@ -232,27 +228,25 @@ def _trainable(block: nn.Module, refs: list, dtype: torch.dtype) -> list[_Traine
 
 def _trained_gguf(ref, key: str, comp, w0: torch.Tensor) -> _Trained | None:
     """A GGUF layer's trained form: its codes and its grid's factors, expanded per weight."""
-    grid = comp.gguf
-    if not isinstance(grid, GGUFGrid) or w0.dtype != torch.float32:
+    if not isinstance(comp.gguf, GGUFGrid) or w0.dtype != torch.float32:
         return None  # float64 blocks: the grid's values are float32 (left as they are)
-    t = grid.type
-    g = grid.to(w0.device)
-    scale, mn = g._expanded(w0.shape[1])
-    codes = _codes(w0, scale, float(t.offset), t.maxq, mn)
-    if not torch.equal(_values(codes, scale, float(t.offset), mn), w0):
-        log.warning("%s: its weights are not on its %s grid; left out of the block "
-                    "reconstruction", ref.name, t.name)
+    g = comp.gguf.to(w0.device)
+    t = g.type
+    try:
+        codes = g.codes(w0, ref.name).float()
+    except ValueError as e:
+        log.warning("%s; left out of the block reconstruction", e)
         return None
+    scale, mn = g._expanded(w0.shape[1])
     zcode = _codes(torch.zeros_like(scale), scale, float(t.offset), t.maxq, mn)
     mask = (codes != zcode) if comp.settings.prunes else None
     if RECONSTRUCT_QUANTIZED == "round":
         return _Trained(ref, key, "round", w0.clone().requires_grad_(True), w0, mask=mask,
-                        scale=scale, zero=codes, maxq=t.maxq, grid=grid, minimum=mn)
+                        scale=scale, zero=codes, maxq=t.maxq, grid=g, minimum=mn)
     a = torch.zeros(g.d.shape, dtype=w0.dtype, device=w0.device, requires_grad=True)
     base = scale * (codes - float(t.offset))  # the part the block scale d multiplies
-    rest = None if mn is None else -mn
-    return _Trained(ref, key, "scale", a, w0, scale=scale, zero=codes, grid=grid, minimum=mn,
-                    base=base, width=t.block, rest=rest)
+    return _Trained(ref, key, "scale", a, w0, scale=scale, zero=codes, grid=g, minimum=mn,
+                    base=base, width=t.block)
 
 
 def _error(block, inputs, x, y, params=None) -> tuple[torch.Tensor, torch.Tensor]:
