@@ -560,9 +560,14 @@ def test_fisher_weighted_error_from_first_principles(holdout):
     n = X.shape[0]
     H_fit = (2 / X_fit.shape[0] * X_fit.T @ X_fit).float()
     W = ref.get_weight().detach().clone()
-    sens = output_sensitivity(model, ids, [ref])[name]
-    token = sens.token.double()[(N - held) * L if held else 0:]
+    # the gradients of the measuring windows alone: token and channel weights of those tokens
+    sens = output_sensitivity(model, ids[N - held:] if held else ids, [ref])[name]
+    token = sens.token.double()
     assert token.shape == (n,)
+    if held:  # the channel weights of every window would give another value
+        every = output_sensitivity(model, ids, [ref])[name].channel
+        assert not torch.allclose(every / every.mean(), sens.channel / sens.channel.mean(),
+                                  rtol=1e-2)
     for spec, kw in [("3g128", dict(bits=3, group_size=128)),
                      ("50%+4g128", dict(sparsity=0.5, bits=4, group_size=128))]:
         W_hat = solve(W, H_fit, **kw).weight

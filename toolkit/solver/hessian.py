@@ -169,7 +169,7 @@ def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.T
     """Per-row ``((W - W_hat) H (W - W_hat)^T)_rr``, in ``H``'s dtype; their sum is
     :func:`reconstruction_error`."""
     D = W.to(H.dtype) - W_hat.to(H.dtype)
-    return ((D @ H) * D).sum(1)
+    return (D @ H).mul_(D).sum(1)
 
 
 def stacked_row_errors(pairs: list[tuple[torch.Tensor, torch.Tensor]],
@@ -178,9 +178,11 @@ def stacked_row_errors(pairs: list[tuple[torch.Tensor, torch.Tensor]],
     one matrix product (the same values up to float rounding; one call instead of many)."""
     if len(pairs) == 1:
         return [row_errors(*pairs[0], H)]
-    D = torch.cat([W.to(H.dtype) - W_hat.to(H.dtype) for W, W_hat in pairs], 0)
-    per_row = ((D @ H) * D).sum(1)
-    return list(per_row.split([W.shape[0] for W, _ in pairs]))
+    rows = [W.shape[0] for W, _ in pairs]
+    D = torch.empty(sum(rows), H.shape[0], dtype=H.dtype, device=H.device)
+    for d, (W, W_hat) in zip(D.split(rows), pairs):  # the differences written in place
+        torch.sub(W.to(H.dtype), W_hat.to(H.dtype), out=d)
+    return list((D @ H).mul_(D).sum(1).split(rows))
 
 
 def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

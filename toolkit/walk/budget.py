@@ -192,8 +192,9 @@ def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dty
                     sens: dict[str, Sensitivity] | None, held: list[int] | None = None):
     """From one forward pass per window: one Hessian accumulator per group to solve with (the
     windows not in ``held``), one per group to measure errors with (the ``held`` windows; the
-    same as the first without them), and with ``sens`` one token-weighted Hessian per layer
-    (``H_s`` of :func:`output_sensitivity`, over the measuring windows); also returns the block's
+    same as the first without them), and with ``sens`` (measured on the measuring windows
+    alone) one token-weighted Hessian per layer (``H_s`` of :func:`output_sensitivity`, over the
+    measuring windows); also returns the block's
     outputs (the next block's inputs), as the dense model computes them.
 
     Expert layers (inside :func:`toolkit.walk.expert_capture.calibrating`) see the tokens routed
@@ -247,16 +248,21 @@ def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dty
 
 
 def _weighted_hook(acc: HessianAccumulator, token: torch.Tensor, wanted=lambda: True):
-    """A pre-hook adding ``token[t] x_t x_t^T`` for the tokens of each call, in order (the
-    calls for which ``wanted()`` is false skipped, their tokens counted)."""
+    """A pre-hook adding ``token[t] x_t x_t^T`` for the tokens of each call, in order; the
+    calls for which ``wanted()`` is false are skipped (``token`` holds the tokens of the
+    wanted calls only, those the gradient pass saw)."""
     seen = [0]
 
     def hook(_m, args):
+        if not wanted():
+            return
         x = args[0]
         t = x.shape[:-1].numel()
-        if wanted():
-            w = token[seen[0]:seen[0] + t].sqrt().to(x.dtype).reshape(x.shape[:-1] + (1,))
-            acc.add(x * w, check=False)  # checked once after the pass
+        if seen[0] + t > token.numel():
+            raise RuntimeError(f"token weights for {token.numel()} tokens, but the measuring "
+                               f"windows hold more ({seen[0] + t} so far)")
+        w = token[seen[0]:seen[0] + t].sqrt().to(x.dtype).reshape(x.shape[:-1] + (1,))
+        acc.add(x * w, check=False)  # checked once after the pass
         seen[0] += t
     return hook
 
@@ -343,13 +349,16 @@ def profile_layers(model: nn.Module, ids: torch.Tensor, config: CompressConfig, 
         sum(c.params for c in choices) * DENSE_BITS / 8
     if verbose:
         tqdm.write(profile_memory_note(model, ids, choices), file=sys.stderr)
+    held = holdout_windows(len(ids), config.profile_holdout)
     fisher = None
     if sensitivity:
-        fisher = output_sensitivity(model, ids, [refs[c.name] for c in choices],
-                                    verbose=verbose)
+        # the weighted errors are measured on the held-out windows alone: their gradients are
+        # all the planner uses (token weights and channel weights of the same tokens), so the
+        # gradient pass runs on those windows only (every window without a holdout)
+        fisher = output_sensitivity(model, ids[held] if held else ids,
+                                    [refs[c.name] for c in choices], verbose=verbose)
         prof.sensitivity_seconds = time.perf_counter() - t0
     inputs = capture_block_inputs(model, blocks, ids, device)
-    held = holdout_windows(len(inputs.hidden), config.profile_holdout)
     prof.holdout = len(held)
     prof.share = [1.0] * len(choices)
     # tokens of the windows the errors are measured on (an expert's share is its part of them)
