@@ -98,7 +98,7 @@ def factorize(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False,
     Hp = H
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        Hp = H[perm][:, perm]
+        Hp = H.index_select(0, perm).index_select(1, perm)
     U = inverse_cholesky_factor(Hp, percdamp=percdamp, name=name)
     return Factor(H=H, U=U, perm=perm)
 
@@ -354,7 +354,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
     static = static_groups and bits is not None
     W_natural = W  # the grids of static groups are fitted on it, before the sweep changes W
     if perm is not None:
-        W = W[:, perm]
+        W = W.index_select(1, perm)
     rows = W.shape[0]
     seg_bounds = []
     start = 0
@@ -369,7 +369,7 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
             raise ValueError("masks must be one bool tensor per weight, with the weight's shape")
         keep = torch.cat([m.to(device=device, dtype=torch.bool) for m in masks], 0)
         if perm is not None:
-            keep = keep[:, perm]
+            keep = keep.index_select(1, perm)
     prune = masks is not None or sparsity > 0 or pattern is not None
     if masks is None:
         keep = torch.ones(rows, cols, dtype=torch.bool, device=device) if prune else None
@@ -522,11 +522,11 @@ def solve_layers(weights: list[torch.Tensor], H: torch.Tensor | Factor, *, spars
         g_idx = natural_group
     if perm is not None:
         inv = torch.argsort(perm)
-        W = W[:, inv]
+        W = W.index_select(1, inv)
         if prune:
-            keep = keep[:, inv]
+            keep = keep.index_select(1, inv)
         if quantizing:
-            codes = codes[:, inv]
+            codes = codes.index_select(1, inv)
             if not static:
                 g_idx = g_idx[inv]
 
@@ -662,7 +662,7 @@ def solve_grids_many(problems: list[GridProblem], *, sym: bool = False, mse: boo
             segs.append(seg)
             start += w.shape[0]
         all_segs.append(segs)
-        WT[:, k, :rows] = (W if perm is None else W[:, perm]).t().to(dtype)
+        WT[:, k, :rows] = (W if perm is None else W.index_select(1, perm)).t().to(dtype)
         Us.append(U.to(dtype))
         d_float.append(torch.diagonal(U).tolist())  # U_ii as Python numbers (exact values)
     del prepared
@@ -678,8 +678,11 @@ def solve_grids_many(problems: list[GridProblem], *, sym: bool = False, mse: boo
             ze = torch.stack([segs[j]["zeros"] for segs in all_segs])
             for k, segs in enumerate(all_segs):  # the problems' own grids: views of the stack
                 segs[j]["scales"], segs[j]["zeros"] = sc[k], ze[k]
-            idx = (torch.stack([segs[j]["static_idx"] for segs in all_segs])
-                   if static_groups else None)
+            idx = None
+            if static_groups:  # fixed grids: kept as (groups, problems, rows) for the gathers,
+                # and each problem's group at each visiting position as (cols, problems)
+                idx = torch.stack([segs[j]["static_idx"] for segs in all_segs], 1)
+                sc, ze = sc.permute(2, 0, 1).contiguous(), ze.permute(2, 0, 1).contiguous()
             stacked.append((sc, ze, idx))
     loss = torch.zeros(K, R, dtype=dtype, device=device)
     codesT = torch.empty(cols, K, R, dtype=torch.uint8, device=device)
@@ -705,14 +708,19 @@ def solve_grids_many(problems: list[GridProblem], *, sym: bool = False, mse: boo
         edges = set(range(0, count, SUB_BLOCK)) | {c - i1 for c in starting if i1 < c < i2}
         edges = sorted(edges) + [count]
         if static_groups:  # every row's grid at every column of the block, gathered at once
-            scale_blk = torch.ones(count, K, R, dtype=torch.float32, device=device)
-            zero_blk = torch.zeros_like(scale_blk)
+            # every problem's rows are written below; only the padding rows need scale 1, zero 0
+            scale_blk = torch.empty(count, K, R, dtype=torch.float32, device=device)
+            zero_blk = torch.empty_like(scale_blk)
+            for k in range(K):
+                if rows_of[k] < R:
+                    scale_blk[:, k, rows_of[k]:] = 1.0
+                    zero_blk[:, k, rows_of[k]:] = 0.0
             if aligned:  # one gather per segment for every problem
                 for (sc, ze, idx), s in zip(stacked, all_segs[0]):
                     r0, r1 = s["r0"], s["r1"]
-                    at = idx[:, None, i1:i2].expand(K, r1 - r0, count)
-                    scale_blk[:, :, r0:r1] = torch.gather(sc, 2, at).permute(2, 0, 1)
-                    zero_blk[:, :, r0:r1] = torch.gather(ze, 2, at).permute(2, 0, 1)
+                    at = idx[i1:i2, :, None].expand(count, K, r1 - r0)
+                    scale_blk[:, :, r0:r1] = torch.gather(sc, 0, at)
+                    zero_blk[:, :, r0:r1] = torch.gather(ze, 0, at)
             else:
                 for k, segs in enumerate(all_segs):
                     for s in segs:
@@ -785,16 +793,15 @@ def solve_grids_many(problems: list[GridProblem], *, sym: bool = False, mse: boo
     out = []
     for k, p in enumerate(problems):
         rows, segs = rows_of[k], all_segs[k]
-        W = WT[:, k, :rows].t()
-        codes = codesT[:, k, :rows].t()
+        W, codes = WT[:, k, :rows], codesT[:, k, :rows]  # (cols, rows)
         perm = perms[k]
         inv = None
-        if perm is not None:
+        if perm is not None:  # back to the natural column order: whole rows of WT gathered
             inv = torch.argsort(perm)
-            W = W[:, inv]
-            codes = codes[:, inv]
+            W, codes = W.index_select(0, inv), codes.index_select(0, inv)
+        W, codes = W.t(), codes.t()
         Hf = (hessians[k] if p.error_H is None else p.error_H).to(device)
-        news = [W[s["r0"]:s["r1"]].to(w_in.dtype, memory_format=torch.contiguous_format)
+        news = [W[s["r0"]:s["r1"]].to(w_in.dtype).clone(memory_format=torch.contiguous_format)
                 for s, w_in in zip(segs, p.weights)]
         errors = stacked_row_errors(list(zip(p.weights, news)), Hf)
         results = []
@@ -802,7 +809,7 @@ def solve_grids_many(problems: list[GridProblem], *, sym: bool = False, mse: boo
             r0, r1 = s["r0"], s["r1"]
             g_idx = s["natural"] if perm is None or static_groups else s["natural"][inv]
             results.append(SolveResult(
-                weight=new, mask=None, codes=codes[r0:r1].clone(), scale=s["scales"],
+                weight=new, mask=None, codes=codes[r0:r1].clone(memory_format=torch.contiguous_format), scale=s["scales"],
                 zero=s["zeros"], g_idx=g_idx, loss=float(loss[k, r0:r1].sum()),
                 error=float(err.sum()), seconds=seconds * (r1 - r0) / (rows * K)))
         out.append(results)
