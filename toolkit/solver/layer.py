@@ -802,15 +802,16 @@ def solve_grids_many(problems: list[GridProblem], *, sym: bool = False, mse: boo
         W, codes = W.t(), codes.t()
         Hf = (hessians[k] if p.error_H is None else p.error_H).to(device)
         news = [W[s["r0"]:s["r1"]].to(w_in.dtype).clone(memory_format=torch.contiguous_format)
-                for s, w_in in zip(segs, p.weights)]
+                for s, w_in in zip(segs, p.weights)]  # copies: the sweep's buffer can go
         errors = stacked_row_errors(list(zip(p.weights, news)), Hf)
         results = []
         for s, new, err in zip(segs, news, errors):
             r0, r1 = s["r0"], s["r1"]
             g_idx = s["natural"] if perm is None or static_groups else s["natural"][inv]
+            own = codes[r0:r1].clone(memory_format=torch.contiguous_format)  # not a view of codesT
             results.append(SolveResult(
-                weight=new, mask=None, codes=codes[r0:r1].clone(memory_format=torch.contiguous_format), scale=s["scales"],
-                zero=s["zeros"], g_idx=g_idx, loss=float(loss[k, r0:r1].sum()),
-                error=float(err.sum()), seconds=seconds * (r1 - r0) / (rows * K)))
+                weight=new, mask=None, codes=own, scale=s["scales"], zero=s["zeros"],
+                g_idx=g_idx, loss=float(loss[k, r0:r1].sum()), error=float(err.sum()),
+                seconds=seconds * (r1 - r0) / (rows * K)))
         out.append(results)
     return out

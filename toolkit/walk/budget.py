@@ -192,10 +192,10 @@ def _block_hessians(block: nn.Module, groups: list[list[LinearRef]], inputs, dty
                     sens: dict[str, Sensitivity] | None, held: list[int] | None = None):
     """From one forward pass per window: one Hessian accumulator per group to solve with (the
     windows not in ``held``), one per group to measure errors with (the ``held`` windows; the
-    same as the first without them), and with ``sens`` (measured on the measuring windows
-    alone) one token-weighted Hessian per layer (``H_s`` of :func:`output_sensitivity`, over the
-    measuring windows); also returns the block's
-    outputs (the next block's inputs), as the dense model computes them.
+    same as the first without them), and with ``sens`` (the gradients of the measuring windows
+    alone) one token-weighted Hessian per layer over those windows (``H_s`` of
+    :func:`output_sensitivity`); also returns the block's outputs (the next block's inputs), as
+    the dense model computes them.
 
     Expert layers (inside :func:`toolkit.walk.expert_capture.calibrating`) see the tokens routed
     to them; their token-weighted Hessian is the measuring Hessian times the mean weight of
